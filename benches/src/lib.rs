@@ -1,0 +1,1 @@
+//! Benchmarks of workflow-context (filled by the benchmark issue).

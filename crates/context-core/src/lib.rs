@@ -1,0 +1,30 @@
+//! The core of workflow-context: what every storage tier implements and every part shares.
+//!
+//! - [`StorageTier`]: the trait a place that holds values implements (shared memory, a
+//!   directory of mapped files, a database), with a behaviour contract on every method.
+//! - [`PlacementPolicy`]: decides which tier takes a value; [`RamFirst`] is the default.
+//! - The shared types ([`SaveOptions`], [`StorageInfo`], [`Usage`], [`Payload`]) and the one
+//!   [`Error`].
+//! - [`record`]: the format of the bytes a tier stores for each value.
+//! - `testing` (feature `testing`): the conformance kit any tier runs against itself.
+//!
+//! Most users want the `workflow-context` crate, which composes the tiers; this crate is
+//! for people who write their own tier.
+
+mod error;
+mod payload;
+mod policy;
+pub mod record;
+mod tier;
+mod types;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use error::{Error, Result};
+pub use payload::Payload;
+pub use policy::{Budget, PlacementPolicy, PlacementRequest, RamFirst, TierStatus};
+pub use tier::{Capabilities, Location, NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier, TierUsage};
+pub use types::{
+    MAX_KEY_LEN, MAX_RUN_ID_LEN, PassBy, SaveOptions, StorageInfo, StorageKind, Usage, validate_key, validate_run_id,
+};

@@ -1,0 +1,311 @@
+//! The conformance kit: checks that a [`StorageTier`] keeps its contract.
+//!
+//! Every tier of this workspace runs it, and so can yours. In your tier's
+//! `tests/conformance.rs`, with `context-core` as a dev-dependency with the `testing`
+//! feature:
+//!
+//! ```ignore
+//! context_core::tier_conformance_tests!(|| Box::new(MyTier::new(/* a fresh, empty tier */)));
+//! ```
+//!
+//! The macro expands to one `#[test]` per check below, each calling the factory for a
+//! fresh, empty tier (a `Box` or an `Arc` of it) and destroying that tier at the end.
+//! The checks are also public functions over `&dyn StorageTier`, to call by hand.
+
+use std::collections::BTreeMap;
+
+use crate::payload::Payload;
+use crate::tier::{NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier, TierUsage};
+use crate::Error;
+
+/// The names of every check, in the order the macro runs them.
+pub const CHECKS: &[&str] = &[
+    "put_get_round_trip",
+    "fill_and_parts_agree",
+    "delete_reports_existence",
+    "delete_with_unknown_slot",
+    "payload_outlives_delete",
+    "failed_fill_leaves_nothing",
+    "wrong_length_is_refused",
+    "usage_counts_objects",
+    "footprint_covers_length",
+    "concurrent_puts_and_gets",
+    "destroy_removes_everything",
+];
+
+/// Deterministic test bytes for object `seed` of `len` bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sizes every check goes through: around pages, slots and a megabyte.
+pub const SIZES: &[usize] = &[32, 33, 64, 100, 4095, 4096, 4097, 65_536 + 7, (1 << 20) + 3];
+
+fn put_parts(tier: &dyn StorageTier, id: u64, bytes: &[u8]) -> ObjectRef {
+    let parts: [&[u8]; 2] = [&bytes[..bytes.len() / 2], &bytes[bytes.len() / 2..]];
+    let object = NewObject { id: ObjectId(id), len: bytes.len() as u64, data: ObjectData::Parts(&parts) };
+    match tier.put(object) {
+        Ok(PutOutcome::Stored(r)) => {
+            assert_eq!(r.id, ObjectId(id), "{}: put returned another id", tier.name());
+            assert_eq!(r.len, bytes.len() as u64, "{}: put returned another length", tier.name());
+            r
+        }
+        other => panic!("{}: put of object {id} ({} bytes) failed: {other:?}", tier.name(), bytes.len()),
+    }
+}
+
+fn put_fill(tier: &dyn StorageTier, id: u64, bytes: &[u8]) -> ObjectRef {
+    let mut fill = |dst: &mut [u8]| {
+        dst.copy_from_slice(bytes);
+        Ok(())
+    };
+    let object = NewObject { id: ObjectId(id), len: bytes.len() as u64, data: ObjectData::Fill(&mut fill) };
+    match tier.put(object) {
+        Ok(PutOutcome::Stored(r)) => r,
+        other => panic!("{}: put (fill) of object {id} ({} bytes) failed: {other:?}", tier.name(), bytes.len()),
+    }
+}
+
+fn get(tier: &dyn StorageTier, r: &ObjectRef) -> Option<Payload> {
+    tier.get(r).unwrap_or_else(|e| panic!("{}: get of object {} failed: {e}", tier.name(), r.id))
+}
+
+fn usage(tier: &dyn StorageTier) -> TierUsage {
+    tier.usage().unwrap_or_else(|e| panic!("{}: usage failed: {e}", tier.name()))
+}
+
+fn finish(tier: &dyn StorageTier) {
+    tier.destroy().unwrap_or_else(|e| panic!("{}: destroy failed: {e}", tier.name()));
+}
+
+/// Every size put as parts reads back exactly.
+pub fn put_get_round_trip(tier: &dyn StorageTier) {
+    for (i, &len) in SIZES.iter().enumerate() {
+        let bytes = pattern(i as u64, len);
+        let r = put_parts(tier, 100 + i as u64, &bytes);
+        let got = get(tier, &r).unwrap_or_else(|| panic!("{}: object of {len} bytes missing after put", tier.name()));
+        assert!(*got == *bytes, "{}: object of {len} bytes read back different", tier.name());
+    }
+    finish(tier);
+}
+
+/// An object written by a fill closure reads back like one written as parts.
+pub fn fill_and_parts_agree(tier: &dyn StorageTier) {
+    for (i, &len) in SIZES.iter().enumerate() {
+        let bytes = pattern(1000 + i as u64, len);
+        let a = put_parts(tier, 200 + 2 * i as u64, &bytes);
+        let b = put_fill(tier, 201 + 2 * i as u64, &bytes);
+        assert_eq!(get(tier, &a).as_deref(), Some(&bytes[..]), "{}: parts, {len} bytes", tier.name());
+        assert_eq!(get(tier, &b).as_deref(), Some(&bytes[..]), "{}: fill, {len} bytes", tier.name());
+    }
+    finish(tier);
+}
+
+/// Delete answers whether the object existed; afterwards get is `None`.
+pub fn delete_reports_existence(tier: &dyn StorageTier) {
+    for (i, &len) in SIZES.iter().enumerate() {
+        let r = put_parts(tier, 300 + i as u64, &pattern(i as u64, len));
+        assert!(tier.delete(&r).unwrap(), "{}: delete of a present object said it was missing", tier.name());
+        assert!(get(tier, &r).is_none(), "{}: object of {len} bytes still readable after delete", tier.name());
+        assert!(!tier.delete(&r).unwrap(), "{}: second delete said the object existed", tier.name());
+    }
+    finish(tier);
+}
+
+/// Delete finds an object by id alone when the slot is unknown.
+pub fn delete_with_unknown_slot(tier: &dyn StorageTier) {
+    for (i, &len) in SIZES.iter().enumerate() {
+        let r = put_parts(tier, 400 + i as u64, &pattern(i as u64, len));
+        let lost = ObjectRef { slot: ObjectRef::UNKNOWN_SLOT, ..r };
+        assert!(tier.delete(&lost).unwrap(), "{}: delete by id of a {len}-byte object failed to find it", tier.name());
+        assert!(get(tier, &r).is_none(), "{}: object still readable after delete by id", tier.name());
+    }
+    finish(tier);
+}
+
+/// A payload read before a delete stays valid and unchanged, and a later object does not
+/// show through it.
+pub fn payload_outlives_delete(tier: &dyn StorageTier) {
+    for (i, &len) in SIZES.iter().enumerate() {
+        let bytes = pattern(i as u64, len);
+        let r = put_parts(tier, 500 + 2 * i as u64, &bytes);
+        let held = get(tier, &r).expect("present");
+        assert!(tier.delete(&r).unwrap());
+        let _reuse = put_parts(tier, 501 + 2 * i as u64, &pattern(99, len));
+        assert!(*held == *bytes, "{}: a held {len}-byte payload changed after delete", tier.name());
+    }
+    finish(tier);
+}
+
+/// A fill that fails leaves no object and no usage behind.
+pub fn failed_fill_leaves_nothing(tier: &dyn StorageTier) {
+    let before = usage(tier);
+    for (i, &len) in SIZES.iter().enumerate() {
+        let mut fill = |dst: &mut [u8]| {
+            dst[0] = 1;
+            Err(Error::corrupt("test value", "the fill failed on purpose"))
+        };
+        let id = ObjectId(600 + i as u64);
+        let result = tier.put(NewObject { id, len: len as u64, data: ObjectData::Fill(&mut fill) });
+        assert!(result.is_err(), "{}: a failing fill was reported as {result:?}", tier.name());
+        let r = ObjectRef { id, len: len as u64, slot: ObjectRef::UNKNOWN_SLOT };
+        assert!(!tier.delete(&r).unwrap(), "{}: a failed put of {len} bytes left an object", tier.name());
+    }
+    assert_eq!(usage(tier), before, "{}: a failed put changed usage", tier.name());
+    finish(tier);
+}
+
+/// Parts that do not add up to the declared length are refused and leave nothing.
+pub fn wrong_length_is_refused(tier: &dyn StorageTier) {
+    let before = usage(tier);
+    let bytes = pattern(7, 100);
+    let parts: [&[u8]; 1] = [&bytes];
+    for len in [99u64, 101] {
+        let id = ObjectId(700 + len);
+        let result = tier.put(NewObject { id, len, data: ObjectData::Parts(&parts) });
+        assert!(result.is_err(), "{}: 100 bytes of parts for a {len}-byte object gave {result:?}", tier.name());
+        assert!(!tier.delete(&ObjectRef { id, len, slot: ObjectRef::UNKNOWN_SLOT }).unwrap());
+    }
+    assert_eq!(usage(tier), before, "{}: a refused put changed usage", tier.name());
+    finish(tier);
+}
+
+/// Usage counts present objects and their footprints, exactly.
+pub fn usage_counts_objects(tier: &dyn StorageTier) {
+    let before = usage(tier);
+    let refs: Vec<ObjectRef> = SIZES.iter().enumerate().map(|(i, &len)| put_parts(tier, 800 + i as u64, &pattern(i as u64, len))).collect();
+    let bytes: u64 = refs.iter().map(|r| tier.footprint(r.len)).sum();
+    let during = usage(tier);
+    assert_eq!(during.objects, before.objects + refs.len() as u64, "{}: object count", tier.name());
+    assert_eq!(during.bytes, before.bytes + bytes, "{}: bytes held", tier.name());
+    for r in &refs {
+        tier.delete(r).unwrap();
+    }
+    assert_eq!(usage(tier), before, "{}: usage after deleting everything", tier.name());
+    finish(tier);
+}
+
+/// The footprint of an object is at least its length and never shrinks as it grows.
+pub fn footprint_covers_length(tier: &dyn StorageTier) {
+    let mut last = 0;
+    for len in [0u64, 1, 32, 63, 64, 65, 4095, 4096, 4097, 1 << 20, 1 << 40] {
+        let f = tier.footprint(len);
+        assert!(f >= len, "{}: footprint({len}) = {f}", tier.name());
+        assert!(f >= last, "{}: footprint shrank from {last} to {f} at {len}", tier.name());
+        last = f;
+    }
+    finish(tier);
+}
+
+/// Threads putting, reading and deleting distinct objects at once see only their own bytes.
+pub fn concurrent_puts_and_gets(tier: &dyn StorageTier) {
+    let threads = 4;
+    let per_thread = 40u64;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                let mut mine = BTreeMap::new();
+                for j in 0..per_thread {
+                    let id = 10_000 + t * 1000 + j;
+                    let len = SIZES[(id as usize) % SIZES.len()].min(70_000);
+                    let bytes = pattern(id, len);
+                    mine.insert(id, (put_parts(tier, id, &bytes), bytes));
+                    if j % 3 == 0 {
+                        let (r, _) = mine.remove(&id).expect("just put");
+                        assert!(tier.delete(&r).unwrap());
+                    }
+                }
+                for (r, bytes) in mine.values() {
+                    assert_eq!(get(tier, r).as_deref(), Some(&bytes[..]), "{}: object {} under concurrency", tier.name(), r.id);
+                }
+            });
+        }
+    });
+    finish(tier);
+}
+
+/// Destroy empties the tier and can be repeated.
+pub fn destroy_removes_everything(tier: &dyn StorageTier) {
+    let refs: Vec<ObjectRef> = SIZES.iter().enumerate().map(|(i, &len)| put_parts(tier, 900 + i as u64, &pattern(i as u64, len))).collect();
+    tier.destroy().unwrap();
+    assert_eq!(usage(tier), TierUsage::default(), "{}: usage after destroy", tier.name());
+    for r in &refs {
+        // A destroyed tier may answer with an error, but never with the old bytes.
+        if let Ok(Some(p)) = tier.get(r) {
+            panic!("{}: object {} ({} bytes) readable after destroy", tier.name(), r.id, p.len());
+        }
+    }
+    tier.destroy().unwrap();
+}
+
+/// Runs every check against tiers made by `make`, each on a fresh tier.
+pub fn run_all<T: std::ops::Deref<Target = D>, D: DynTier + ?Sized>(make: impl Fn() -> T) {
+    let checks: [fn(&dyn StorageTier); 11] = [
+        put_get_round_trip,
+        fill_and_parts_agree,
+        delete_reports_existence,
+        delete_with_unknown_slot,
+        payload_outlives_delete,
+        failed_fill_leaves_nothing,
+        wrong_length_is_refused,
+        usage_counts_objects,
+        footprint_covers_length,
+        concurrent_puts_and_gets,
+        destroy_removes_everything,
+    ];
+    for check in checks {
+        let tier = make();
+        check(DynTier::as_dyn(&*tier));
+    }
+}
+
+/// Turns `&T` or `&dyn StorageTier` into `&dyn StorageTier`.
+#[doc(hidden)]
+pub trait DynTier {
+    /// The tier as a trait object.
+    fn as_dyn(&self) -> &dyn StorageTier;
+}
+
+impl<T: StorageTier> DynTier for T {
+    fn as_dyn(&self) -> &dyn StorageTier {
+        self
+    }
+}
+
+impl DynTier for dyn StorageTier {
+    fn as_dyn(&self) -> &dyn StorageTier {
+        self
+    }
+}
+
+/// Expands to one `#[test]` per conformance check, each on a fresh tier from `$make`.
+///
+/// `$make` is an expression that can be called with no arguments and returns a `Box` or an
+/// `Arc` of a fresh, empty tier. See [`testing`](crate::testing).
+#[macro_export]
+macro_rules! tier_conformance_tests {
+    ($make:expr) => {
+        $crate::tier_conformance_tests!(@each $make;
+            put_get_round_trip, fill_and_parts_agree, delete_reports_existence,
+            delete_with_unknown_slot, payload_outlives_delete, failed_fill_leaves_nothing,
+            wrong_length_is_refused, usage_counts_objects, footprint_covers_length,
+            concurrent_puts_and_gets, destroy_removes_everything);
+    };
+    (@each $make:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                let tier = ($make)();
+                $crate::testing::$check($crate::testing::DynTier::as_dyn(&*tier));
+            }
+        )*
+    };
+}
