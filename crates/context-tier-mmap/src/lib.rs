@@ -1,0 +1,424 @@
+//! A disk tier of workflow-context: one memory-mapped file per value.
+//!
+//! [`MmapTier`] keeps every object in its own file, `<dir>/<id>.val`, in a directory private
+//! to the context (mode 0700, files 0600). Any process that builds an [`MmapTier`] over the
+//! same directory sees the same objects.
+//!
+//! # What it is for
+//! - Values that do not fit the RAM budget: they go to disk instead of failing the save.
+//! - Large values read without a copy: [`StorageTier::get`] of an object over 64 KiB maps
+//!   the file read-only and hands out a view of the mapping, so a load costs O(1) whatever
+//!   the size, and the pages are read from the page cache only when touched.
+//!
+//! # What it costs
+//! - A file, an `fallocate(2)` and either a write or a mapping per stored value; an `open`
+//!   plus a read (small values) or a mapping (large ones) per load; an `unlink` per delete.
+//! - Each value holds whole file-system blocks: its footprint is its length rounded up to
+//!   4096 bytes.
+//! - No `fsync`: the data is ephemeral scratch data of a workflow run, so it is not made
+//!   durable and may be lost (or, after a crash of the machine, left incomplete) on power
+//!   loss. The context checks every record it reads back.
+//!
+//! # When to choose it, and when not
+//! Choose it for values of tens of kilobytes and up that overflow RAM, or that readers want
+//! zero-copy. Do not choose it for many tiny values: each costs at least a 4 KiB block, an
+//! inode and several system calls; the shared-memory tier or a database tier suits them
+//! better.
+//!
+//! # Space and safety
+//! Space is reserved with `fallocate(2)` before any byte is written, so a full file system
+//! answers [`PutOutcome::NoSpace`] and leaves nothing behind instead of raising `SIGBUS`
+//! in a write through a mapping. On a file system without `fallocate` the tier writes with
+//! `pwrite(2)` only (never through a mapping), so a full disk is still an answer, not a
+//! crash.
+//!
+//! A loaded large value is a mapping of its file. If someone truncates that file while the
+//! mapping is in use, touching the bytes past the new end raises `SIGBUS`; no reader that
+//! maps files can prevent this. Value files are mode 0600 in a 0700 directory and are never
+//! modified once written, so only the same user, acting behind the tier's back, can do it.
+//! Deleting a value (`unlink`) is always safe: mappings keep the old bytes.
+//!
+//! # Example
+//! ```
+//! use context_core::{NewObject, ObjectData, ObjectId, PutOutcome, StorageTier};
+//! use context_tier_mmap::{MmapConfig, MmapTier};
+//!
+//! let scratch = tempfile::tempdir()?;
+//! let tier = MmapTier::new(MmapConfig::new(scratch.path().join("values")))?;
+//!
+//! let bytes = b"a value that did not fit in RAM";
+//! let object = NewObject { id: ObjectId(1), len: bytes.len() as u64, data: ObjectData::Parts(&[bytes]) };
+//! let PutOutcome::Stored(stored) = tier.put(object)? else { panic!("the disk is full") };
+//!
+//! let payload = tier.get(&stored)?.expect("just stored");
+//! assert_eq!(&*payload, bytes);
+//!
+//! tier.destroy()?;
+//! assert!(tier.get(&stored)?.is_none());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use context_core::{
+    Capabilities, Error, Location, NewObject, ObjectData, ObjectId, ObjectRef, Payload, PutOutcome, Result,
+    StorageKind, StorageTier, TierUsage,
+};
+use rustix::fs::{FallocateFlags, OFlags};
+use rustix::io::Errno;
+
+/// The tier's name, recorded in the index beside each object.
+const NAME: &str = "mmap";
+/// The extension of value files.
+const EXTENSION: &str = "val";
+/// The file-system block every footprint is rounded to.
+const BLOCK: u64 = 4096;
+/// Objects up to this size are read into memory; larger ones are mapped.
+const READ_LIMIT: u64 = 64 * 1024;
+
+/// The configuration of an [`MmapTier`]: the directory that holds one context's value files.
+#[derive(Clone, Debug)]
+pub struct MmapConfig {
+    dir: PathBuf,
+}
+
+impl MmapConfig {
+    /// A configuration keeping value files in `dir`.
+    ///
+    /// [`MmapTier::new`] creates `dir` (mode 0700) if it is missing; its parent must exist.
+    /// The directory belongs to one context: [`StorageTier::destroy`] removes it whole.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        MmapConfig { dir: dir.into() }
+    }
+}
+
+/// A disk tier keeping one file per object in a private directory; see the [crate] docs.
+///
+/// Cheap to build; holds no open files between calls, so any number of instances, in any
+/// number of processes, can share one directory.
+#[derive(Debug)]
+pub struct MmapTier {
+    dir: PathBuf,
+}
+
+impl MmapTier {
+    /// Opens the tier over `config`'s directory, creating the directory (mode 0700) if it
+    /// is missing.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the directory if it cannot be created (for example, its parent
+    /// is missing), or if it exists but is a symbolic link, not a directory, or not owned by
+    /// the effective user of this process.
+    pub fn new(config: MmapConfig) -> Result<Self> {
+        let dir = config.dir;
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("create value directory", dir, e)),
+        }
+        check_dir(&dir)?;
+        Ok(MmapTier { dir })
+    }
+
+    /// The directory that holds this context's value files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path_of(&self, id: ObjectId) -> PathBuf {
+        self.dir.join(format!("{id}.{EXTENSION}"))
+    }
+}
+
+/// Refuses a directory that is a symbolic link, not a directory, or someone else's.
+fn check_dir(dir: &Path) -> Result<()> {
+    const OP: &str = "open value directory";
+    let meta = fs::symlink_metadata(dir).map_err(|e| Error::io(OP, dir, e))?;
+    let refuse = |why: &str| Error::io(OP, dir, io::Error::other(why.to_owned()));
+    if meta.file_type().is_symlink() {
+        return Err(refuse("is a symbolic link, not a directory"));
+    }
+    if !meta.is_dir() {
+        return Err(refuse("is not a directory"));
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(refuse(&format!("is owned by uid {}, not by this process's uid {euid}", meta.uid())));
+    }
+    Ok(())
+}
+
+/// Whether an error means the file system (or the user's quota) is full.
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == Errno::NOSPC.raw_os_error() || code == Errno::DQUOT.raw_os_error())
+}
+
+/// Opens an existing value file for reading, never through a symbolic link and never
+/// blocking (on a FIFO planted in its place).
+fn open_for_read(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC).bits() as i32)
+        .open(path)
+}
+
+/// A value file being written: removed on drop unless [`NewFile::keep`] was called, so no
+/// error path (nor a panic in a fill closure) leaves a partial object behind.
+struct NewFile<'a> {
+    path: &'a Path,
+    file: File,
+    keep: bool,
+}
+
+impl NewFile<'_> {
+    /// Removes the file now and returns `result` (the reason it is being dropped).
+    fn discard<T>(mut self, result: Result<T>) -> Result<T> {
+        self.keep = true;
+        match fs::remove_file(self.path) {
+            Ok(()) => result,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => result,
+            // The object's own failure matters more; report the cleanup failure only when
+            // there is nothing else to report.
+            Err(e) => result.and(Err(Error::io("remove incomplete value file", self.path, e))),
+        }
+    }
+}
+
+impl Drop for NewFile<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_file(self.path);
+        }
+    }
+}
+
+/// How the space of a new file was reserved.
+enum Reserved {
+    /// `fallocate` allocated every block: writes through a mapping cannot fault.
+    Allocated,
+    /// The file system has no `fallocate`: the file is sparse, and writes may still find
+    /// the disk full.
+    Sparse,
+}
+
+fn reserve(file: &File, len: u64) -> io::Result<Reserved> {
+    if len == 0 {
+        // fallocate refuses a zero length; an empty file needs no blocks.
+        return Ok(Reserved::Allocated);
+    }
+    match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(Reserved::Allocated),
+        Err(Errno::OPNOTSUPP) => file.set_len(len).map(|()| Reserved::Sparse),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes `parts` one after another from offset 0.
+fn write_parts(file: &File, parts: &[&[u8]]) -> io::Result<()> {
+    let mut at = 0u64;
+    for part in parts {
+        file.write_all_at(part, at)?;
+        at += part.len() as u64;
+    }
+    Ok(())
+}
+
+impl StorageTier for MmapTier {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn kind(&self) -> StorageKind {
+        StorageKind::Disk
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(true, true)
+    }
+
+    /// The length rounded up to the 4096-byte file-system block.
+    fn footprint(&self, len: u64) -> u64 {
+        len.checked_next_multiple_of(BLOCK).unwrap_or(u64::MAX)
+    }
+
+    /// Creates `<dir>/<id>.val` (never through a symbolic link, never over an existing
+    /// file), reserves its space with `fallocate`, then writes it: parts with `pwrite`, a
+    /// fill closure through a shared mapping. The data is not `fsync`ed.
+    fn put(&self, mut object: NewObject<'_>) -> Result<PutOutcome> {
+        let id = object.id;
+        let len = object.len;
+        if let ObjectData::Parts(parts) = &object.data {
+            let total = parts.iter().try_fold(0u64, |sum, p| sum.checked_add(p.len() as u64));
+            if total != Some(len) {
+                let held = total.map_or_else(|| "more than 2^64".to_owned(), |t| t.to_string());
+                return Err(Error::corrupt(
+                    format!("object {id}"),
+                    format!("parts hold {held} bytes, object is {len}"),
+                ));
+            }
+        }
+        let Ok(size) = usize::try_from(len) else {
+            return Err(Error::corrupt(
+                format!("object {id}"),
+                format!("{len} bytes do not fit in this address space"),
+            ));
+        };
+
+        let path = self.path_of(id);
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags((OFlags::NOFOLLOW | OFlags::CLOEXEC).bits() as i32)
+            .open(&path)
+        {
+            Ok(file) => file,
+            // Out of inodes, or of quota.
+            Err(e) if is_no_space(&e) => return Ok(PutOutcome::NoSpace),
+            Err(e) => return Err(Error::io("create value file", path, e)),
+        };
+        let mut new = NewFile { path: &path, file, keep: false };
+
+        let reserved = match reserve(&new.file, len) {
+            Ok(reserved) => reserved,
+            Err(e) if is_no_space(&e) => return new.discard(Ok(PutOutcome::NoSpace)),
+            Err(e) => return new.discard(Err(Error::io("reserve space for value file", &path, e))),
+        };
+
+        let written = match (&object.data, reserved) {
+            (ObjectData::Parts(parts), _) => write_parts(&new.file, parts),
+            (ObjectData::Fill(_), _) if size == 0 => match object.write_into(&mut []) {
+                Ok(()) => Ok(()),
+                Err(e) => return new.discard(Err(e)),
+            },
+            (ObjectData::Fill(_), Reserved::Allocated) => {
+                // SAFETY: `new.file` is a regular file this call just created with O_EXCL
+                // (mode 0600, in a directory only this user can write) and fully allocated
+                // to `len` bytes, so every page of the mapping is backed by reserved blocks
+                // and writing to it cannot fault for lack of space. No other process opens
+                // it before `put` returns: the context never reads an object before `put`
+                // answers, and never puts the same id twice.
+                let mut map = match unsafe { memmap2::MmapMut::map_mut(&new.file) } {
+                    Ok(map) => map,
+                    Err(e) => return new.discard(Err(Error::io("map value file", &path, e))),
+                };
+                let filled = object.write_into(&mut map);
+                drop(map);
+                match filled {
+                    Ok(()) => Ok(()),
+                    Err(e) => return new.discard(Err(e)),
+                }
+            }
+            (ObjectData::Fill(_), Reserved::Sparse) => {
+                // Without reserved blocks a write through a mapping could raise SIGBUS on a
+                // full disk, so fill a buffer and write it instead.
+                let mut buf = vec![0u8; size];
+                if let Err(e) = object.write_into(&mut buf) {
+                    return new.discard(Err(e));
+                }
+                new.file.write_all_at(&buf, 0)
+            }
+        };
+        match written {
+            Ok(()) => {}
+            Err(e) if is_no_space(&e) => return new.discard(Ok(PutOutcome::NoSpace)),
+            Err(e) => return new.discard(Err(Error::io("write value file", &path, e))),
+        }
+
+        new.keep = true;
+        Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0 }))
+    }
+
+    /// Returns the file's bytes at their actual length: read into memory up to 64 KiB,
+    /// mapped read-only above (see the [crate] docs on truncation).
+    fn get(&self, object: &ObjectRef) -> Result<Option<Payload>> {
+        let path = self.path_of(object.id);
+        let mut file = match open_for_read(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("open value file", path, e)),
+        };
+        let meta = file.metadata().map_err(|e| Error::io("inspect value file", &path, e))?;
+        if !meta.is_file() {
+            return Err(Error::io("open value file", &path, io::Error::other("not a regular file")));
+        }
+        if meta.len() <= READ_LIMIT {
+            let mut bytes = Vec::with_capacity(meta.len() as usize);
+            file.read_to_end(&mut bytes).map_err(|e| Error::io("read value file", &path, e))?;
+            return Ok(Some(Payload::from_vec(bytes)));
+        }
+        // SAFETY: the mapping is read-only and private to this payload. The file is a
+        // regular file (checked above) that the tier never modifies after `put` returned,
+        // and deleting it only unlinks the name, which leaves the mapping intact. The one
+        // remaining hazard, another process of the same user truncating the file while the
+        // mapping is in use (SIGBUS on access past the new end), cannot be excluded by any
+        // mapping-based reader and is documented in the crate docs.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("map value file", &path, e))?;
+        Ok(Some(Payload::from_shared(Arc::new(map))))
+    }
+
+    /// Unlinks the object's file; the slot is not used.
+    fn delete(&self, object: &ObjectRef) -> Result<bool> {
+        let path = self.path_of(object.id);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("remove value file", path, e)),
+        }
+    }
+
+    fn locate(&self, object: &ObjectRef) -> Location {
+        Location { shm_name: None, path: Some(self.path_of(object.id)) }
+    }
+
+    /// Lists the directory: every regular `*.val` file counts as an object of its length.
+    fn usage(&self) -> Result<TierUsage> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(TierUsage::default()),
+            Err(e) => return Err(Error::io("list value directory", &self.dir, e)),
+        };
+        let mut usage = TierUsage::default();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list value directory", &self.dir, e))?;
+            if Path::new(&entry.file_name()).extension().is_none_or(|ext| ext != EXTENSION) {
+                continue;
+            }
+            // Neither call follows symbolic links. A file deleted meanwhile no longer counts.
+            let meta =
+                match entry.file_type().and_then(|t| if t.is_file() { entry.metadata().map(Some) } else { Ok(None) }) {
+                    Ok(Some(meta)) => meta,
+                    Ok(None) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io("inspect value file", entry.path(), e)),
+                };
+            usage.bytes = usage.bytes.saturating_add(self.footprint(meta.len()));
+            usage.objects += 1;
+        }
+        Ok(usage)
+    }
+
+    /// Removes the directory with everything in it; a missing directory is success.
+    fn destroy(&self) -> Result<()> {
+        match fs::symlink_metadata(&self.dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                let why = io::Error::other("no longer a directory (a symbolic link?); left alone");
+                return Err(Error::io("remove value directory", &self.dir, why));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("remove value directory", &self.dir, e)),
+        }
+        // `remove_dir_all` never follows symbolic links inside the directory.
+        match fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove value directory", &self.dir, e)),
+        }
+    }
+}

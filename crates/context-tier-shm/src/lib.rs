@@ -1,0 +1,644 @@
+//! The RAM tier of workflow-context: values in POSIX shared memory (`/dev/shm`), readable by
+//! every process of the same user that builds the tier for the same run id.
+//!
+//! # What it costs
+//! - A large value (more than 4 KiB) takes one shared-memory segment of its own, rounded up
+//!   to whole pages. A read opens and maps the segment: O(1) and zero-copy whatever the size,
+//!   and the returned payload keeps the mapping alive even after the value is deleted.
+//! - Small values (up to 4 KiB) share arenas: 256 KiB segments cut into slots of 64 to 4096
+//!   bytes. A value takes the smallest slot that holds it and is copied out on reads, so a
+//!   50-byte value costs 64 bytes, not a page, a segment and a mapping. Slots are allocated
+//!   lock-free, by any number of processes at once. Arenas are created on demand and kept
+//!   until the context is destroyed.
+//! - Pages are reserved (`fallocate`) before any byte is written, so a full `/dev/shm` makes
+//!   `put` answer [`PutOutcome::NoSpace`] (the context then falls back to disk), never
+//!   SIGBUS.
+//! - `usage` lists `/dev/shm` and opens every arena: it is for accounting, not a hot path.
+//!
+//! # When to choose it
+//! For values that are read often, or by several processes, and fit in the RAM you let
+//! `/dev/shm` have (half of the machine's RAM by default on most distributions).
+//!
+//! # What it does not do
+//! - Persist: segments live in RAM and vanish at reboot. Use a disk tier for anything that
+//!   must survive one.
+//! - Protect values from the same user: segments are created with mode 0600, so any process
+//!   of the same user can read or delete them.
+//! - Clean up after a context nobody destroys: segments of a run whose processes all died
+//!   stay in `/dev/shm` until [`StorageTier::destroy`] is called for that run id.
+//! - Run anywhere but Linux.
+//!
+//! # Example
+//! ```
+//! use context_core::{NewObject, ObjectData, ObjectId, PutOutcome, StorageTier};
+//! use context_tier_shm::{ShmConfig, ShmTier};
+//!
+//! # fn main() -> context_core::Result<()> {
+//! let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+//! let run_id = format!("doc-{}-{nanos}", std::process::id());
+//! let tier = ShmTier::new(ShmConfig::new(&run_id))?;
+//!
+//! let value: &[u8] = b"hello, shared memory";
+//! let object = NewObject { id: ObjectId(1), len: value.len() as u64, data: ObjectData::Parts(&[value]) };
+//! let PutOutcome::Stored(stored) = tier.put(object)? else { panic!("/dev/shm is full") };
+//! let payload = tier.get(&stored)?.expect("just stored");
+//! assert_eq!(&*payload, value);
+//!
+//! tier.destroy()?;
+//! assert!(tier.get(&stored)?.is_none());
+//! # Ok(())
+//! # }
+//! ```
+
+mod arena;
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use context_core::{
+    Capabilities, Error, Location, NewObject, ObjectData, ObjectId, ObjectRef, Payload, PutOutcome, Result,
+    StorageKind, StorageTier, TierUsage,
+};
+use memmap2::{Mmap, MmapOptions};
+use rustix::fs::{FallocateFlags, Mode};
+use rustix::io::Errno;
+use rustix::shm;
+
+use crate::arena::{Arena, Created, Opened, io_err, is_no_space};
+
+/// Page size used for the footprint of large objects.
+const PAGE: u64 = 4096;
+/// Slot sizes of the arena classes; objects up to the last one are small.
+const SLOT_SIZES: [usize; 7] = [64, 128, 256, 512, 1024, 2048, 4096];
+/// The largest small object.
+const SMALL_MAX: usize = SLOT_SIZES[SLOT_SIZES.len() - 1];
+/// Marks a slot word that names an arena slot.
+const SLOT_TAG: u64 = 1 << 62;
+/// Arenas per class the slot word can name.
+const MAX_ARENAS: usize = 1 << 24;
+
+/// Configuration of a [`ShmTier`]: the run id and where segments are listed.
+#[derive(Clone, Debug)]
+pub struct ShmConfig {
+    run_id: String,
+    shm_dir: PathBuf,
+}
+
+impl ShmConfig {
+    /// The configuration for the context of `run_id` (1 to 64 of `[A-Za-z0-9_-]`).
+    pub fn new(run_id: &str) -> Self {
+        ShmConfig { run_id: run_id.to_owned(), shm_dir: PathBuf::from("/dev/shm") }
+    }
+
+    /// Where shared-memory segments appear as files, listed by `usage` and `destroy`;
+    /// `/dev/shm` by default.
+    #[must_use]
+    pub fn shm_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.shm_dir = dir.into();
+        self
+    }
+
+    /// `wfctx.<run_id>.`: every segment of this context is named `/` followed by this.
+    pub fn prefix(&self) -> String {
+        format!("wfctx.{}.", self.run_id)
+    }
+}
+
+/// What this process knows of one arena.
+enum Entry {
+    /// Not looked at yet.
+    Unknown,
+    /// Mapped.
+    Ready(Arc<Arena>),
+    /// Its creator died before initialising it; never allocate from it.
+    Dead,
+}
+
+/// The arenas of one slot size that this process has mapped.
+struct ClassState {
+    arenas: Vec<Entry>,
+    /// The first arena that had a free slot when this process last looked.
+    hint: usize,
+}
+
+impl ClassState {
+    fn set(&mut self, n: usize, entry: Entry) {
+        if self.arenas.len() <= n {
+            self.arenas.resize_with(n + 1, || Entry::Unknown);
+        }
+        self.arenas[n] = entry;
+    }
+}
+
+/// The shared-memory tier: large values in a segment each, small values in slot arenas.
+///
+/// See the [crate documentation](crate) for what it costs and when to choose it.
+pub struct ShmTier {
+    config: ShmConfig,
+    prefix: String,
+    classes: [Mutex<ClassState>; SLOT_SIZES.len()],
+}
+
+impl std::fmt::Debug for ShmTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmTier")
+            .field("run_id", &self.config.run_id)
+            .field("shm_dir", &self.config.shm_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The arena class of an object of `len` bytes, or `None` for a large object.
+fn class_of(len: u64) -> Option<usize> {
+    SLOT_SIZES.iter().position(|&size| len <= size as u64)
+}
+
+fn footprint_of(len: u64) -> u64 {
+    match class_of(len) {
+        Some(class) => SLOT_SIZES[class] as u64,
+        None => len.div_ceil(PAGE).saturating_mul(PAGE),
+    }
+}
+
+fn encode_slot(class: usize, n: usize, slot: usize) -> u64 {
+    SLOT_TAG | (class as u64) << 48 | (n as u64) << 24 | slot as u64
+}
+
+/// `(class, arena, slot)` of a slot word from [`encode_slot`].
+fn decode_slot(word: u64) -> Option<(usize, usize, usize)> {
+    if word >> 62 != SLOT_TAG >> 62 {
+        return None;
+    }
+    let class = ((word >> 48) & 0x3fff) as usize;
+    let n = ((word >> 24) & 0xff_ffff) as usize;
+    let slot = (word & 0xff_ffff) as usize;
+    (class < SLOT_SIZES.len()).then_some((class, n, slot))
+}
+
+/// Whether the part of a segment name after the prefix names a large object.
+fn is_large_name(rest: &[u8]) -> bool {
+    rest.len() == 16 && rest.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+}
+
+/// The slot size of an arena, from the part of its name after the prefix (`a<size>.<n>`).
+fn arena_slot_size(rest: &[u8]) -> Option<usize> {
+    let rest = std::str::from_utf8(rest.strip_prefix(b"a")?).ok()?;
+    let (size, n) = rest.split_once('.')?;
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(size) || !all_digits(n) {
+        return None;
+    }
+    size.parse().ok()
+}
+
+/// Where a small object is: its class, arena and slot.
+struct Found {
+    class: usize,
+    n: usize,
+    arena: Arc<Arena>,
+    slot: usize,
+}
+
+/// The tag an object has in an arena's id words: never 0, which means "empty".
+fn tag_of(id: ObjectId) -> Option<u64> {
+    id.0.checked_add(1)
+}
+
+impl ShmTier {
+    /// Builds the tier for the context of `config`'s run id. Creates nothing until the first
+    /// put.
+    pub fn new(config: ShmConfig) -> Result<Self> {
+        context_core::validate_run_id(&config.run_id)?;
+        let prefix = config.prefix();
+        let classes = std::array::from_fn(|_| Mutex::new(ClassState { arenas: Vec::new(), hint: 0 }));
+        Ok(ShmTier { config, prefix, classes })
+    }
+
+    fn large_name(&self, id: ObjectId) -> String {
+        format!("/{}{id}", self.prefix)
+    }
+
+    fn arena_name(&self, class: usize, n: usize) -> String {
+        format!("/{}a{}.{n}", self.prefix, SLOT_SIZES[class])
+    }
+
+    fn class(&self, class: usize) -> MutexGuard<'_, ClassState> {
+        // The state stays consistent if a holder panicked: every update is a single store.
+        self.classes[class].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Arena `n` of `class`, from this process's cache or opened by name.
+    fn lookup(&self, class: usize, n: usize) -> Result<Opened> {
+        let mut state = self.class(class);
+        if let Some(Entry::Ready(arena)) = state.arenas.get(n) {
+            if arena.is_live() {
+                return Ok(Opened::Ready(Arc::clone(arena)));
+            }
+            // Destroyed by another process: forget it.
+            state.arenas[n] = Entry::Unknown;
+        }
+        let opened = Arena::open(&self.arena_name(class, n), SLOT_SIZES[class])?;
+        if let Opened::Ready(arena) = &opened {
+            state.set(n, Entry::Ready(Arc::clone(arena)));
+        }
+        Ok(opened)
+    }
+
+    fn put_small(&self, mut object: NewObject<'_>, class: usize) -> Result<PutOutcome> {
+        let id = object.id;
+        let Some(tag) = tag_of(id) else {
+            return Err(Error::corrupt(format!("object {id}"), "id u64::MAX cannot be stored in an arena"));
+        };
+        // Assemble the value first (checking its length): nothing reaches shared memory if
+        // the parts are wrong or the fill fails.
+        let mut buf = [0u8; SMALL_MAX];
+        let bytes = &mut buf[..object.len as usize];
+        object.write_into(bytes)?;
+        let bytes = &*bytes;
+
+        let slot_size = SLOT_SIZES[class];
+        let mut n = self.class(class).hint;
+        // Before creating a new arena, look once more from the first: other processes may
+        // have freed slots in arenas this process saw full.
+        let mut rescanned = n == 0;
+        while n < MAX_ARENAS {
+            let arena = {
+                let mut state = self.class(class);
+                match state.arenas.get(n) {
+                    Some(Entry::Ready(arena)) if arena.is_live() => Some(Arc::clone(arena)),
+                    Some(Entry::Dead) => None,
+                    _ => {
+                        let name = self.arena_name(class, n);
+                        match Arena::open(&name, slot_size)? {
+                            Opened::Ready(arena) => {
+                                state.set(n, Entry::Ready(Arc::clone(&arena)));
+                                Some(arena)
+                            }
+                            Opened::Missing if !rescanned => {
+                                rescanned = true;
+                                n = 0;
+                                continue;
+                            }
+                            Opened::Missing | Opened::NotReady => match Arena::open_or_create(&name, slot_size)? {
+                                Created::Ready(arena) => {
+                                    state.set(n, Entry::Ready(Arc::clone(&arena)));
+                                    Some(arena)
+                                }
+                                Created::NoSpace => return Ok(PutOutcome::NoSpace),
+                                Created::Skip => {
+                                    state.set(n, Entry::Dead);
+                                    None
+                                }
+                            },
+                        }
+                    }
+                }
+            };
+            if let Some(arena) = arena
+                && let Some(slot) = arena.store(tag, bytes)
+            {
+                self.class(class).hint = n;
+                return Ok(PutOutcome::Stored(ObjectRef { id, len: object.len, slot: encode_slot(class, n, slot) }));
+            }
+            n += 1;
+        }
+        Ok(PutOutcome::NoSpace)
+    }
+
+    fn put_large(&self, mut object: NewObject<'_>) -> Result<PutOutcome> {
+        let (id, len) = (object.id, object.len);
+        if let ObjectData::Parts(parts) = object.data {
+            let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+            if total != len {
+                return Err(Error::corrupt(
+                    format!("object {id}"),
+                    format!("parts hold {total} bytes, object is {len}"),
+                ));
+            }
+        }
+        let Ok(map_len) = usize::try_from(len) else {
+            return Ok(PutOutcome::NoSpace);
+        };
+        let name = self.large_name(id);
+        let flags = shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR;
+        let fd = shm::open(&name, flags, Mode::from_raw_mode(0o600))
+            .map_err(|e| io_err("create shared-memory segment", &name, e))?;
+        if let Err(e) = rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, len) {
+            let _ = shm::unlink(&name);
+            if is_no_space(e) {
+                return Ok(PutOutcome::NoSpace);
+            }
+            return Err(io_err("reserve shared-memory segment", &name, e));
+        }
+        let file = File::from(fd);
+        if let Err(e) = write_large(&mut object, &file, map_len, &name) {
+            let _ = shm::unlink(&name);
+            return Err(e);
+        }
+        Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0 }))
+    }
+
+    fn get_large(&self, id: ObjectId) -> Result<Option<Payload>> {
+        let name = self.large_name(id);
+        let fd = match shm::open(&name, shm::OFlags::RDONLY, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(io_err("open shared-memory segment", &name, e)),
+        };
+        let file = File::from(fd);
+        // SAFETY: the mapping is read-only and shared. The segment was written completely
+        // before `put` returned (the context reads only objects `put` has returned), and no
+        // process of this crate writes to or truncates a large segment afterwards: objects
+        // are written once, and deleting one only unlinks the name, which leaves existing
+        // mappings intact. So the bytes behind the returned `&[u8]` never change and never
+        // go away while the `Mmap` lives (only a foreign process of the same user tampering
+        // with /dev/shm could break this, as with any mapped file).
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| io_err("map shared-memory segment", &name, e))?;
+        Ok(Some(Payload::from_shared(Arc::new(map))))
+    }
+
+    fn delete_large(&self, id: ObjectId) -> Result<bool> {
+        let name = self.large_name(id);
+        match shm::unlink(&name) {
+            Ok(()) => Ok(true),
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(io_err("delete shared-memory segment", &name, e)),
+        }
+    }
+
+    /// The arena and slot of the small object `r` (of class `class`), by its slot word or,
+    /// for [`ObjectRef::UNKNOWN_SLOT`], by searching.
+    fn find_small(&self, r: &ObjectRef, class: usize, tag: u64) -> Result<Option<Found>> {
+        if r.slot == ObjectRef::UNKNOWN_SLOT {
+            return self.search(tag, Some(class));
+        }
+        match decode_slot(r.slot) {
+            Some((c, n, slot)) if c == class => match self.lookup(class, n)? {
+                Opened::Ready(arena) => Ok(Some(Found { class, n, arena, slot })),
+                Opened::Missing | Opened::NotReady => Ok(None),
+            },
+            _ => Err(Error::corrupt(
+                format!("object {}", r.id),
+                format!("slot word {:#x} names no arena slot for a {}-byte object", r.slot, r.len),
+            )),
+        }
+    }
+
+    /// Searches every existing arena, `first` class first, for the object tagged `tag`.
+    fn search(&self, tag: u64, first: Option<usize>) -> Result<Option<Found>> {
+        let order = first.into_iter().chain((0..SLOT_SIZES.len()).filter(|&c| Some(c) != first));
+        for class in order {
+            for n in 0..MAX_ARENAS {
+                match self.lookup(class, n)? {
+                    Opened::Ready(arena) => {
+                        if let Some(slot) = arena.find(tag) {
+                            return Ok(Some(Found { class, n, arena, slot }));
+                        }
+                    }
+                    Opened::NotReady => {}
+                    Opened::Missing => break,
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn free(&self, found: &Found, tag: u64) -> bool {
+        if !found.arena.free(found.slot, tag) {
+            return false;
+        }
+        let mut state = self.class(found.class);
+        state.hint = state.hint.min(found.n);
+        true
+    }
+
+    /// Unlinks the segment `/<file_name>`; a missing one is fine.
+    fn unlink_segment(file_name: &OsStr) -> Result<()> {
+        let mut name = OsString::from("/");
+        name.push(file_name);
+        match shm::unlink(name.as_os_str()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(io_err("delete shared-memory segment", &name.to_string_lossy(), e)),
+        }
+    }
+
+    /// Entries of the shm directory; none if it does not exist.
+    fn list(&self) -> Result<Vec<std::fs::DirEntry>> {
+        let dir = &self.config.shm_dir;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list shared-memory segments in", dir, e)),
+        };
+        entries.collect::<io::Result<Vec<_>>>().map_err(|e| Error::io("list shared-memory segments in", dir, e))
+    }
+}
+
+/// Writes the bytes of a large object into its freshly reserved segment.
+fn write_large(object: &mut NewObject<'_>, file: &File, map_len: usize, name: &str) -> Result<()> {
+    if let ObjectData::Parts(parts) = object.data {
+        let mut at = 0u64;
+        for part in parts {
+            file.write_all_at(part, at).map_err(|e| io_err("write shared-memory segment", name, e))?;
+            at += part.len() as u64;
+        }
+        return Ok(());
+    }
+    // SAFETY: this process created the segment a moment ago with O_EXCL and mode 0600 and
+    // has not published its name to the context yet (`put` has not returned), so no other
+    // process of this crate reads or writes it while the mapping lives; fallocate made it
+    // exactly `map_len` bytes, so the mapping covers only reserved pages of the file.
+    let mut map = unsafe { MmapOptions::new().len(map_len).populate().map_mut(file) }
+        .map_err(|e| io_err("map shared-memory segment", name, e))?;
+    object.write_into(&mut map)
+}
+
+impl StorageTier for ShmTier {
+    fn name(&self) -> &str {
+        "shm"
+    }
+
+    fn kind(&self) -> StorageKind {
+        StorageKind::Ram
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(true, true)
+    }
+
+    fn footprint(&self, len: u64) -> u64 {
+        footprint_of(len)
+    }
+
+    fn put(&self, object: NewObject<'_>) -> Result<PutOutcome> {
+        match class_of(object.len) {
+            Some(class) => self.put_small(object, class),
+            None => self.put_large(object),
+        }
+    }
+
+    fn get(&self, object: &ObjectRef) -> Result<Option<Payload>> {
+        let Some(class) = class_of(object.len) else {
+            return self.get_large(object.id);
+        };
+        let Some(tag) = tag_of(object.id) else {
+            return Ok(None);
+        };
+        let Some(found) = self.find_small(object, class, tag)? else {
+            return Ok(None);
+        };
+        Ok(found.arena.read(found.slot, tag, object.len as usize).map(Payload::from_vec))
+    }
+
+    fn delete(&self, object: &ObjectRef) -> Result<bool> {
+        let class = class_of(object.len);
+        if object.slot == ObjectRef::UNKNOWN_SLOT {
+            // Search wherever the object could be, whatever its length says.
+            if self.delete_large(object.id)? {
+                return Ok(true);
+            }
+            let Some(tag) = tag_of(object.id) else {
+                return Ok(false);
+            };
+            return Ok(match self.search(tag, class)? {
+                Some(found) => self.free(&found, tag),
+                None => false,
+            });
+        }
+        let Some(class) = class else {
+            return self.delete_large(object.id);
+        };
+        let Some(tag) = tag_of(object.id) else {
+            return Ok(false);
+        };
+        Ok(match self.find_small(object, class, tag)? {
+            Some(found) => self.free(&found, tag),
+            None => false,
+        })
+    }
+
+    fn locate(&self, object: &ObjectRef) -> Location {
+        let shm_name = match class_of(object.len) {
+            None => Some(self.large_name(object.id)),
+            Some(class) if object.slot == ObjectRef::UNKNOWN_SLOT => tag_of(object.id)
+                .and_then(|tag| self.search(tag, Some(class)).ok().flatten())
+                .map(|found| self.arena_name(found.class, found.n)),
+            Some(_) => decode_slot(object.slot).map(|(class, n, _)| self.arena_name(class, n)),
+        };
+        Location { shm_name, path: None }
+    }
+
+    fn usage(&self) -> Result<TierUsage> {
+        let mut usage = TierUsage::default();
+        for (class, &slot_size) in SLOT_SIZES.iter().enumerate() {
+            for n in 0..MAX_ARENAS {
+                match Arena::open(&self.arena_name(class, n), slot_size)? {
+                    Opened::Ready(arena) => {
+                        let objects = arena.allocated();
+                        usage.objects += objects;
+                        usage.bytes += objects * slot_size as u64;
+                    }
+                    Opened::NotReady => {}
+                    Opened::Missing => break,
+                }
+            }
+        }
+        for entry in self.list()? {
+            let file_name = entry.file_name();
+            let Some(rest) = file_name.as_bytes().strip_prefix(self.prefix.as_bytes()) else { continue };
+            if !is_large_name(rest) {
+                continue;
+            }
+            match entry.metadata() {
+                Ok(meta) => {
+                    usage.objects += 1;
+                    usage.bytes = usage.bytes.saturating_add(footprint_of(meta.len()));
+                }
+                // Deleted since the listing.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("read size of shared-memory segment", entry.path(), e)),
+            }
+        }
+        Ok(usage)
+    }
+
+    fn destroy(&self) -> Result<()> {
+        let mut first_error = None;
+        match self.list() {
+            Ok(entries) => {
+                for entry in entries {
+                    let file_name = entry.file_name();
+                    let Some(rest) = file_name.as_bytes().strip_prefix(self.prefix.as_bytes()) else { continue };
+                    // Tell processes that still have the arena mapped to stop using it.
+                    if let Some(slot_size) = arena_slot_size(rest).filter(|size| SLOT_SIZES.contains(size))
+                        && let Some(name) = file_name.to_str()
+                        && let Ok(Opened::Ready(arena)) = Arena::open(&format!("/{name}"), slot_size)
+                    {
+                        arena.mark_destroyed();
+                    }
+                    if let Err(e) = Self::unlink_segment(&file_name) {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            Err(e) => first_error = Some(e),
+        }
+        for class in 0..SLOT_SIZES.len() {
+            let mut state = self.class(class);
+            state.arenas.clear();
+            state.hint = 0;
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_and_footprints() {
+        assert_eq!(class_of(0), Some(0));
+        assert_eq!(class_of(64), Some(0));
+        assert_eq!(class_of(65), Some(1));
+        assert_eq!(class_of(4096), Some(6));
+        assert_eq!(class_of(4097), None);
+        assert_eq!(footprint_of(50), 64);
+        assert_eq!(footprint_of(4097), 8192);
+        assert_eq!(footprint_of(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn slot_words_round_trip() {
+        for (class, n, slot) in [(0, 0, 0), (6, MAX_ARENAS - 1, 63), (3, 17, 4095)] {
+            let word = encode_slot(class, n, slot);
+            assert_ne!(word, ObjectRef::UNKNOWN_SLOT);
+            assert_eq!(decode_slot(word), Some((class, n, slot)));
+        }
+        assert_eq!(decode_slot(0), None);
+        assert_eq!(decode_slot(ObjectRef::UNKNOWN_SLOT), None);
+        assert_eq!(decode_slot(SLOT_TAG | 7 << 48), None);
+    }
+
+    #[test]
+    fn names_are_told_apart() {
+        assert!(is_large_name(b"00000000000000ff"));
+        assert!(!is_large_name(b"a64.0"));
+        assert_eq!(arena_slot_size(b"a64.0"), Some(64));
+        assert_eq!(arena_slot_size(b"a4096.12"), Some(4096));
+        assert_eq!(arena_slot_size(b"a64."), None);
+        assert_eq!(arena_slot_size(b"00000000000000ff"), None);
+        assert_eq!(ShmConfig::new("r").prefix(), "wfctx.r.");
+    }
+
+    #[test]
+    fn bad_run_ids_are_refused() {
+        assert!(ShmTier::new(ShmConfig::new("a/b")).is_err());
+        assert!(ShmTier::new(ShmConfig::new("")).is_err());
+    }
+}

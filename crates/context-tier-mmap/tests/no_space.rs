@@ -1,0 +1,106 @@
+//! A full file system is `PutOutcome::NoSpace` with nothing left behind.
+//!
+//! The outer test re-runs this test binary in a private mount namespace with a 1 MiB tmpfs
+//! as the value directory; it skips (and passes) where namespaces or mounts are not allowed.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use context_core::{NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier};
+use context_tier_mmap::{MmapConfig, MmapTier};
+
+const DIR_VAR: &str = "CONTEXT_TIER_MMAP_NOSPACE_DIR";
+const DONE: &str = "no-space checks ran";
+
+#[test]
+fn full_file_system_is_no_space() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("values");
+    std::fs::create_dir(&dir).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let script = r#"mount -t tmpfs -o size=1m,mode=0700 tmpfs "$1" || exit 77; shift; exec "$@""#;
+    let attempts: [&[&str]; 2] = [
+        &["--mount", "--propagation", "private"],
+        &["--user", "--map-root-user", "--mount", "--propagation", "private"],
+    ];
+    let mut refusals = Vec::new();
+    for flags in attempts {
+        let output = Command::new("unshare")
+            .args(flags)
+            .args(["sh", "-c", script, "sh"])
+            .arg(&dir)
+            .arg(&exe)
+            .args(["--exact", "no_space_inner", "--ignored", "--nocapture", "--test-threads=1"])
+            .env(DIR_VAR, &dir)
+            .output();
+        let output = match output {
+            Ok(output) => output,
+            Err(e) => {
+                println!("SKIPPED full_file_system_is_no_space: cannot run unshare: {e}");
+                return;
+            }
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        match output.status.code() {
+            Some(0) => {
+                assert!(stdout.contains(DONE), "the inner test did not run:\n{stdout}\n{stderr}");
+                println!("ran inside `unshare {}`: {DONE}", flags.join(" "));
+                return;
+            }
+            // 77: the script's mount was refused; 1 with unshare's own message: unshare was.
+            Some(77) => refusals.push(format!("unshare {}: mount refused: {}", flags.join(" "), stderr.trim())),
+            Some(1) if stderr.starts_with("unshare:") => {
+                refusals.push(format!("unshare {}: {}", flags.join(" "), stderr.trim()));
+            }
+            // A failed assertion, or a crash (SIGBUS is what this test guards against).
+            _ => panic!("the inner test failed ({}):\n{stdout}\n{stderr}", output.status),
+        }
+    }
+    println!("SKIPPED full_file_system_is_no_space: no private tmpfs allowed here:\n{}", refusals.join("\n"));
+}
+
+/// Runs inside the private mount namespace, with a 1 MiB tmpfs at `$CONTEXT_TIER_MMAP_NOSPACE_DIR`.
+#[test]
+#[ignore = "run by full_file_system_is_no_space inside a private mount namespace"]
+fn no_space_inner() {
+    let Some(dir) = std::env::var_os(DIR_VAR).map(PathBuf::from) else {
+        println!("{DIR_VAR} is not set; nothing to check");
+        return;
+    };
+    let tier = MmapTier::new(MmapConfig::new(&dir)).unwrap();
+    let len = 4u64 << 20;
+    let big = vec![7u8; len as usize];
+    let parts: [&[u8]; 1] = [&big];
+
+    let outcome = tier.put(NewObject { id: ObjectId(1), len, data: ObjectData::Parts(&parts) }).unwrap();
+    assert_eq!(outcome, PutOutcome::NoSpace);
+
+    let mut called = false;
+    let mut fill = |dst: &mut [u8]| {
+        called = true;
+        dst.fill(1);
+        Ok(())
+    };
+    let outcome = tier.put(NewObject { id: ObjectId(2), len, data: ObjectData::Fill(&mut fill) }).unwrap();
+    assert_eq!(outcome, PutOutcome::NoSpace);
+    assert!(!called, "the fill ran although there was no space");
+
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+    assert_eq!(tier.usage().unwrap().objects, 0);
+    for id in [1, 2] {
+        assert!(tier.get(&ObjectRef { id: ObjectId(id), len, slot: 0 }).unwrap().is_none());
+    }
+
+    // The tier still works for what fits.
+    let small = vec![3u8; 100_000];
+    let parts: [&[u8]; 1] = [&small];
+    let PutOutcome::Stored(r) =
+        tier.put(NewObject { id: ObjectId(3), len: 100_000, data: ObjectData::Parts(&parts) }).unwrap()
+    else {
+        panic!("100 KB did not fit in 1 MiB")
+    };
+    assert_eq!(tier.get(&r).unwrap().as_deref(), Some(&small[..]));
+    println!("{DONE}");
+}

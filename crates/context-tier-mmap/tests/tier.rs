@@ -1,0 +1,175 @@
+//! Behaviour of `MmapTier` beyond the conformance kit: sharing, permissions, symbolic links
+//! and files changed behind the tier's back.
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::PathBuf;
+
+use context_core::{Error, NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageKind, StorageTier};
+use context_tier_mmap::{MmapConfig, MmapTier};
+
+fn put(tier: &MmapTier, id: u64, bytes: &[u8]) -> ObjectRef {
+    let parts: [&[u8]; 1] = [bytes];
+    match tier.put(NewObject { id: ObjectId(id), len: bytes.len() as u64, data: ObjectData::Parts(&parts) }) {
+        Ok(PutOutcome::Stored(r)) => r,
+        other => panic!("put of object {id} failed: {other:?}"),
+    }
+}
+
+fn value_dir(scratch: &tempfile::TempDir) -> PathBuf {
+    scratch.path().join("values")
+}
+
+#[test]
+fn describes_itself() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
+    assert_eq!(tier.name(), "mmap");
+    assert_eq!(tier.kind(), StorageKind::Disk);
+    assert!(tier.capabilities().zero_copy && tier.capabilities().shared_across_processes);
+    assert_eq!(tier.dir(), value_dir(&scratch));
+    assert_eq!([0, 1, 4096, 4097, u64::MAX].map(|n| tier.footprint(n)), [0, 4096, 4096, 8192, u64::MAX]);
+    let r = ObjectRef { id: ObjectId(0xab), len: 3, slot: 0 };
+    assert_eq!(tier.locate(&r).path, Some(value_dir(&scratch).join("00000000000000ab.val")));
+    assert_eq!(tier.locate(&r).shm_name, None);
+}
+
+#[test]
+fn two_instances_share_one_directory() {
+    let scratch = tempfile::tempdir().unwrap();
+    let a = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
+    let b = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
+    let small = put(&a, 1, b"small");
+    let large_bytes = context_core::testing::pattern(2, 200_000);
+    let large = put(&b, 2, &large_bytes);
+    assert_eq!(b.get(&small).unwrap().as_deref(), Some(&b"small"[..]));
+    assert_eq!(a.get(&large).unwrap().as_deref(), Some(&large_bytes[..]));
+    assert_eq!(a.usage().unwrap(), b.usage().unwrap());
+    assert_eq!(a.usage().unwrap().objects, 2);
+
+    let held = a.get(&large).unwrap().unwrap();
+    assert!(b.delete(&large).unwrap());
+    assert!(a.get(&large).unwrap().is_none());
+    assert!(!a.delete(&large).unwrap());
+    assert!(*held == *large_bytes, "a held mapping changed after another instance deleted its file");
+
+    b.destroy().unwrap();
+    assert!(a.get(&small).unwrap().is_none());
+    assert_eq!(a.usage().unwrap().objects, 0);
+    a.destroy().unwrap();
+}
+
+#[test]
+fn files_are_private() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
+    let r = put(&tier, 7, b"secret");
+    let mut fill = |dst: &mut [u8]| {
+        dst.fill(1);
+        Ok(())
+    };
+    let PutOutcome::Stored(f) =
+        tier.put(NewObject { id: ObjectId(8), len: 100_000, data: ObjectData::Fill(&mut fill) }).unwrap()
+    else {
+        panic!("no space")
+    };
+    let mode = |p: PathBuf| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(tier.dir().to_owned()), 0o700);
+    assert_eq!(mode(tier.locate(&r).path.unwrap()), 0o600);
+    assert_eq!(mode(tier.locate(&f).path.unwrap()), 0o600);
+    tier.destroy().unwrap();
+}
+
+#[test]
+fn put_does_not_write_through_a_planted_symlink() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
+    let target = scratch.path().join("victim");
+    fs::write(&target, b"untouched").unwrap();
+    let id = ObjectId(5);
+    let link = tier.locate(&ObjectRef { id, len: 0, slot: 0 }).path.unwrap();
+    symlink(&target, &link).unwrap();
+
+    let bytes = [b'x'; 32];
+    let parts: [&[u8]; 1] = [&bytes];
+    let result = tier.put(NewObject { id, len: 32, data: ObjectData::Parts(&parts) });
+    assert!(matches!(result, Err(Error::Io { .. })), "put through a symlink gave {result:?}");
+    let mut fill = |dst: &mut [u8]| {
+        dst.fill(b'y');
+        Ok(())
+    };
+    let result = tier.put(NewObject { id, len: 32, data: ObjectData::Fill(&mut fill) });
+    assert!(result.is_err(), "fill through a symlink gave {result:?}");
+    assert_eq!(fs::read(&target).unwrap(), b"untouched");
+    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the planted link was replaced");
+
+    // Reads refuse the link too, rather than returning the target's bytes.
+    assert!(tier.get(&ObjectRef { id, len: 32, slot: 0 }).is_err());
+    tier.destroy().unwrap();
+    assert_eq!(fs::read(&target).unwrap(), b"untouched");
+}
+
+#[test]
+fn new_refuses_a_symlinked_directory() {
+    let scratch = tempfile::tempdir().unwrap();
+    let real = scratch.path().join("real");
+    fs::create_dir(&real).unwrap();
+    let link = scratch.path().join("link");
+    symlink(&real, &link).unwrap();
+    let err = MmapTier::new(MmapConfig::new(&link)).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }));
+    assert!(err.to_string().contains(&*link.to_string_lossy()), "{err}");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+
+    let file = scratch.path().join("file");
+    fs::write(&file, b"").unwrap();
+    let err = MmapTier::new(MmapConfig::new(&file)).unwrap_err();
+    assert!(err.to_string().contains("not a directory"), "{err}");
+
+    let err = MmapTier::new(MmapConfig::new(scratch.path().join("missing/values"))).unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+}
+
+#[test]
+fn get_returns_a_truncated_file_at_its_real_length() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
+    for (id, len, short) in [(1u64, 1000usize, 10usize), (2, 300_000, 100_000), (3, 300_000, 10)] {
+        let bytes = context_core::testing::pattern(id, len);
+        let r = put(&tier, id, &bytes);
+        let file = fs::OpenOptions::new().write(true).open(tier.locate(&r).path.unwrap()).unwrap();
+        file.set_len(short as u64).unwrap();
+        let got = tier.get(&r).unwrap().unwrap();
+        assert_eq!(got.len(), short, "object {id} truncated to {short} bytes");
+        assert_eq!(&*got, &bytes[..short]);
+    }
+    tier.destroy().unwrap();
+}
+
+#[test]
+fn destroy_leaves_a_replaced_directory_alone() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = value_dir(&scratch);
+    let tier = MmapTier::new(MmapConfig::new(&dir)).unwrap();
+    put(&tier, 1, b"x");
+    let elsewhere = scratch.path().join("elsewhere");
+    fs::rename(&dir, &elsewhere).unwrap();
+    symlink(&elsewhere, &dir).unwrap();
+    assert!(tier.destroy().is_err());
+    assert!(elsewhere.join("0000000000000001.val").exists());
+}
+
+#[test]
+fn usage_ignores_foreign_entries() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
+    put(&tier, 1, &[0; 5000]);
+    fs::write(tier.dir().join("notes.txt"), b"not a value").unwrap();
+    fs::create_dir(tier.dir().join("sub.val")).unwrap();
+    symlink("/etc/passwd", tier.dir().join("link.val")).unwrap();
+    let usage = tier.usage().unwrap();
+    assert_eq!((usage.objects, usage.bytes), (1, 8192));
+    tier.destroy().unwrap();
+    assert!(!tier.dir().exists());
+    tier.destroy().unwrap();
+}

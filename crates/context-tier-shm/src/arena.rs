@@ -1,0 +1,366 @@
+//! Arenas: shared-memory segments cut into equal slots, for small objects.
+//!
+//! Layout of an arena segment (all words are native-endian `u64`, all accessed atomically,
+//! by every process, through [`Arena::words`]):
+//!
+//! ```text
+//! offset 0            magic        MAGIC once the creator has initialised the header
+//! offset 8            geometry     slot size (low 32 bits) | slot count (high 32 bits)
+//! offset 16           bitmap       one bit per slot, set while the slot is allocated
+//! after the bitmap    slot ids     one word per slot: object id + 1, or 0 when empty
+//! header_len (4 KiB multiple)      the slots, slot_size bytes each, 256 KiB in all
+//! ```
+//!
+//! Protocol (lock-free, across processes):
+//! - allocate: set a clear bit with a compare-exchange, store the tag (id + 1) in the slot's
+//!   id word, release fence, write the bytes, store the tag again with release ordering;
+//! - read: load the id word (acquire), copy the bytes, acquire fence, load the id word
+//!   again; the copy counts only if both loads saw the tag. Tags are never reused, so a
+//!   slot freed and reused while it was copied is always noticed (a seqlock keyed by id);
+//! - free: compare-exchange the id word from the tag to 0, then clear the bit.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::time::{Duration, Instant};
+
+use context_core::{Error, Result};
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::fd::OwnedFd;
+use rustix::fs::{FallocateFlags, Mode};
+use rustix::io::Errno;
+use rustix::shm;
+
+/// Written last by an arena's creator: the header is initialised.
+const MAGIC: u64 = u64::from_le_bytes(*b"wfctxAR1");
+/// Written by `destroy` before it unlinks an arena, so that processes which still have it
+/// mapped stop using it.
+const DESTROYED: u64 = u64::from_le_bytes(*b"wfctxDED");
+/// Bytes of slots in every arena.
+const DATA_BYTES: usize = 256 * 1024;
+/// How long to wait for another process to finish creating an arena.
+const CREATE_WAIT: Duration = Duration::from_millis(200);
+const PAGE: usize = 4096;
+
+/// Where things are in an arena of one slot size.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    slot_size: usize,
+    slot_count: usize,
+    /// Words of the allocation bitmap.
+    bitmap_words: usize,
+    /// Offset of the slot id words.
+    ids_offset: usize,
+    /// Offset of the first slot.
+    header_len: usize,
+    /// Size of the whole segment.
+    total: usize,
+}
+
+impl Layout {
+    fn new(slot_size: usize) -> Self {
+        let slot_count = DATA_BYTES / slot_size;
+        let bitmap_words = slot_count.div_ceil(64);
+        let ids_offset = 16 + 8 * bitmap_words;
+        let header_len = (ids_offset + 8 * slot_count).div_ceil(PAGE) * PAGE;
+        Layout { slot_size, slot_count, bitmap_words, ids_offset, header_len, total: header_len + DATA_BYTES }
+    }
+
+    fn geometry(&self) -> u64 {
+        self.slot_size as u64 | ((self.slot_count as u64) << 32)
+    }
+}
+
+/// The answer of [`Arena::open`].
+pub(crate) enum Opened {
+    /// The arena exists and is initialised.
+    Ready(Arc<Arena>),
+    /// No arena has this name (or it is being destroyed).
+    Missing,
+    /// The arena exists but its creator has not finished (or died before finishing).
+    NotReady,
+}
+
+/// The answer of [`Arena::open_or_create`].
+pub(crate) enum Created {
+    /// The arena, created by this call or by another process.
+    Ready(Arc<Arena>),
+    /// Shared memory is full; nothing was left behind.
+    NoSpace,
+    /// The name is taken by an arena that never became ready: its creator died. Use the next.
+    Skip,
+}
+
+/// One mapped arena.
+pub(crate) struct Arena {
+    name: String,
+    layout: Layout,
+    map: MmapRaw,
+}
+
+impl std::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arena").field("name", &self.name).field("slot_size", &self.layout.slot_size).finish()
+    }
+}
+
+/// Whether an error from reserving space means "shared memory is full".
+pub(crate) fn is_no_space(e: Errno) -> bool {
+    e == Errno::NOSPC || e == Errno::DQUOT || e == Errno::NOMEM
+}
+
+pub(crate) fn io_err(op: &'static str, name: &str, e: impl Into<io::Error>) -> Error {
+    Error::io(op, PathBuf::from(name), e.into())
+}
+
+impl Arena {
+    /// Opens an existing arena without waiting for it to become ready.
+    pub(crate) fn open(name: &str, slot_size: usize) -> Result<Opened> {
+        let fd = match shm::open(name, shm::OFlags::RDWR, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(Opened::Missing),
+            Err(e) => return Err(io_err("open shared-memory arena", name, e)),
+        };
+        let layout = Layout::new(slot_size);
+        let stat = rustix::fs::fstat(&fd).map_err(|e| io_err("read size of shared-memory arena", name, e))?;
+        if u64::try_from(stat.st_size).ok() != Some(layout.total as u64) {
+            // Still being created (the size is set by fallocate before the header is written).
+            return Ok(Opened::NotReady);
+        }
+        let arena = Self::map(name, layout, &fd)?;
+        match arena.magic().load(Ordering::Acquire) {
+            MAGIC => {
+                let geometry = arena.words(8, 1)[0].load(Ordering::Relaxed);
+                if geometry != layout.geometry() {
+                    return Err(Error::corrupt(
+                        name,
+                        format!(
+                            "arena geometry {geometry:#x}, expected {:#x} for {slot_size}-byte slots",
+                            layout.geometry()
+                        ),
+                    ));
+                }
+                Ok(Opened::Ready(Arc::new(arena)))
+            }
+            DESTROYED => Ok(Opened::Missing),
+            _ => Ok(Opened::NotReady),
+        }
+    }
+
+    /// Creates an arena, or opens the one another process is creating under this name.
+    pub(crate) fn open_or_create(name: &str, slot_size: usize) -> Result<Created> {
+        let layout = Layout::new(slot_size);
+        // An arena that vanishes between our create and open attempts was being created by a
+        // process that found shared memory full; try again a few times.
+        for _ in 0..3 {
+            let flags = shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR;
+            match shm::open(name, flags, Mode::from_raw_mode(0o600)) {
+                Ok(fd) => return Self::init(name, layout, fd),
+                Err(Errno::EXIST) => {}
+                Err(e) => return Err(io_err("create shared-memory arena", name, e)),
+            }
+            let deadline = Instant::now() + CREATE_WAIT;
+            loop {
+                match Self::open(name, slot_size)? {
+                    Opened::Ready(arena) => return Ok(Created::Ready(arena)),
+                    Opened::Missing => break,
+                    Opened::NotReady if Instant::now() >= deadline => return Ok(Created::Skip),
+                    Opened::NotReady => std::thread::yield_now(),
+                }
+            }
+        }
+        Ok(Created::Skip)
+    }
+
+    /// Reserves, maps and initialises a segment this process just created.
+    fn init(name: &str, layout: Layout, fd: OwnedFd) -> Result<Created> {
+        if let Err(e) = rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, layout.total as u64) {
+            let _ = shm::unlink(name);
+            if is_no_space(e) {
+                return Ok(Created::NoSpace);
+            }
+            return Err(io_err("reserve shared-memory arena", name, e));
+        }
+        let arena = match Self::map(name, layout, &fd) {
+            Ok(arena) => arena,
+            Err(e) => {
+                let _ = shm::unlink(name);
+                return Err(e);
+            }
+        };
+        // The pages are fresh from fallocate, hence zero: an empty bitmap and empty id words.
+        arena.words(8, 1)[0].store(layout.geometry(), Ordering::Relaxed);
+        arena.magic().store(MAGIC, Ordering::Release);
+        Ok(Created::Ready(Arc::new(arena)))
+    }
+
+    fn map(name: &str, layout: Layout, fd: &OwnedFd) -> Result<Self> {
+        let map =
+            MmapOptions::new().len(layout.total).map_raw(fd).map_err(|e| io_err("map shared-memory arena", name, e))?;
+        if map.len() != layout.total {
+            return Err(Error::corrupt(name, format!("mapped {} bytes, expected {}", map.len(), layout.total)));
+        }
+        Ok(Arena { name: name.to_owned(), layout, map })
+    }
+
+    /// `count` atomic words starting at byte `offset` of the mapping.
+    fn words(&self, offset: usize, count: usize) -> &[AtomicU64] {
+        assert!(
+            offset.is_multiple_of(8) && offset.checked_add(count * 8).is_some_and(|end| end <= self.map.len()),
+            "arena word range {offset}+{count}×8 outside the {}-byte mapping",
+            self.map.len()
+        );
+        // SAFETY: the range [offset, offset + 8 * count) lies inside the mapping (asserted
+        // above), which is readable and writable (map_raw of a read-write descriptor) and
+        // stays mapped for as long as `self`, which the returned borrow cannot outlive. The
+        // mapping starts on a page boundary and `offset` is a multiple of 8, so every word
+        // is aligned for `AtomicU64`. Every process touches arena memory only through
+        // atomic operations (this function is the only way in), so the memory is never
+        // accessed non-atomically while these references exist, and `AtomicU64` allows
+        // mutation through a shared reference.
+        unsafe { std::slice::from_raw_parts(self.map.as_mut_ptr().add(offset).cast::<AtomicU64>(), count) }
+    }
+
+    fn magic(&self) -> &AtomicU64 {
+        &self.words(0, 1)[0]
+    }
+
+    fn bitmap(&self) -> &[AtomicU64] {
+        self.words(16, self.layout.bitmap_words)
+    }
+
+    fn ids(&self) -> &[AtomicU64] {
+        self.words(self.layout.ids_offset, self.layout.slot_count)
+    }
+
+    fn slot_words(&self, slot: usize) -> &[AtomicU64] {
+        self.words(self.layout.header_len + slot * self.layout.slot_size, self.layout.slot_size / 8)
+    }
+
+    /// Whether the arena is still in use (not destroyed by some process).
+    pub(crate) fn is_live(&self) -> bool {
+        self.magic().load(Ordering::Acquire) == MAGIC
+    }
+
+    /// Marks the arena destroyed so that processes holding it mapped stop using it.
+    pub(crate) fn mark_destroyed(&self) {
+        self.magic().store(DESTROYED, Ordering::Release);
+    }
+
+    /// Bits of bitmap word `i` that stand for real slots.
+    fn valid_bits(&self, i: usize) -> u64 {
+        let remaining = self.layout.slot_count - i * 64;
+        if remaining >= 64 { u64::MAX } else { (1u64 << remaining) - 1 }
+    }
+
+    /// Allocates a free slot for the object tagged `tag` (its id + 1) and writes `bytes`
+    /// into it. `None` when the arena is full.
+    pub(crate) fn store(&self, tag: u64, bytes: &[u8]) -> Option<usize> {
+        debug_assert!(tag != 0 && bytes.len() <= self.layout.slot_size);
+        if bytes.len() > self.layout.slot_size {
+            return None;
+        }
+        let slot = self.allocate()?;
+        let id = &self.ids()[slot];
+        // No other process writes this slot now: we own its bit. Stale readers of a former
+        // occupant may still be copying it; the release fence orders the tag store before
+        // the byte stores below, so a reader that sees any of our bytes also sees the tag
+        // change and discards its copy.
+        id.store(tag, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let words = self.slot_words(slot);
+        for (word, chunk) in words.iter().zip(bytes.chunks(8)) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            word.store(u64::from_ne_bytes(w), Ordering::Relaxed);
+        }
+        // Publish the bytes to readers that acquire the id word.
+        id.store(tag, Ordering::Release);
+        Some(slot)
+    }
+
+    fn allocate(&self) -> Option<usize> {
+        for (i, word) in self.bitmap().iter().enumerate() {
+            let valid = self.valid_bits(i);
+            let mut current = word.load(Ordering::Relaxed);
+            loop {
+                let free = !current & valid;
+                if free == 0 {
+                    break;
+                }
+                let bit = free.trailing_zeros() as usize;
+                match word.compare_exchange_weak(current, current | 1 << bit, Ordering::Acquire, Ordering::Relaxed) {
+                    Ok(_) => return Some(i * 64 + bit),
+                    Err(now) => current = now,
+                }
+            }
+        }
+        None
+    }
+
+    /// Copies `len` bytes of the object tagged `tag` out of `slot`; `None` unless the object
+    /// is there for the whole copy.
+    pub(crate) fn read(&self, slot: usize, tag: u64, len: usize) -> Option<Vec<u8>> {
+        if slot >= self.layout.slot_count || len > self.layout.slot_size || tag == 0 {
+            return None;
+        }
+        let id = &self.ids()[slot];
+        if id.load(Ordering::Acquire) != tag {
+            return None;
+        }
+        let mut out = Vec::with_capacity(len.div_ceil(8) * 8);
+        for word in &self.slot_words(slot)[..len.div_ceil(8)] {
+            out.extend_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        out.truncate(len);
+        fence(Ordering::Acquire);
+        (id.load(Ordering::Relaxed) == tag).then_some(out)
+    }
+
+    /// Frees `slot` if it holds the object tagged `tag`.
+    pub(crate) fn free(&self, slot: usize, tag: u64) -> bool {
+        if slot >= self.layout.slot_count || tag == 0 {
+            return false;
+        }
+        if self.ids()[slot].compare_exchange(tag, 0, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            return false;
+        }
+        self.bitmap()[slot / 64].fetch_and(!(1u64 << (slot % 64)), Ordering::Release);
+        true
+    }
+
+    /// The slot holding the object tagged `tag`, if any.
+    pub(crate) fn find(&self, tag: u64) -> Option<usize> {
+        if tag == 0 {
+            return None;
+        }
+        self.ids().iter().position(|id| id.load(Ordering::Acquire) == tag)
+    }
+
+    /// The number of allocated slots.
+    pub(crate) fn allocated(&self) -> u64 {
+        self.bitmap()
+            .iter()
+            .enumerate()
+            .map(|(i, word)| u64::from((word.load(Ordering::Relaxed) & self.valid_bits(i)).count_ones()))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_fit() {
+        for slot_size in [64, 128, 256, 512, 1024, 2048, 4096] {
+            let l = Layout::new(slot_size);
+            assert_eq!(l.slot_count * slot_size, DATA_BYTES);
+            assert!(l.ids_offset + 8 * l.slot_count <= l.header_len);
+            assert_eq!(l.header_len % PAGE, 0);
+            assert_eq!(l.slot_count % 64, 0);
+        }
+        assert_eq!(Layout::new(64).header_len, 9 * PAGE);
+    }
+}

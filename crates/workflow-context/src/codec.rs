@@ -1,0 +1,87 @@
+//! Typed values: postcard, written straight into the tier's memory.
+
+use context_core::{Error, Result};
+use postcard::ser_flavors::Flavor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A postcard flavor that only counts bytes, so a value's size is known before any buffer
+/// is allocated and it can be serialized straight into its final place.
+struct Counter(usize);
+
+impl Flavor for Counter {
+    type Output = usize;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0 += data.len();
+        Ok(())
+    }
+
+    fn try_push(&mut self, _: u8) -> postcard::Result<()> {
+        self.0 += 1;
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<usize> {
+        Ok(self.0)
+    }
+}
+
+/// The length of `value`'s postcard encoding.
+pub(crate) fn encoded_len<T: Serialize + ?Sized>(value: &T, key: &str) -> Result<usize> {
+    postcard::serialize_with_flavor(value, Counter(0)).map_err(|e| codec_err(key, "encode", e))
+}
+
+/// Encodes `value` into `dst`, which must be exactly its encoded length.
+pub(crate) fn encode_into<T: Serialize + ?Sized>(value: &T, dst: &mut [u8], key: &str) -> Result<()> {
+    let used = postcard::to_slice(value, dst).map_err(|e| codec_err(key, "encode", e))?.len();
+    if used != dst.len() {
+        // The value encoded differently the second time (a non-deterministic Serialize impl).
+        return Err(Error::Codec {
+            key: key.to_owned(),
+            op: "encode",
+            message: format!("the value encoded to {used} bytes after measuring {}", dst.len()),
+        });
+    }
+    Ok(())
+}
+
+/// Decodes a value, requiring every byte to be used (trailing bytes mean the wrong type).
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], key: &str) -> Result<T> {
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| codec_err(key, "decode", e))?;
+    if !rest.is_empty() {
+        return Err(Error::Codec {
+            key: key.to_owned(),
+            op: "decode",
+            message: format!("{} bytes left over after decoding: the value was saved as another type", rest.len()),
+        });
+    }
+    Ok(value)
+}
+
+fn codec_err(key: &str, op: &'static str, e: postcard::Error) -> Error {
+    Error::Codec { key: key.to_owned(), op, message: e.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measured_length_matches_encoding() {
+        let v = (String::from("a prompt"), vec![1.5f32; 100], Some(7u64));
+        let n = encoded_len(&v, "k").unwrap();
+        assert_eq!(n, postcard::to_stdvec(&v).unwrap().len());
+        let mut buf = vec![0u8; n];
+        encode_into(&v, &mut buf, "k").unwrap();
+        let back: (String, Vec<f32>, Option<u64>) = decode(&buf, "k").unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn wrong_type_is_a_codec_error() {
+        let bytes = postcard::to_stdvec(&(1u8, 2u8, 3u8)).unwrap();
+        assert!(matches!(decode::<u8>(&bytes, "k"), Err(Error::Codec { .. })));
+        assert!(matches!(decode::<String>(&[200], "k"), Err(Error::Codec { .. })));
+    }
+}

@@ -1,0 +1,997 @@
+//! [`WorkflowContext`] and [`ContextBuilder`].
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use context_core::record::{self, FLAG_TYPED, HEADER_LEN, RecordHeader};
+use context_core::{
+    Budget, Error, NewObject, ObjectData, ObjectId, PassBy, Payload, PlacementPolicy, PlacementRequest, PutOutcome,
+    RamFirst, Result, SaveOptions, StorageInfo, StorageKind, StorageTier, TierStatus, Usage, validate_key,
+    validate_run_id,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::config::{self, CONFIG_ENV, FileConfig};
+use crate::index::{Entry, Meta, Placed, Rec, Replica, STATE_CLOSED};
+use crate::{codec, export, fsutil, tiers};
+
+/// Records up to this size are written while holding the index lock (one critical
+/// section); larger ones are written outside it, between two short ones.
+const SMALL_RECORD: u64 = 64 << 10;
+/// Checked views of records at least this large are kept, so loading them again is O(1).
+const VIEW_CACHE_MIN: usize = 64 << 10;
+/// How many checked views one handle keeps at most.
+const VIEW_CACHE_MAX: usize = 4096;
+
+const META_FILE: &str = "meta";
+const LOCK_FILE: &str = "lock";
+const PROCS_DIR: &str = "procs";
+
+/// A scratch store for one workflow run, shared by every process that attaches to it.
+///
+/// Values live in RAM (POSIX shared memory) while the run's RAM budget has room and spill
+/// to disk when it has not. Every attached process sees every key as soon as `save`
+/// returns. See the crate documentation for a tour.
+///
+/// The handle that created the context owns it: dropping that handle, or calling
+/// [`shutdown`](Self::shutdown) from any handle, removes every segment and file of the
+/// context. Handles from [`open`](Self::open) only detach when dropped.
+pub struct WorkflowContext {
+    run_id: String,
+    dir: PathBuf,
+    owner: bool,
+    token: u64,
+    meta: Meta,
+    replica: RwLock<Replica>,
+    lock_file: Mutex<File>,
+    tiers: Vec<Arc<dyn StorageTier>>,
+    policy: Arc<dyn PlacementPolicy>,
+    liveness: Mutex<Option<(File, PathBuf)>>,
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for WorkflowContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkflowContext")
+            .field("run_id", &self.run_id)
+            .field("dir", &self.dir)
+            .field("owner", &self.owner)
+            .field("tiers", &self.tiers.iter().map(|t| t.name()).collect::<Vec<_>>())
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+enum RamLimit {
+    Bytes(u64),
+    Gib(f64),
+}
+
+/// Configures and creates or opens a [`WorkflowContext`].
+///
+/// ```
+/// # fn main() -> workflow_context::Result<()> {
+/// use workflow_context::WorkflowContext;
+/// let dir = tempfile::tempdir().unwrap();
+/// let ctx = WorkflowContext::builder()
+///     .contexts_dir(dir.path())
+///     .max_ram_bytes(64 << 20)
+///     .run_id("render-42")
+///     .create()?;
+/// assert_eq!(ctx.run_id(), "render-42");
+/// assert_eq!(ctx.usage()?.ram_capacity_bytes, if cfg!(feature = "tier-shm") { 64 << 20 } else { 0 });
+/// # Ok(()) }
+/// ```
+#[must_use]
+pub struct ContextBuilder {
+    config_path: Option<PathBuf>,
+    max_ram: Option<RamLimit>,
+    run_id: Option<String>,
+    contexts_dir: Option<PathBuf>,
+}
+
+impl fmt::Debug for ContextBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContextBuilder")
+            .field("config_path", &self.config_path)
+            .field("run_id", &self.run_id)
+            .field("contexts_dir", &self.contexts_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ContextBuilder {
+    fn new() -> Self {
+        ContextBuilder { config_path: None, max_ram: None, run_id: None, contexts_dir: None }
+    }
+
+    /// Reads settings from this JSON file (comments allowed) instead of the file named by
+    /// the `WORKFLOW_CONTEXT_CONFIG` environment variable.
+    pub fn config_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_path = Some(path.into());
+        self
+    }
+
+    /// The RAM budget in GiB (2^30 bytes); wins over the configuration file.
+    pub fn max_ram_gb(mut self, gib: f64) -> Self {
+        self.max_ram = Some(RamLimit::Gib(gib));
+        self
+    }
+
+    /// The RAM budget in bytes; wins over the configuration file.
+    pub fn max_ram_bytes(mut self, bytes: u64) -> Self {
+        self.max_ram = Some(RamLimit::Bytes(bytes));
+        self
+    }
+
+    /// The run id: 1 to 64 of `[A-Za-z0-9_-]`. When creating without one, a unique id is
+    /// generated from a secure random source. Opening needs one.
+    pub fn run_id(mut self, run_id: impl Into<String>) -> Self {
+        self.run_id = Some(run_id.into());
+        self
+    }
+
+    /// The base directory that holds contexts (one subdirectory per run id). Default: the
+    /// temp dir joined with `CONTEXTS_DIR_NAME` from the configuration, or
+    /// `workflow_contexts`.
+    pub fn contexts_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.contexts_dir = Some(dir.into());
+        self
+    }
+
+    fn file_config(&self) -> Result<FileConfig> {
+        let path = match &self.config_path {
+            Some(p) => Some(p.clone()),
+            None => std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from),
+        };
+        match path {
+            Some(p) => FileConfig::load(&p),
+            None => Ok(FileConfig { source_name: "defaults".into(), ..FileConfig::default() }),
+        }
+    }
+
+    fn base_dir(&self, file: &FileConfig) -> PathBuf {
+        self.contexts_dir.clone().unwrap_or_else(|| file.contexts_dir())
+    }
+
+    fn ram_capacity(&self, file: &FileConfig) -> Result<u64> {
+        match self.max_ram {
+            Some(RamLimit::Bytes(b)) => Ok(b),
+            Some(RamLimit::Gib(gb)) => {
+                config::check_gb(gb).map_err(|m| Error::Config {
+                    source_name: "builder".into(),
+                    key: Some("max_ram_gb".into()),
+                    message: format!("{m} (got {gb})"),
+                })?;
+                Ok(config::gb_to_bytes(gb))
+            }
+            None => Ok(config::ram_budget(file, config::memory_limit())),
+        }
+    }
+
+    /// Creates a new context.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a bad configuration, [`Error::InvalidRunId`],
+    /// [`Error::AlreadyExists`] if a live context already has this run id (a dead one left
+    /// by a crash is cleaned up and replaced), [`Error::Io`] if the directory cannot be made.
+    pub fn create(self) -> Result<WorkflowContext> {
+        let file = self.file_config()?;
+        let ram_capacity = self.ram_capacity(&file)?;
+        let base = self.base_dir(&file);
+        let run_id = match &self.run_id {
+            Some(id) => {
+                validate_run_id(id)?;
+                id.clone()
+            }
+            None => format!("{:016x}{:016x}", random_u64(&base)?, random_u64(&base)?),
+        };
+        fsutil::ensure_private_dir(&base)?;
+        WorkflowContext::create_in(&base, run_id, ram_capacity)
+    }
+
+    /// Attaches to an existing context by its run id (set with [`run_id`](Self::run_id)).
+    ///
+    /// The context's RAM budget is the one it was created with; a budget set on this
+    /// builder is ignored.
+    ///
+    /// # Errors
+    /// [`Error::ContextNotFound`] if there is no such context, [`Error::Closed`] if it is
+    /// being shut down, [`Error::InvalidRunId`] if no valid run id was given.
+    pub fn open(self) -> Result<WorkflowContext> {
+        let file = self.file_config()?;
+        let run_id = self
+            .run_id
+            .clone()
+            .ok_or(Error::InvalidRunId { run_id: String::new(), reason: "opening a context needs its run id" })?;
+        validate_run_id(&run_id)?;
+        WorkflowContext::open_in(&self.base_dir(&file), run_id)
+    }
+}
+
+fn random_u64(near: &Path) -> Result<u64> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| Error::io("read random bytes for", near, io::Error::other(e)))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Takes the liveness lock that marks a context as in use by this handle.
+fn register_liveness(dir: &Path, token: u64) -> Result<(File, PathBuf)> {
+    let path = dir.join(PROCS_DIR).join(format!("{token:016x}"));
+    let file = fsutil::create_new(&path, "create liveness file")?;
+    file.lock().map_err(|e| Error::io("lock liveness file", &path, e))?;
+    Ok((file, path))
+}
+
+/// Whether any handle, in any process, holds the context in `dir`.
+fn is_live(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir.join(PROCS_DIR)) else { return false };
+    entries.flatten().any(|e| holder_alive(&e.path()))
+}
+
+/// Whether the handle whose liveness file is `path` is alive.
+fn holder_alive(path: &Path) -> bool {
+    match fsutil::open_rw(path, "open liveness file") {
+        Ok(f) => match f.try_lock() {
+            Ok(()) => false,
+            Err(std::fs::TryLockError::WouldBlock) => true,
+            Err(std::fs::TryLockError::Error(_)) => true,
+        },
+        Err(_) => false,
+    }
+}
+
+/// Holds the index lock: the process mutex, then the file lock, then the replica.
+struct WriteGuard<'a> {
+    replica: RwLockWriteGuard<'a, Replica>,
+    lock: MutexGuard<'a, File>,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.lock.unlock();
+    }
+}
+
+fn lock_poisoned<T>(p: std::sync::PoisonError<T>) -> T {
+    p.into_inner()
+}
+
+impl WorkflowContext {
+    /// Creates a context with the default settings (`builder().create()`).
+    ///
+    /// ```
+    /// # fn main() -> workflow_context::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # unsafe { std::env::set_var("TMPDIR", dir.path()) };
+    /// use workflow_context::WorkflowContext;
+    /// let ctx = WorkflowContext::new()?;
+    /// ctx.save("prompt", "a lighthouse at dusk")?;
+    /// assert_eq!(ctx.load::<String>("prompt")?, "a lighthouse at dusk");
+    /// # Ok(()) }
+    /// ```
+    pub fn new() -> Result<Self> {
+        Self::builder().create()
+    }
+
+    /// A builder for creating or opening a context.
+    pub fn builder() -> ContextBuilder {
+        ContextBuilder::new()
+    }
+
+    /// Attaches to the existing context `run_id` in the default contexts directory
+    /// (the original's `create=False`).
+    pub fn open(run_id: &str) -> Result<Self> {
+        Self::builder().run_id(run_id).open()
+    }
+
+    fn create_in(base: &Path, run_id: String, ram_capacity: u64) -> Result<Self> {
+        let token = random_u64(base)?;
+        let final_dir = base.join(&run_id);
+        // Build the context in a private staging directory and move it into place in one
+        // rename, so an opener never sees a half-made context.
+        let staging = base.join(format!(".staging-{run_id}-{token:016x}"));
+        fsutil::create_dir(&staging, "create context staging directory")?;
+        let built = (|| {
+            let meta = Meta::create(&staging.join(META_FILE), ram_capacity, None)?;
+            let lock = fsutil::create_new(&staging.join(LOCK_FILE), "create context lock file")?;
+            let replica = Replica::create(&staging)?;
+            fsutil::create_dir(&staging.join(PROCS_DIR), "create liveness directory")?;
+            fsutil::create_dir(&staging.join(tiers::VALUES_DIR), "create values directory")?;
+            let (live_file, _) = register_liveness(&staging, token)?;
+            Ok::<_, Error>((meta, lock, replica, live_file))
+        })();
+        let (meta, lock, mut replica, live_file) = match built {
+            Ok(parts) => parts,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&staging);
+                return Err(e);
+            }
+        };
+        let mut replaced_stale = false;
+        loop {
+            match rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &staging,
+                rustix::fs::CWD,
+                &final_dir,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => break,
+                Err(e) if (e == rustix::io::Errno::EXIST || e == rustix::io::Errno::NOTEMPTY) && !replaced_stale => {
+                    if is_live(&final_dir) {
+                        let _ = fs::remove_dir_all(&staging);
+                        return Err(Error::AlreadyExists { what: "live context", path: final_dir });
+                    }
+                    // Left behind by a crash: nobody holds it. Remove it and its segments.
+                    replaced_stale = true;
+                    if let Err(e) = remove_dead_context(&run_id, &final_dir) {
+                        let _ = fs::remove_dir_all(&staging);
+                        return Err(e);
+                    }
+                }
+                Err(e) => {
+                    let _ = fs::remove_dir_all(&staging);
+                    return Err(Error::io("move new context into place at", &final_dir, e.into()));
+                }
+            }
+        }
+        replica.moved_to(&final_dir);
+        let tiers = tiers::build(&run_id, &final_dir)?;
+        let live_path = final_dir.join(PROCS_DIR).join(format!("{token:016x}"));
+        Ok(WorkflowContext {
+            run_id,
+            dir: final_dir,
+            owner: true,
+            token,
+            meta,
+            replica: RwLock::new(replica),
+            lock_file: Mutex::new(lock),
+            tiers,
+            policy: Arc::new(RamFirst),
+            liveness: Mutex::new(Some((live_file, live_path))),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn open_in(base: &Path, run_id: String) -> Result<Self> {
+        let dir = base.join(&run_id);
+        let not_found = || Error::ContextNotFound { run_id: run_id.clone(), dir: base.to_owned() };
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::io(
+                    "open context directory",
+                    &dir,
+                    io::Error::other("not a directory (a symlink or a file is in its place)"),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+            Err(e) => return Err(Error::io("open context directory", &dir, e)),
+        }
+        let meta = match Meta::open(&dir.join(META_FILE)) {
+            Ok(m) => m,
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+            Err(e) => return Err(e),
+        };
+        if meta.state() == STATE_CLOSED {
+            return Err(Error::Closed { run_id });
+        }
+        let token = random_u64(&dir)?;
+        let (live_file, live_path) = match register_liveness(&dir, token) {
+            Ok(l) => l,
+            // The context was shut down and removed between our checks.
+            Err(_) if meta.state() == STATE_CLOSED => return Err(Error::Closed { run_id }),
+            Err(e) => return Err(e),
+        };
+        let lock = fsutil::open_rw(&dir.join(LOCK_FILE), "open context lock file")?;
+        let replica = Replica::open(&dir, &meta)?;
+        let tiers = tiers::build(&run_id, &dir)?;
+        let ctx = WorkflowContext {
+            run_id,
+            dir,
+            owner: false,
+            token,
+            meta,
+            replica: RwLock::new(replica),
+            lock_file: Mutex::new(lock),
+            tiers,
+            policy: Arc::new(RamFirst),
+            liveness: Mutex::new(Some((live_file, live_path))),
+            closed: AtomicBool::new(false),
+        };
+        let has_pending = !ctx.replica.read().unwrap_or_else(lock_poisoned).pending.is_empty();
+        if has_pending {
+            let mut g = ctx.write_lock()?;
+            ctx.recover_dead(&mut g)?;
+        }
+        Ok(ctx)
+    }
+
+    /// The run id that names this context.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// This context's directory (inside the contexts directory).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) || self.meta.state() == STATE_CLOSED {
+            return Err(Error::Closed { run_id: self.run_id.clone() });
+        }
+        Ok(())
+    }
+
+    fn write_lock(&self) -> Result<WriteGuard<'_>> {
+        self.check_open()?;
+        let lock = self.lock_file.lock().unwrap_or_else(lock_poisoned);
+        lock.lock().map_err(|e| Error::io("lock context index", self.dir.join(LOCK_FILE), e))?;
+        let replica = self.replica.write().unwrap_or_else(lock_poisoned);
+        let mut guard = WriteGuard { replica, lock };
+        // Checked again under the lock: shutdown sets the state while holding it.
+        self.check_open()?;
+        guard.replica.catch_up(&self.meta)?;
+        Ok(guard)
+    }
+
+    /// A current view of the index for reading.
+    fn read_index(&self) -> Result<RwLockReadGuard<'_, Replica>> {
+        self.check_open()?;
+        {
+            let r = self.replica.read().unwrap_or_else(lock_poisoned);
+            if r.is_current(&self.meta) {
+                return Ok(r);
+            }
+        }
+        self.replica.write().unwrap_or_else(lock_poisoned).catch_up(&self.meta)?;
+        Ok(self.replica.read().unwrap_or_else(lock_poisoned))
+    }
+
+    fn tier(&self, name: &str) -> Option<&Arc<dyn StorageTier>> {
+        self.tiers.iter().find(|t| t.name() == name)
+    }
+
+    fn has_ram_tier(&self) -> bool {
+        self.tiers.iter().any(|t| t.kind() == StorageKind::Ram)
+    }
+
+    /// Deletes pending objects whose owners died (they were being written or replaced when
+    /// their process was killed). Returns how many were cleaned.
+    fn recover_dead(&self, g: &mut WriteGuard<'_>) -> Result<usize> {
+        let mut owners: Vec<u64> = g.replica.pending.values().map(|p| p.owner).filter(|&o| o != self.token).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        let dead: Vec<u64> = owners
+            .into_iter()
+            .filter(|o| !holder_alive(&self.dir.join(PROCS_DIR).join(format!("{o:016x}"))))
+            .collect();
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let victims: Vec<Placed> =
+            g.replica.pending.values().filter(|p| dead.contains(&p.owner)).map(|p| p.at.clone()).collect();
+        let mut gone = Vec::with_capacity(victims.len());
+        for at in &victims {
+            if let Some(tier) = self.tier(&at.tier) {
+                tier.delete(&at.object_ref())?;
+            }
+            gone.push(Rec::Gone { obj: at.obj });
+        }
+        g.replica.append(&self.meta, &gone)?;
+        for o in dead {
+            let _ = fs::remove_file(self.dir.join(PROCS_DIR).join(format!("{o:016x}")));
+        }
+        Ok(victims.len())
+    }
+
+    /// The tiers that may take a record of `len` bytes, best first, after the policy's
+    /// ranking, the save options and the budgets. `own` is a pending object of this save
+    /// whose reservation is about to be replaced (not counted against the budget).
+    fn candidates(&self, r: &Replica, len: u64, opts: SaveOptions, own: Option<u64>) -> (Vec<usize>, Budget, Budget) {
+        let mut used = r.used;
+        if let Some(p) = own.and_then(|o| r.pending.get(&o)) {
+            match p.at.kind {
+                StorageKind::Ram => used.ram -= p.at.footprint,
+                StorageKind::Disk => used.disk -= p.at.footprint,
+            }
+        }
+        let ram = Budget { used: used.ram, capacity: Some(self.meta.ram_capacity()) };
+        let disk = Budget { used: used.disk, capacity: self.meta.disk_capacity() };
+        let statuses: Vec<TierStatus<'_>> = self
+            .tiers
+            .iter()
+            .map(|t| TierStatus { name: t.name(), kind: t.kind(), footprint: t.footprint(len) })
+            .collect();
+        let request = PlacementRequest { len, options: opts, tiers: &statuses, ram, disk };
+        let ranked = self.policy.rank(&request);
+        let mut seen = Vec::with_capacity(ranked.len());
+        for i in ranked {
+            let Some(t) = statuses.get(i) else { continue };
+            if seen.contains(&i) {
+                continue;
+            }
+            let allowed = match t.kind {
+                StorageKind::Ram => opts.uses_ram() && ram.fits(t.footprint),
+                StorageKind::Disk => !opts.is_ram_only() && disk.fits(t.footprint),
+            };
+            if allowed {
+                seen.push(i);
+            }
+        }
+        (seen, ram, disk)
+    }
+
+    /// Stores a record of `len` bytes under `key`, written by `put` into the tier it is
+    /// given with the object id it is given.
+    fn store(
+        &self,
+        key: &str,
+        len: u64,
+        opts: SaveOptions,
+        pass_by: PassBy,
+        flags: u8,
+        put: &mut dyn FnMut(&dyn StorageTier, ObjectId) -> Result<PutOutcome>,
+    ) -> Result<()> {
+        validate_key(key)?;
+        if opts.is_ram_only() && !opts.uses_ram() {
+            return Err(Error::InvalidOptions {
+                key: key.to_owned(),
+                reason: "ram_only(true) and use_ram(false) contradict each other",
+            });
+        }
+        let small = len <= SMALL_RECORD;
+        let mut g = Some(self.write_lock()?);
+        let id = g.as_mut().expect("locked").replica.allocate_id();
+        let mut tried: Vec<usize> = Vec::new();
+        let mut shm_refused = false;
+        let mut disk_refused = false;
+        let mut recovered = false;
+        loop {
+            let guard = match g.as_mut() {
+                Some(guard) => guard,
+                None => g.insert(self.write_lock()?),
+            };
+            let (mut cands, ram, disk) = self.candidates(&guard.replica, len, opts, Some(id));
+            cands.retain(|i| !tried.contains(i));
+            if cands.is_empty() && !recovered {
+                // Space may be held by writers that died mid-save: reclaim it and look again.
+                recovered = true;
+                if self.recover_dead(guard)? > 0 {
+                    continue;
+                }
+            }
+            let Some(&choice) = cands.first() else {
+                if guard.replica.pending.contains_key(&id) {
+                    guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
+                }
+                return Err(self.no_room(key, len, opts, ram, disk, shm_refused, disk_refused));
+            };
+            tried.push(choice);
+            let tier = Arc::clone(&self.tiers[choice]);
+            let at = Placed {
+                obj: id,
+                tier: tier.name().to_owned(),
+                kind: tier.kind(),
+                footprint: tier.footprint(len),
+                slot: context_core::ObjectRef::UNKNOWN_SLOT,
+                len,
+            };
+            guard.replica.append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }])?;
+            if !small {
+                g = None; // write large values outside the lock
+            }
+            let outcome = put(&*tier, ObjectId(id));
+            let guard = match g.as_mut() {
+                Some(guard) => guard,
+                None => match self.write_lock() {
+                    Ok(guard) => g.insert(guard),
+                    Err(e) => {
+                        // Shut down meanwhile (or the lock failed): take the object back.
+                        if let Ok(PutOutcome::Stored(r)) = outcome {
+                            let _ = tier.delete(&r);
+                        }
+                        return Err(e);
+                    }
+                },
+            };
+            match outcome {
+                Ok(PutOutcome::Stored(r)) => {
+                    let at = Placed { slot: r.slot, ..at };
+                    return self.commit(guard, key, at, pass_by, flags);
+                }
+                Ok(PutOutcome::NoSpace) => match tier.kind() {
+                    StorageKind::Ram => shm_refused = true,
+                    StorageKind::Disk => disk_refused = true,
+                },
+                Err(e) => {
+                    guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
+                    return Err(e.with_key(key));
+                }
+            }
+        }
+    }
+
+    /// Points `key` at the stored object `at`, then deletes the object it replaces.
+    fn commit(&self, g: &mut WriteGuard<'_>, key: &str, at: Placed, pass_by: PassBy, flags: u8) -> Result<()> {
+        let old = g.replica.keys.get(key).map(|e| e.at.clone());
+        g.replica.append(&self.meta, &[Rec::Put { key: key.to_owned(), at, pass_by, flags, owner: self.token }])?;
+        if let Some(old) = old {
+            self.free(g, &old, key)?;
+        }
+        g.replica.maybe_compact(&self.meta)
+    }
+
+    /// Deletes a pending object this handle owns and records that it is gone.
+    fn free(&self, g: &mut WriteGuard<'_>, at: &Placed, key: &str) -> Result<()> {
+        if let Some(tier) = self.tier(&at.tier) {
+            tier.delete(&at.object_ref()).map_err(|e| e.with_key(key))?;
+        }
+        g.replica.append(&self.meta, &[Rec::Gone { obj: at.obj }])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn no_room(
+        &self,
+        key: &str,
+        len: u64,
+        opts: SaveOptions,
+        ram: Budget,
+        disk: Budget,
+        shm_refused: bool,
+        disk_refused: bool,
+    ) -> Error {
+        let ram_need = self.tiers.iter().filter(|t| t.kind() == StorageKind::Ram).map(|t| t.footprint(len)).min();
+        let disk_need = self.tiers.iter().filter(|t| t.kind() == StorageKind::Disk).map(|t| t.footprint(len)).min();
+        let out_of_ram = || Error::OutOfRam {
+            key: key.to_owned(),
+            needed: ram_need.unwrap_or(len),
+            available: ram.available().unwrap_or(0),
+            capacity: ram.capacity.unwrap_or(0),
+            shm_full: shm_refused,
+        };
+        match disk_need {
+            Some(needed) if !opts.is_ram_only() => Error::OutOfDisk {
+                key: key.to_owned(),
+                needed,
+                available: if disk_refused && disk.fits(needed) { None } else { disk.available() },
+            },
+            _ => out_of_ram(),
+        }
+    }
+
+    /// Saves a value under `key` with the default options: RAM while the budget has room,
+    /// else disk. Overwrites atomically: readers see the old or the new value, never a mix.
+    ///
+    /// The value is encoded with postcard straight into the memory that will hold it, so
+    /// saving costs no extra copy of the value.
+    ///
+    /// ```
+    /// # fn main() -> workflow_context::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use workflow_context::WorkflowContext;
+    /// let ctx = WorkflowContext::builder().contexts_dir(dir.path()).create()?;
+    /// ctx.save("seed", &12345u64)?;
+    /// ctx.save("cfg_scale", &7.5f32)?;
+    /// assert_eq!(ctx.load::<u64>("seed")?, 12345);
+    /// # Ok(()) }
+    /// ```
+    pub fn save<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
+        self.save_with(key, value, SaveOptions::new())
+    }
+
+    /// Saves a value with explicit [`SaveOptions`].
+    ///
+    /// ```
+    /// # fn main() -> workflow_context::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use workflow_context::{SaveOptions, StorageKind, WorkflowContext};
+    /// let ctx = WorkflowContext::builder().contexts_dir(dir.path()).create()?;
+    /// ctx.save_with("dataset", &vec![0u8; 1000], SaveOptions::new().use_ram(false))?;
+    /// # #[cfg(feature = "tier-mmap")]
+    /// assert_eq!(ctx.storage_info("dataset")?.unwrap().storage_type, StorageKind::Disk);
+    /// # Ok(()) }
+    /// ```
+    pub fn save_with<T: Serialize + ?Sized>(&self, key: &str, value: &T, opts: SaveOptions) -> Result<()> {
+        validate_key(key)?;
+        let payload_len = codec::encoded_len(value, key)?;
+        let len = (HEADER_LEN + payload_len) as u64;
+        self.store(key, len, opts, PassBy::Val, FLAG_TYPED, &mut |tier, id| {
+            let mut fill = |dst: &mut [u8]| {
+                let (head, body) = dst.split_at_mut(HEADER_LEN);
+                codec::encode_into(value, body, key)?;
+                let header = RecordHeader {
+                    flags: FLAG_TYPED,
+                    payload_len: payload_len as u64,
+                    object_id: id,
+                    checksum: record::checksum(id, body),
+                };
+                head.copy_from_slice(&header.encode());
+                Ok(())
+            };
+            tier.put(NewObject { id, len, data: ObjectData::Fill(&mut fill) })
+        })
+    }
+
+    /// Saves raw bytes; [`load_bytes`](Self::load_bytes) returns exactly these bytes.
+    ///
+    /// ```
+    /// # fn main() -> workflow_context::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use workflow_context::{SaveOptions, WorkflowContext};
+    /// let ctx = WorkflowContext::builder().contexts_dir(dir.path()).create()?;
+    /// let frame = vec![128u8; 1920 * 1080 * 3];
+    /// ctx.save_bytes("frame", &frame, SaveOptions::new())?;
+    /// assert_eq!(&*ctx.load_bytes("frame")?, &frame[..]);
+    /// # Ok(()) }
+    /// ```
+    pub fn save_bytes(&self, key: &str, bytes: &[u8], opts: SaveOptions) -> Result<()> {
+        validate_key(key)?;
+        let len = (HEADER_LEN + bytes.len()) as u64;
+        let mut checked: Option<(ObjectId, [u8; HEADER_LEN])> = None;
+        self.store(key, len, opts, PassBy::Val, 0, &mut |tier, id| {
+            let header = match checked {
+                Some((for_id, h)) if for_id == id => h,
+                _ => {
+                    let h = RecordHeader {
+                        flags: 0,
+                        payload_len: bytes.len() as u64,
+                        object_id: id,
+                        checksum: record::checksum(id, bytes),
+                    }
+                    .encode();
+                    checked = Some((id, h));
+                    h
+                }
+            };
+            let parts: [&[u8]; 2] = [&header, bytes];
+            tier.put(NewObject { id, len, data: ObjectData::Parts(&parts) })
+        })
+    }
+
+    /// Loads and decodes a value saved with [`save`](Self::save).
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`]; [`Error::Codec`] if the bytes do not decode as `T` (the
+    /// value was saved as another type); [`Error::Corrupt`] if the stored bytes fail their
+    /// checks.
+    pub fn load<T: DeserializeOwned>(&self, key: &str) -> Result<T> {
+        let (_, record) = self.load_record(key)?;
+        codec::decode(&record[HEADER_LEN..], key)
+    }
+
+    /// Loads a value's bytes: for RAM and disk values above 64 KiB a zero-copy view of the
+    /// shared memory or mapped file, which stays valid even if the value is overwritten
+    /// or removed meanwhile.
+    ///
+    /// The bytes are checked (length and checksum) the first time this handle reads the
+    /// object; objects never change after they are written, so later loads of the same
+    /// object cost O(1).
+    pub fn load_bytes(&self, key: &str) -> Result<Payload> {
+        let (_, record) = self.load_record(key)?;
+        Ok(record.slice(HEADER_LEN..record.len()))
+    }
+
+    /// Reads and checks the record `key` points to.
+    fn load_record(&self, key: &str) -> Result<(Entry, Payload)> {
+        validate_key(key)?;
+        let mut last_problem = String::new();
+        for _attempt in 0..16 {
+            let entry = {
+                let r = self.read_index()?;
+                let Some(entry) = r.keys.get(key) else {
+                    return Err(Error::KeyNotFound { key: key.to_owned() });
+                };
+                if let Some(view) = r.views.lock().unwrap_or_else(lock_poisoned).get(&entry.at.obj) {
+                    return Ok((entry.clone(), view.clone()));
+                }
+                entry.clone()
+            };
+            let tier = self
+                .tier(&entry.at.tier)
+                .ok_or_else(|| Error::TierUnavailable { key: key.to_owned(), tier: entry.at.tier.clone() })?;
+            let problem = match tier.get(&entry.at.object_ref()).map_err(|e| e.with_key(key))? {
+                None => "its object is missing".to_owned(),
+                Some(rec) => match record::check(&rec, ObjectId(entry.at.obj), true) {
+                    Ok(_) => {
+                        if rec.len() >= VIEW_CACHE_MIN {
+                            self.remember_view(key, &entry, &rec)?;
+                        }
+                        return Ok((entry, rec));
+                    }
+                    Err(detail) => detail,
+                },
+            };
+            // The object may have been replaced between reading the index and the tier:
+            // if the key now points elsewhere, read again; if not, the damage is real.
+            let r = self.read_index()?;
+            match r.keys.get(key) {
+                Some(now) if now.at.obj == entry.at.obj => {
+                    let loc = tier.locate(&entry.at.object_ref());
+                    let what = loc
+                        .shm_name
+                        .or_else(|| loc.path.map(|p| p.display().to_string()))
+                        .unwrap_or_else(|| format!("object {} in tier {}", ObjectId(entry.at.obj), entry.at.tier));
+                    return Err(Error::Corrupt { what, key: Some(key.to_owned()), detail: problem });
+                }
+                Some(_) => last_problem = problem,
+                None => return Err(Error::KeyNotFound { key: key.to_owned() }),
+            }
+        }
+        Err(Error::Corrupt {
+            what: format!("key index of {}", self.run_id),
+            key: Some(key.to_owned()),
+            detail: format!("the value kept changing while being read; last: {last_problem}"),
+        })
+    }
+
+    fn remember_view(&self, key: &str, entry: &Entry, rec: &Payload) -> Result<()> {
+        // Under the read lock, so a concurrent catch-up cannot drop the object in between.
+        let r = self.read_index()?;
+        if r.keys.get(key).is_some_and(|now| now.at.obj == entry.at.obj) {
+            let mut views = r.views.lock().unwrap_or_else(lock_poisoned);
+            if views.len() >= VIEW_CACHE_MAX {
+                views.clear();
+            }
+            views.insert(entry.at.obj, rec.clone());
+        }
+        Ok(())
+    }
+
+    /// Whether a value is stored under `key`.
+    pub fn contains(&self, key: &str) -> Result<bool> {
+        validate_key(key)?;
+        Ok(self.read_index()?.keys.contains_key(key))
+    }
+
+    /// Removes a value and frees its storage. Returns whether it existed.
+    pub fn remove(&self, key: &str) -> Result<bool> {
+        validate_key(key)?;
+        let mut g = self.write_lock()?;
+        let Some(entry) = g.replica.keys.get(key).cloned() else { return Ok(false) };
+        self.remove_entry(&mut g, key, &entry)?;
+        Ok(true)
+    }
+
+    fn remove_entry(&self, g: &mut WriteGuard<'_>, key: &str, entry: &Entry) -> Result<()> {
+        g.replica.append(&self.meta, &[Rec::Remove { key: key.to_owned(), obj: entry.at.obj, owner: self.token }])?;
+        self.free(g, &entry.at, key)?;
+        g.replica.maybe_compact(&self.meta)
+    }
+
+    /// Where and how `key`'s value is stored, or `None` if there is no such key (the
+    /// original's `get_storage_info`).
+    pub fn storage_info(&self, key: &str) -> Result<Option<StorageInfo>> {
+        validate_key(key)?;
+        let Some(entry) = self.read_index()?.keys.get(key).cloned() else { return Ok(None) };
+        let size = entry.at.len.saturating_sub(HEADER_LEN as u64);
+        let info = StorageInfo::new(entry.at.kind, entry.at.tier.clone(), size, entry.pass_by);
+        Ok(Some(match self.tier(&entry.at.tier) {
+            Some(t) => {
+                let loc = t.locate(&entry.at.object_ref());
+                info.with_shm_name(loc.shm_name).with_path(loc.path)
+            }
+            None => info,
+        }))
+    }
+
+    /// Every key, sorted.
+    pub fn list_keys(&self) -> Result<Vec<String>> {
+        let mut keys: Vec<String> = self.read_index()?.keys.keys().cloned().collect();
+        keys.sort_unstable();
+        Ok(keys)
+    }
+
+    /// What the context holds, counted for all attached processes together (the
+    /// original's `get_usage`). Values being written or replaced count too: their space is
+    /// taken.
+    pub fn usage(&self) -> Result<Usage> {
+        let r = self.read_index()?;
+        let capacity = if self.has_ram_tier() { self.meta.ram_capacity() } else { 0 };
+        Ok(Usage::new(r.used.ram, capacity, r.used.disk, r.keys.len()))
+    }
+
+    /// Makes a value permanent: writes it to `dest` as a self-describing, checksummed file
+    /// (read it back with [`crate::read_exported`] or [`crate::read_exported_bytes`]), then
+    /// removes it from the context.
+    ///
+    /// The file is written atomically (a temporary file in the destination directory,
+    /// fsync, rename); missing parent directories are created. If anything fails, the
+    /// value stays in the context.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`]; [`Error::AlreadyExists`] if `dest` exists and `overwrite` is
+    /// false; [`Error::NotExportable`] for a value stored by reference; [`Error::Io`].
+    pub fn export_data(&self, key: &str, dest: impl AsRef<Path>, overwrite: bool) -> Result<()> {
+        let dest = dest.as_ref();
+        let (entry, record) = self.load_record(key)?;
+        if entry.pass_by == PassBy::Ref {
+            return Err(Error::NotExportable {
+                key: key.to_owned(),
+                reason: "it is stored by reference (a recipe), not by value".into(),
+            });
+        }
+        export::write(dest, key, u16::from(entry.flags), &record[HEADER_LEN..], overwrite).map_err(|e| e.with_key(key))?;
+        // Remove the key only if it still holds what was exported: a concurrent overwrite wins.
+        let mut g = self.write_lock()?;
+        if let Some(now) = g.replica.keys.get(key).cloned().filter(|now| now.at.obj == entry.at.obj) {
+            self.remove_entry(&mut g, key, &now)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the context for every process: removes every value, segment and file and the
+    /// context's directory. Idempotent; afterwards every call on any handle returns
+    /// [`Error::Closed`].
+    pub fn shutdown(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if self.meta.state() == STATE_CLOSED {
+            self.release_liveness();
+            return Ok(());
+        }
+        let lock = self.lock_file.lock().unwrap_or_else(lock_poisoned);
+        let locked = lock.lock();
+        let already = self.meta.state() == STATE_CLOSED;
+        self.meta.set_state(STATE_CLOSED);
+        let mut first_err = locked.err().map(|e| Error::io("lock context index", self.dir.join(LOCK_FILE), e));
+        if !already {
+            for tier in &self.tiers {
+                if let Err(e) = tier.destroy() {
+                    first_err.get_or_insert(e);
+                }
+            }
+            self.replica.write().unwrap_or_else(lock_poisoned).views.lock().unwrap_or_else(lock_poisoned).clear();
+            if let Err(e) = fs::remove_dir_all(&self.dir) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    first_err.get_or_insert(Error::io("remove context directory", &self.dir, e));
+                }
+            }
+        }
+        let _ = lock.unlock();
+        drop(lock);
+        self.release_liveness();
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn release_liveness(&self) {
+        if let Some((file, path)) = self.liveness.lock().unwrap_or_else(lock_poisoned).take() {
+            let _ = fs::remove_file(&path);
+            drop(file);
+        }
+    }
+}
+
+/// Removes a context that no process holds: its segments, files and directory.
+fn remove_dead_context(run_id: &str, dir: &Path) -> Result<()> {
+    if let Ok(meta) = Meta::open(&dir.join(META_FILE)) {
+        meta.set_state(STATE_CLOSED);
+    }
+    for tier in tiers::build(run_id, dir)? {
+        tier.destroy()?;
+    }
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove dead context", dir, e)),
+    }
+}
+
+impl Drop for WorkflowContext {
+    fn drop(&mut self) {
+        if self.owner {
+            let _ = self.shutdown();
+        } else {
+            self.release_liveness();
+        }
+    }
+}
+

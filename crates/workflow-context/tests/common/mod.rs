@@ -1,0 +1,76 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use workflow_context::{ContextBuilder, WorkflowContext};
+
+/// A fresh contexts directory, removed when dropped.
+pub fn base() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("wfctx-test-").tempdir().expect("tempdir")
+}
+
+/// A run id unique across the parallel test processes.
+pub fn run_id(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn builder(base: &Path) -> ContextBuilder {
+    WorkflowContext::builder().contexts_dir(base)
+}
+
+/// Names in /dev/shm that belong to `run_id`.
+pub fn shm_segments(run_id: &str) -> Vec<String> {
+    let prefix = format!("wfctx.{run_id}.");
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every path below `dir`, relative.
+pub fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            for e in entries.flatten() {
+                let p = e.path();
+                out.push(p.strip_prefix(dir).unwrap().to_owned());
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Runs this test binary again as a child that executes `role` (see `child_main` in the
+/// test files), with `env` set. The child test is `#[ignore]`d so it only runs this way.
+pub fn run_child(entry: &str, role: &str, env: &[(&str, &str)]) -> Output {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", entry, "--ignored", "--nocapture", "--test-threads=1"]).env("WFCTX_CHILD_ROLE", role);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("spawn child")
+}
+
+pub fn assert_child_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "child failed: {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1 passed"), "the child test did not run:\n{stdout}");
+}

@@ -1,0 +1,563 @@
+//! Behaviour of one context in one process: values, keys, budgets, export, lifecycle.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use common::{base, builder, run_id, shm_segments, tree};
+use serde::{Deserialize, Serialize};
+#[cfg(feature = "tier-shm")]
+use workflow_context::StorageKind;
+use workflow_context::{Error, PassBy, SaveOptions, WorkflowContext, read_exported, read_exported_bytes};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Params {
+    prompt: String,
+    seed: u64,
+    cfg: f32,
+    steps: Vec<u16>,
+    extra: BTreeMap<String, Option<i64>>,
+}
+
+fn params() -> Params {
+    Params {
+        prompt: "a lighthouse at dusk".into(),
+        seed: 12345,
+        cfg: 7.5,
+        steps: (0..30).collect(),
+        extra: [("clip_skip".to_string(), Some(-2)), ("none".to_string(), None)].into(),
+    }
+}
+
+#[test]
+fn typed_values_round_trip() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save("params", &params()).unwrap();
+    ctx.save("prompt", "a string slice").unwrap();
+    ctx.save("n", &42i32).unwrap();
+    ctx.save("unit", &()).unwrap();
+    assert_eq!(ctx.load::<Params>("params").unwrap(), params());
+    assert_eq!(ctx.load::<String>("prompt").unwrap(), "a string slice");
+    assert_eq!(ctx.load::<i32>("n").unwrap(), 42);
+    ctx.load::<()>("unit").unwrap();
+    assert_eq!(&*ctx.load_bytes("n").unwrap(), &postcard::to_stdvec(&42i32).unwrap()[..], "load_bytes is the postcard encoding");
+}
+
+#[test]
+fn bytes_round_trip_exactly_at_every_size() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    for (i, len) in [0usize, 1, 31, 32, 4064, 4065, 65_536, 65_537, 6 << 20].into_iter().enumerate() {
+        let bytes: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
+        for opts in [SaveOptions::new(), SaveOptions::new().use_ram(false)] {
+            let key = format!("v{len}-{}", opts.uses_ram());
+            ctx.save_bytes(&key, &bytes, opts).unwrap();
+            assert_eq!(&*ctx.load_bytes(&key).unwrap(), &bytes[..], "{key}");
+            assert_eq!(ctx.storage_info(&key).unwrap().unwrap().size, len as u64);
+        }
+    }
+}
+
+#[test]
+fn wrong_type_is_a_codec_error_naming_the_key() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save("p", &params()).unwrap();
+    match ctx.load::<u8>("p") {
+        Err(Error::Codec { key, op, .. }) => assert_eq!((key.as_str(), op), ("p", "decode")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ctx.load::<Params>("p").unwrap(), params(), "a failed load changes nothing");
+}
+
+#[test]
+fn missing_keys() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    assert!(matches!(ctx.load::<u8>("nope"), Err(Error::KeyNotFound { key }) if key == "nope"));
+    assert!(matches!(ctx.load_bytes("nope"), Err(Error::KeyNotFound { .. })));
+    assert!(!ctx.contains("nope").unwrap());
+    assert!(!ctx.remove("nope").unwrap());
+    assert_eq!(ctx.storage_info("nope").unwrap(), None);
+    assert!(matches!(ctx.export_data("nope", b.path().join("x"), false), Err(Error::KeyNotFound { .. })));
+}
+
+#[test]
+fn keys_never_become_paths() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let long = "k".repeat(4096);
+    let keys = ["../x", "../../etc/passwd", "a/b", "/abs", "ключ 🔑", "\0nul", ".", "..", long.as_str()];
+    for (i, k) in keys.iter().enumerate() {
+        ctx.save(k, &i).unwrap();
+        ctx.save_bytes(&format!("{i}#disk"), &[i as u8; 100_000], SaveOptions::new().use_ram(false)).unwrap();
+    }
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(ctx.load::<usize>(k).unwrap(), i, "{k:?}");
+    }
+    let mut listed = ctx.list_keys().unwrap();
+    listed.retain(|k| !k.ends_with("#disk"));
+    let mut expected: Vec<String> = keys.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+    // Nothing was created outside the context directory, and nothing inside it is named after a key.
+    let top: Vec<_> = fs::read_dir(b.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(top, vec![std::ffi::OsString::from(ctx.run_id())]);
+    for p in tree(ctx.dir()) {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let hex = |s: &str| s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit());
+        let known = ["meta", "lock", "procs", "values"].contains(&name.as_str())
+            || name.strip_prefix("journal.").is_some_and(|g| g.parse::<u16>().is_ok())
+            || hex(&name)
+            || name.strip_suffix(".val").is_some_and(hex);
+        assert!(known, "unexpected file {}", p.display());
+    }
+    for bad in ["", &"k".repeat(4097)] {
+        assert!(matches!(ctx.save(bad, &1), Err(Error::InvalidKey { .. })));
+        assert!(matches!(ctx.load::<u8>(bad), Err(Error::InvalidKey { .. })));
+        assert!(matches!(ctx.remove(bad), Err(Error::InvalidKey { .. })));
+    }
+}
+
+#[test]
+fn run_ids() {
+    let b = base();
+    for bad in ["", "a/b", "..", "../x", "a b", "é", &"x".repeat(65)] {
+        assert!(matches!(builder(b.path()).run_id(bad).create(), Err(Error::InvalidRunId { .. })), "{bad:?}");
+        assert!(matches!(builder(b.path()).run_id(bad).open(), Err(Error::InvalidRunId { .. })), "{bad:?}");
+    }
+    let ids: std::collections::HashSet<String> =
+        (0..50).map(|_| builder(b.path()).create().unwrap().run_id().to_owned()).collect();
+    assert_eq!(ids.len(), 50, "generated run ids are unique");
+    assert!(ids.iter().all(|id| id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit())));
+    assert!(fs::read_dir(b.path()).unwrap().next().is_none(), "dropped contexts leave nothing");
+}
+
+#[cfg(all(feature = "tier-shm", feature = "tier-mmap"))]
+#[test]
+fn ram_first_then_disk_within_the_budget() {
+    let b = base();
+    let ctx = builder(b.path()).max_ram_bytes(1 << 20).create().unwrap();
+    ctx.save_bytes("a", &[1u8; 600 << 10], SaveOptions::new()).unwrap();
+    ctx.save_bytes("b", &[2u8; 600 << 10], SaveOptions::new()).unwrap();
+    let a = ctx.storage_info("a").unwrap().unwrap();
+    let bi = ctx.storage_info("b").unwrap().unwrap();
+    assert_eq!((a.storage_type, a.tier.as_str()), (StorageKind::Ram, "shm"));
+    assert!(a.shm_name.as_deref().unwrap().starts_with(&format!("/wfctx.{}.", ctx.run_id())));
+    assert_eq!((bi.storage_type, bi.tier.as_str()), (StorageKind::Disk, "mmap"), "over budget: spilled");
+    assert!(bi.path.as_ref().unwrap().starts_with(ctx.dir()));
+    let u = ctx.usage().unwrap();
+    assert_eq!(u.ram_capacity_bytes, 1 << 20);
+    assert!(u.ram_usage_bytes >= 600 << 10 && u.ram_usage_bytes <= 1 << 20, "{u:?}");
+    assert!(u.temp_disk_usage_bytes >= 600 << 10, "{u:?}");
+    assert_eq!(u.stored_keys_count, 2);
+
+    // ram_only refuses instead of falling back, and stores nothing.
+    let before = ctx.usage().unwrap();
+    match ctx.save_bytes("c", &[3u8; 600 << 10], SaveOptions::new().ram_only(true)) {
+        Err(Error::OutOfRam { key, needed, capacity, .. }) => {
+            assert_eq!(key, "c");
+            assert!(needed >= 600 << 10);
+            assert_eq!(capacity, 1 << 20);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!ctx.contains("c").unwrap());
+    assert_eq!(ctx.usage().unwrap(), before);
+    // use_ram(false) goes to disk even with room in RAM.
+    ctx.save_bytes("d", &[4u8; 10], SaveOptions::new().use_ram(false)).unwrap();
+    assert_eq!(ctx.storage_info("d").unwrap().unwrap().storage_type, StorageKind::Disk);
+    assert!(matches!(
+        ctx.save_bytes("e", b"x", SaveOptions::new().use_ram(false).ram_only(true)),
+        Err(Error::InvalidOptions { .. })
+    ));
+    // Freeing RAM makes room again.
+    assert!(ctx.remove("a").unwrap());
+    ctx.save_bytes("c", &[3u8; 600 << 10], SaveOptions::new().ram_only(true)).unwrap();
+    assert_eq!(&*ctx.load_bytes("c").unwrap(), &[3u8; 600 << 10][..]);
+}
+
+#[cfg(feature = "tier-shm")]
+#[test]
+fn overwrite_frees_the_old_storage() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let run = ctx.run_id().to_owned();
+    ctx.save_bytes("img", &[1u8; 1 << 20], SaveOptions::new()).unwrap();
+    let first = ctx.storage_info("img").unwrap().unwrap().shm_name.unwrap();
+    let held = ctx.load_bytes("img").unwrap();
+    ctx.save_bytes("img", &[2u8; 2 << 20], SaveOptions::new()).unwrap();
+    let second = ctx.storage_info("img").unwrap().unwrap().shm_name.unwrap();
+    assert_ne!(first, second);
+    assert!(!shm_segments(&run).iter().any(|s| format!("/{s}") == first), "old segment unlinked");
+    assert!(held.iter().all(|&x| x == 1), "a held view keeps the old bytes");
+    assert_eq!(ctx.usage().unwrap().ram_usage_bytes, (2 << 20) + 4096, "only the new value counts");
+    assert!(ctx.remove("img").unwrap());
+    assert_eq!(ctx.usage().unwrap().ram_usage_bytes, 0);
+    assert!(shm_segments(&run).iter().all(|s| s.contains(".a")), "only small-value arenas remain: {:?}", shm_segments(&run));
+}
+
+#[test]
+fn storage_info_and_usage_agree() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save("s", "small").unwrap();
+    ctx.save_bytes("big", &vec![9u8; 300_000], SaveOptions::new()).unwrap();
+    let s = ctx.storage_info("s").unwrap().unwrap();
+    assert_eq!(s.size, postcard::to_stdvec("small").unwrap().len() as u64);
+    assert_eq!(s.pass_by, PassBy::Val);
+    let u = ctx.usage().unwrap();
+    assert_eq!(u.stored_keys_count, 2);
+    assert!(u.ram_usage_bytes + u.temp_disk_usage_bytes >= 300_000);
+    assert!((u.ram_usage_gb() * (1u64 << 30) as f64 - u.ram_usage_bytes as f64).abs() < 1.0);
+    ctx.remove("s").unwrap();
+    ctx.remove("big").unwrap();
+    let u = ctx.usage().unwrap();
+    assert_eq!((u.ram_usage_bytes, u.temp_disk_usage_bytes, u.stored_keys_count), (0, 0, 0));
+}
+
+#[test]
+fn export_moves_the_value_out() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save("params", &params()).unwrap();
+    ctx.save_bytes("raw", &[5u8; 100_000], SaveOptions::new().use_ram(false)).unwrap();
+    let out = b.path().join("results/nested/params.wfx");
+    ctx.export_data("params", &out, false).unwrap();
+    assert!(!ctx.contains("params").unwrap());
+    assert_eq!(read_exported::<Params>(&out).unwrap(), params());
+    assert_eq!(fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+    ctx.export_data("raw", b.path().join("raw.wfx"), false).unwrap();
+    assert_eq!(read_exported_bytes(b.path().join("raw.wfx")).unwrap(), vec![5u8; 100_000]);
+    assert_eq!(ctx.usage().unwrap().stored_keys_count, 0);
+    assert_eq!(ctx.usage().unwrap().temp_disk_usage_bytes, 0);
+}
+
+#[test]
+fn failed_export_keeps_the_value() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save("v", &params()).unwrap();
+    let dest = b.path().join("taken.wfx");
+    fs::write(&dest, b"someone else's file").unwrap();
+    assert!(matches!(ctx.export_data("v", &dest, false), Err(Error::AlreadyExists { .. })));
+    assert_eq!(fs::read(&dest).unwrap(), b"someone else's file");
+    assert_eq!(ctx.load::<Params>("v").unwrap(), params(), "the value stays");
+    // A destination whose parent is a file cannot be created.
+    assert!(matches!(ctx.export_data("v", dest.join("under-a-file"), false), Err(Error::Io { .. })));
+    assert_eq!(ctx.load::<Params>("v").unwrap(), params());
+    // overwrite = true replaces it.
+    ctx.export_data("v", &dest, true).unwrap();
+    assert_eq!(read_exported::<Params>(&dest).unwrap(), params());
+    // Damaged or foreign files read back as Corrupt.
+    let mut bytes = fs::read(&dest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&dest, &bytes).unwrap();
+    assert!(matches!(read_exported::<Params>(&dest), Err(Error::Corrupt { .. })));
+    fs::write(&dest, b"not an export").unwrap();
+    assert!(matches!(read_exported_bytes(&dest), Err(Error::Corrupt { .. })));
+    assert!(matches!(read_exported_bytes(b.path().join("missing")), Err(Error::Io { .. })));
+}
+
+#[test]
+fn export_accepts_relative_paths() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save("v", &1u8).unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    // Relative to the current directory, like any path.
+    let rel = std::path::PathBuf::from(format!("target/wfctx-rel-{}/v.wfx", ctx.run_id()));
+    ctx.export_data("v", &rel, false).unwrap();
+    assert_eq!(read_exported::<u8>(cwd.join(&rel)).unwrap(), 1);
+    fs::remove_dir_all(cwd.join(rel.parent().unwrap())).unwrap();
+}
+
+#[test]
+fn damaged_values_load_as_corrupt() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save_bytes("disk", &[7u8; 200_000], SaveOptions::new().use_ram(false)).unwrap();
+    ctx.save_bytes("small", &[7u8; 1000], SaveOptions::new().use_ram(false)).unwrap();
+    for key in ["disk", "small"] {
+        let path = ctx.storage_info(key).unwrap().unwrap().path.unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[500] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        match ctx.load_bytes(key) {
+            Err(Error::Corrupt { key: Some(k), what, .. }) => {
+                assert_eq!(k, key);
+                assert!(what.contains(".val"), "{what}");
+            }
+            other => panic!("{key}: {other:?}"),
+        }
+        // Truncated.
+        fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(matches!(ctx.load_bytes(key), Err(Error::Corrupt { .. })), "{key}");
+        // Overwriting a damaged value works and heals it.
+        ctx.save_bytes(key, b"fresh", SaveOptions::new()).unwrap();
+        assert_eq!(&*ctx.load_bytes(key).unwrap(), b"fresh");
+    }
+}
+
+#[cfg(feature = "tier-shm")]
+#[test]
+fn damaged_shared_memory_loads_as_corrupt() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save_bytes("big", &[1u8; 100_000], SaveOptions::new()).unwrap();
+    ctx.save_bytes("small", &[1u8; 100], SaveOptions::new()).unwrap();
+    let seg = ctx.storage_info("big").unwrap().unwrap().shm_name.unwrap();
+    let path = format!("/dev/shm{seg}");
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[1000] ^= 1;
+    fs::write(&path, &bytes).unwrap();
+    assert!(matches!(ctx.load_bytes("big"), Err(Error::Corrupt { .. })));
+    assert_eq!(&*ctx.load_bytes("small").unwrap(), &[1u8; 100][..], "other values are untouched");
+}
+
+#[test]
+fn shutdown_removes_everything_and_closes_every_handle() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let run = ctx.run_id().to_owned();
+    let other = builder(b.path()).run_id(&run).open().unwrap();
+    ctx.save_bytes("ram", &[1u8; 100_000], SaveOptions::new()).unwrap();
+    ctx.save_bytes("disk", &[1u8; 100_000], SaveOptions::new().use_ram(false)).unwrap();
+    ctx.save("small", &1u8).unwrap();
+    other.shutdown().unwrap();
+    other.shutdown().unwrap();
+    assert!(!ctx.dir().exists());
+    assert!(shm_segments(&run).is_empty(), "{:?}", shm_segments(&run));
+    for r in [ctx.load::<u8>("small").map(|_| ()), ctx.save("x", &1).map(|_| ()), ctx.usage().map(|_| ()), other.list_keys().map(|_| ())]
+    {
+        assert!(matches!(r, Err(Error::Closed { ref run_id }) if *run_id == run), "{r:?}");
+    }
+    ctx.shutdown().unwrap();
+    assert!(matches!(builder(b.path()).run_id(&run).open(), Err(Error::ContextNotFound { .. })));
+}
+
+#[test]
+fn dropping_the_creator_cleans_up_and_dropping_an_opener_does_not() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let run = ctx.run_id().to_owned();
+    ctx.save_bytes("v", &[1u8; 100_000], SaveOptions::new()).unwrap();
+    {
+        let opener = WorkflowContext::builder().contexts_dir(b.path()).run_id(&run).open().unwrap();
+        assert_eq!(opener.list_keys().unwrap(), vec!["v"]);
+    }
+    assert_eq!(&*ctx.load_bytes("v").unwrap(), &[1u8; 100_000][..]);
+    let dir = ctx.dir().to_owned();
+    drop(ctx);
+    assert!(!dir.exists());
+    assert!(shm_segments(&run).is_empty());
+}
+
+#[test]
+fn creating_over_a_live_run_id_never_wipes_it() {
+    let b = base();
+    let ctx = builder(b.path()).run_id("shared-run").create().unwrap();
+    ctx.save("keep", &"me").unwrap();
+    match builder(b.path()).run_id("shared-run").create() {
+        Err(Error::AlreadyExists { path, .. }) => assert_eq!(path, ctx.dir()),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ctx.load::<String>("keep").unwrap(), "me");
+    assert!(fs::read_dir(b.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".staging")));
+}
+
+#[test]
+fn open_errors() {
+    let b = base();
+    assert!(matches!(builder(b.path()).run_id("absent").open(), Err(Error::ContextNotFound { run_id, .. }) if run_id == "absent"));
+    assert!(matches!(builder(b.path()).open(), Err(Error::InvalidRunId { .. })));
+    fs::create_dir(b.path().join("notactx")).unwrap();
+    assert!(matches!(builder(b.path()).run_id("notactx").open(), Err(Error::ContextNotFound { .. })));
+}
+
+#[test]
+fn files_and_directories_are_private() {
+    let b = base();
+    let ctx = builder(&b.path().join("contexts")).create().unwrap();
+    ctx.save_bytes("disk", &[1u8; 70_000], SaveOptions::new().use_ram(false)).unwrap();
+    ctx.save_bytes("ram", &[1u8; 70_000], SaveOptions::new()).unwrap();
+    assert_eq!(fs::metadata(b.path().join("contexts")).unwrap().permissions().mode() & 0o777, 0o700);
+    for p in tree(ctx.dir()) {
+        let m = fs::symlink_metadata(ctx.dir().join(&p)).unwrap();
+        let want = if m.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(m.permissions().mode() & 0o777, want, "{}", p.display());
+    }
+    for s in shm_segments(ctx.run_id()) {
+        assert_eq!(fs::metadata(format!("/dev/shm/{s}")).unwrap().permissions().mode() & 0o777, 0o600, "{s}");
+    }
+}
+
+#[test]
+fn an_unsafe_contexts_dir_is_refused() {
+    let b = base();
+    let open_dir = b.path().join("world-writable");
+    fs::create_dir(&open_dir).unwrap();
+    fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o777)).unwrap();
+    assert!(matches!(builder(&open_dir).create(), Err(Error::Io { .. })));
+    let link = b.path().join("link");
+    std::os::unix::fs::symlink(b.path(), &link).unwrap();
+    assert!(matches!(builder(&link).create(), Err(Error::Io { .. })));
+}
+
+#[test]
+fn config_file_sets_the_budget_and_builder_wins() {
+    let b = base();
+    let cfg = b.path().join("cfg.json");
+    fs::write(&cfg, "{\n  // two gigabytes at most\n  \"MAX_RAM_GB\": 2, /* and */ \"MAX_RAM_PERCENT\": 100\n}").unwrap();
+    let ctx = builder(b.path()).config_path(&cfg).create().unwrap();
+    let cap = ctx.usage().unwrap().ram_capacity_bytes;
+    if cfg!(feature = "tier-shm") {
+        assert_eq!(cap, 2 << 30);
+    }
+    let ctx2 = builder(b.path()).config_path(&cfg).max_ram_gb(0.5).create().unwrap();
+    if cfg!(feature = "tier-shm") {
+        assert_eq!(ctx2.usage().unwrap().ram_capacity_bytes, 1 << 29, "the builder wins over the file");
+    }
+    // An opener uses the context's budget, whatever its own configuration says.
+    let opener = builder(b.path()).max_ram_bytes(1).run_id(ctx2.run_id()).open().unwrap();
+    assert_eq!(opener.usage().unwrap().ram_capacity_bytes, ctx2.usage().unwrap().ram_capacity_bytes);
+
+    fs::write(&cfg, r#"{"MAX_RAM_PERCENT": 150}"#).unwrap();
+    match builder(b.path()).config_path(&cfg).create() {
+        Err(Error::Config { source_name, key, .. }) => {
+            assert_eq!(source_name, cfg.display().to_string());
+            assert_eq!(key.as_deref(), Some("MAX_RAM_PERCENT"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(builder(b.path()).config_path(b.path().join("missing.json")).create(), Err(Error::Config { .. })));
+    assert!(matches!(builder(b.path()).max_ram_gb(-1.0).create(), Err(Error::Config { .. })));
+    assert!(matches!(builder(b.path()).max_ram_gb(f64::NAN).create(), Err(Error::Config { .. })));
+}
+
+#[test]
+fn contexts_dir_name_from_the_config_file() {
+    let b = base();
+    let cfg = b.path().join("cfg.json");
+    let name = format!("wfctx-cfg-test-{}", run_id("d"));
+    fs::write(&cfg, format!(r#"{{"CONTEXTS_DIR_NAME": "{name}"}}"#)).unwrap();
+    let ctx = WorkflowContext::builder().config_path(&cfg).create().unwrap();
+    assert_eq!(ctx.dir().parent().unwrap(), std::env::temp_dir().join(&name));
+    let opener = WorkflowContext::builder().config_path(&cfg).run_id(ctx.run_id()).open().unwrap();
+    drop(opener);
+    drop(ctx);
+    fs::remove_dir(std::env::temp_dir().join(&name)).unwrap();
+}
+
+#[test]
+fn many_threads_lose_nothing() {
+    let b = base();
+    let ctx = builder(b.path()).max_ram_bytes(4 << 20).create().unwrap();
+    let threads = 8;
+    let per = 300;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let ctx = &ctx;
+            s.spawn(move || {
+                for i in 0..per {
+                    let len = [10usize, 3000, 70_000, 300_000][i % 4];
+                    ctx.save_bytes(&format!("t{t}-{i}"), &vec![(t * 31 + i) as u8; len], SaveOptions::new()).unwrap();
+                    // Everyone also fights over a few shared keys.
+                    ctx.save(&format!("shared-{}", i % 5), &(t, i)).unwrap();
+                    if i % 7 == 0 {
+                        assert!(ctx.remove(&format!("t{t}-{i}")).unwrap());
+                    }
+                }
+            });
+        }
+    });
+    let mut expect = 0;
+    for t in 0..threads {
+        for i in 0..per {
+            let key = format!("t{t}-{i}");
+            if i % 7 == 0 {
+                assert!(!ctx.contains(&key).unwrap());
+                continue;
+            }
+            expect += 1;
+            let len = [10usize, 3000, 70_000, 300_000][i % 4];
+            assert_eq!(&*ctx.load_bytes(&key).unwrap(), &vec![(t * 31 + i) as u8; len][..], "{key}");
+        }
+    }
+    for k in 0..5 {
+        let (_, i): (usize, usize) = ctx.load(&format!("shared-{k}")).unwrap();
+        assert_eq!(i % 5, k);
+    }
+    let u = ctx.usage().unwrap();
+    assert_eq!(u.stored_keys_count, expect + 5);
+    assert!(u.ram_usage_bytes <= 4 << 20, "the budget held: {u:?}");
+    for k in ctx.list_keys().unwrap() {
+        ctx.remove(&k).unwrap();
+    }
+    let u = ctx.usage().unwrap();
+    assert_eq!((u.ram_usage_bytes, u.temp_disk_usage_bytes), (0, 0), "nothing leaked");
+}
+
+#[test]
+fn overwrites_are_atomic_for_readers() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let sizes = [100usize, 5000, 200_000];
+    for (k, len) in sizes.iter().enumerate() {
+        ctx.save_bytes(&format!("k{k}"), &vec![0u8; *len], SaveOptions::new().use_ram(k != 1)).unwrap();
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (k, len) in sizes.iter().enumerate() {
+                    let v = ctx.load_bytes(&format!("k{k}")).unwrap();
+                    assert_eq!(v.len(), *len);
+                    assert!(v.iter().all(|&x| x == v[0]), "a torn read of k{k}");
+                    reads += 1;
+                }
+            }
+            reads
+        });
+        for round in 1..=200u32 {
+            for (k, len) in sizes.iter().enumerate() {
+                ctx.save_bytes(&format!("k{k}"), &vec![round as u8; *len], SaveOptions::new().use_ram(k != 1)).unwrap();
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    });
+}
+
+#[test]
+fn index_survives_compaction() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let other = builder(b.path()).run_id(ctx.run_id()).open().unwrap();
+    // Enough overwrites to make the journal compact several times.
+    for i in 0..30_000u32 {
+        ctx.save(&format!("k{}", i % 50), &i).unwrap();
+        if i % 7_000 == 0 {
+            assert_eq!(other.load::<u32>(&format!("k{}", i % 50)).unwrap(), i);
+        }
+    }
+    for k in 0..50u32 {
+        let v: u32 = other.load(&format!("k{k}")).unwrap();
+        assert_eq!(v % 50, k);
+        assert!(v >= 30_000 - 50);
+    }
+    let journals: Vec<_> = fs::read_dir(ctx.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("journal."))
+        .collect();
+    assert_eq!(journals.len(), 1, "old journals are removed: {journals:?}");
+    assert_ne!(journals[0], "journal.0", "the journal was compacted");
+    assert!(fs::metadata(ctx.dir().join(&journals[0])).unwrap().len() < 4 << 20);
+    assert_eq!(other.usage().unwrap(), ctx.usage().unwrap());
+}
