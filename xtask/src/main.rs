@@ -1,1 +1,402 @@
-fn main() {}
+//! The project's task runner, run as `cargo xtask <task>` through the alias in `.cargo/config.toml`.
+//!
+//! Tasks:
+//!
+//! - `cargo xtask ci`: everything CI checks, in order, stopping at the first failure: formatting, clippy (the whole
+//!   workspace, then the front crate `workflow-context` with every combination of its `tier-*` features), docs, tests
+//!   (nextest when installed, else `cargo test`; then doctests; then the front crate's tests for every partial tier
+//!   combination), and building the benchmarks when there are any.
+//! - `cargo xtask ci --quick`: the same without the per-combination clippy and test runs.
+//! - `cargo xtask help`: the usage.
+//!
+//! It uses only `std`, in the spirit of rust-analyzer's xtask; the pure parts (reading the tier features out of a
+//! manifest, building the combinations and the plan of steps) are unit-tested, and so is the rule that every tier crate
+//! has its `tier-<name>` feature on the front crate.
+
+use std::env;
+use std::ffi::OsString;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+/// The usage text printed by `cargo xtask help` and after a usage error.
+const USAGE: &str = "\
+Usage: cargo xtask <task>
+
+Tasks:
+  ci           run every CI check: fmt, clippy (workspace and every tier-feature combination
+               of workflow-context), docs, tests (nextest if installed, then doctests, then
+               each partial tier combination) and, if there are any, building the benches
+  ci --quick   the same, without the per-combination clippy and test runs
+  help         print this message
+";
+
+/// The front crate, whose `tier-*` features are checked in every combination.
+const FRONT_CRATE: &str = "workflow-context";
+
+/// The prefix that marks a feature of the front crate as a storage tier.
+const TIER_PREFIX: &str = "tier-";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["help" | "--help" | "-h"] => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        ["ci"] => ci(false),
+        ["ci", "--quick"] => ci(true),
+        _ => {
+            if args.is_empty() {
+                eprintln!("xtask: no task given");
+            } else {
+                eprintln!("xtask: unknown task or arguments: {}", args.join(" "));
+            }
+            eprint!("\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => {
+            println!("==> ci passed");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("\nxtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `cargo xtask ci`, returning a message naming the failed step on failure.
+fn ci(quick: bool) -> Result<(), String> {
+    let root = workspace_root();
+    let tiers = if quick {
+        Vec::new()
+    } else {
+        let path = root.join("crates").join(FRONT_CRATE).join("Cargo.toml");
+        let manifest = read(&path)?;
+        let tiers = tier_features(&manifest);
+        if tiers.is_empty() {
+            return Err(format!("found no `{TIER_PREFIX}*` features in {}", path.display()));
+        }
+        tiers
+    };
+    let has_benches = read(&root.join("benches").join("Cargo.toml"))?.lines().any(|line| line.trim() == "[[bench]]");
+    let config = Config { quick, nextest: has_nextest(&root), has_benches };
+    for item in plan(&config, &tiers) {
+        match item {
+            Item::Note(note) => println!("==> {note}"),
+            Item::Step(step) => run(&root, &step)?,
+        }
+    }
+    Ok(())
+}
+
+/// Reads a file, with its path in the error.
+fn read(path: &Path) -> Result<String, String> {
+    fs::read_to_string(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent directory").to_path_buf()
+}
+
+/// The cargo binary that ran us (`$CARGO`), else the one that built us.
+fn cargo() -> OsString {
+    env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into())
+}
+
+/// Whether `cargo nextest --version` works.
+fn has_nextest(root: &Path) -> bool {
+    Command::new(cargo())
+        .args(["nextest", "--version"])
+        .current_dir(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// Prints the step's header and runs it from the workspace root, failing unless it exits successfully.
+fn run(root: &Path, step: &Step) -> Result<(), String> {
+    println!("==> {}\n    $ {step}", step.name);
+    let mut command = Command::new(cargo());
+    command.args(&step.args).current_dir(root);
+    for (key, value) in &step.env {
+        command.env(key, value);
+    }
+    match command.status() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!("step `{}` failed ({status}): {step}", step.name)),
+        Err(err) => Err(format!("step `{}` could not start `{step}`: {err}", step.name)),
+    }
+}
+
+/// What `ci` found out about the machine and the workspace before planning.
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    /// Skip the per-combination clippy and test runs.
+    quick: bool,
+    /// `cargo nextest` is installed.
+    nextest: bool,
+    /// `benches/Cargo.toml` declares at least one `[[bench]]`.
+    has_benches: bool,
+}
+
+/// One entry of the CI plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Item {
+    /// A cargo command to run.
+    Step(Step),
+    /// A line to print instead of a skipped step.
+    Note(String),
+}
+
+/// A cargo command with a name for its header and error message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Step {
+    /// What the step checks, printed after `==>`.
+    name: String,
+    /// The arguments to cargo.
+    args: Vec<String>,
+    /// Environment variables set for the command.
+    env: Vec<(String, String)>,
+}
+
+impl Step {
+    /// A step running `cargo <args>` (split on whitespace).
+    fn new(name: impl Into<String>, args: &str) -> Self {
+        Step { name: name.into(), args: args.split_whitespace().map(String::from).collect(), env: Vec::new() }
+    }
+
+    /// Sets an environment variable for the command.
+    fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+/// Shows the command as a shell line, e.g. `RUSTDOCFLAGS='-D warnings' cargo doc --workspace`.
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (key, value) in &self.env {
+            write!(f, "{key}='{value}' ")?;
+        }
+        write!(f, "cargo {}", self.args.join(" "))
+    }
+}
+
+/// The CI plan, in order. `tiers` are the front crate's tier features (unused when `config.quick`).
+fn plan(config: &Config, tiers: &[String]) -> Vec<Item> {
+    let combos = if config.quick { Vec::new() } else { combinations(tiers) };
+    let mut items = vec![
+        Item::Step(Step::new("fmt", "fmt --all --check")),
+        Item::Step(Step::new("clippy", "clippy --workspace --all-targets --all-features -- -D warnings")),
+    ];
+    for combo in &combos {
+        let features = combo.join(",");
+        items.push(Item::Step(Step::new(
+            format!("clippy {FRONT_CRATE} ({})", combo.join("+")),
+            &format!(
+                "clippy -p {FRONT_CRATE} --all-targets --no-default-features --features {features} -- -D warnings"
+            ),
+        )));
+    }
+    items.push(Item::Step(
+        Step::new("doc", "doc --workspace --no-deps --all-features").env("RUSTDOCFLAGS", "-D warnings"),
+    ));
+    items.push(Item::Step(if config.nextest {
+        Step::new("test (nextest)", "nextest run --workspace --all-features --no-fail-fast")
+    } else {
+        Step::new("test (cargo test; nextest not installed)", "test --workspace --all-features --no-fail-fast")
+    }));
+    items.push(Item::Step(Step::new("doctests", "test --workspace --all-features --doc")));
+    // The full combination was tested above with --all-features.
+    for combo in combos.iter().filter(|combo| combo.len() < tiers.len()) {
+        items.push(Item::Step(Step::new(
+            format!("test {FRONT_CRATE} ({})", combo.join("+")),
+            &format!("test -p {FRONT_CRATE} --no-default-features --features {}", combo.join(",")),
+        )));
+    }
+    items.push(if config.has_benches {
+        Item::Step(Step::new("bench (build only)", "bench --workspace --no-run"))
+    } else {
+        Item::Note("bench: skipped, benches/Cargo.toml has no [[bench]] target".to_owned())
+    });
+    items
+}
+
+/// The names of the features in a manifest's `[features]` table, in order.
+///
+/// A tiny parser, enough for our manifests: it takes every `name = ...` line between `[features]` and the next table
+/// header, skipping comments and the continuation lines of multi-line arrays.
+fn feature_names(manifest: &str) -> Vec<String> {
+    let mut in_features = false;
+    let mut names = Vec::new();
+    for line in manifest.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            let header = line.split('#').next().unwrap_or_default().trim();
+            in_features = header == "[features]";
+            continue;
+        }
+        if !in_features || line.starts_with('#') {
+            continue;
+        }
+        let Some((key, _)) = line.split_once('=') else { continue };
+        let key = key.trim();
+        let key = key.strip_prefix('"').and_then(|key| key.strip_suffix('"')).unwrap_or(key);
+        let is_name = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if !key.is_empty() && key.chars().all(is_name) {
+            names.push(key.to_owned());
+        }
+    }
+    names
+}
+
+/// The tier features (`tier-*`) of a manifest, in order.
+fn tier_features(manifest: &str) -> Vec<String> {
+    feature_names(manifest).into_iter().filter(|name| name.starts_with(TIER_PREFIX)).collect()
+}
+
+/// Every non-empty combination of `items`, smallest first, each keeping the order of `items`.
+fn combinations<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
+    let n = items.len();
+    let mut out = Vec::new();
+    for k in 1..=n {
+        // `idx` walks the k-subsets of 0..n in lexicographic order.
+        let mut idx: Vec<usize> = (0..k).collect();
+        'subsets: loop {
+            out.push(idx.iter().map(|&i| items[i].clone()).collect());
+            let mut i = k;
+            loop {
+                if i == 0 {
+                    break 'subsets;
+                }
+                i -= 1;
+                if idx[i] != i + n - k {
+                    break;
+                }
+            }
+            idx[i] += 1;
+            for j in i + 1..k {
+                idx[j] = idx[j - 1] + 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"
+[package]
+name = "workflow-context"
+features = "not this one"
+
+[features]
+default = ["tier-shm", "tier-mmap"]
+## The RAM tier.
+tier-shm = ["dep:context-tier-shm"]
+# tier-commented = []
+tier-mmap = [
+    "dep:context-tier-mmap",
+    "x = y",
+]
+"tier-quoted" = []
+testing = []
+
+[dependencies]
+tier-not-a-feature = "1"
+"#;
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|&s| s.to_owned()).collect()
+    }
+
+    #[test]
+    fn parses_feature_names() {
+        assert_eq!(feature_names(MANIFEST), strings(&["default", "tier-shm", "tier-mmap", "tier-quoted", "testing"]));
+    }
+
+    #[test]
+    fn keeps_only_tier_features() {
+        assert_eq!(tier_features(MANIFEST), strings(&["tier-shm", "tier-mmap", "tier-quoted"]));
+        assert!(tier_features("[package]\nname = \"x\"\n").is_empty());
+    }
+
+    #[test]
+    fn combinations_of_two_and_three() {
+        assert_eq!(combinations(&["a", "b"]), vec![vec!["a"], vec!["b"], vec!["a", "b"]]);
+        let three =
+            [vec!["a"], vec!["b"], vec!["c"], vec!["a", "b"], vec!["a", "c"], vec!["b", "c"], vec!["a", "b", "c"]];
+        assert_eq!(combinations(&["a", "b", "c"]), three);
+        assert!(combinations::<&str>(&[]).is_empty());
+        assert_eq!(combinations(&[0; 5]).len(), 31);
+    }
+
+    fn commands(config: Config, tiers: &[&str]) -> Vec<String> {
+        plan(&config, &strings(tiers))
+            .into_iter()
+            .map(|item| match item {
+                Item::Step(step) => step.to_string(),
+                Item::Note(note) => format!("# {note}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn full_plan() {
+        let config = Config { quick: false, nextest: true, has_benches: true };
+        let expected = [
+            "cargo fmt --all --check",
+            "cargo clippy --workspace --all-targets --all-features -- -D warnings",
+            "cargo clippy -p workflow-context --all-targets --no-default-features --features tier-shm -- -D warnings",
+            "cargo clippy -p workflow-context --all-targets --no-default-features --features tier-mmap -- -D warnings",
+            "cargo clippy -p workflow-context --all-targets --no-default-features --features tier-shm,tier-mmap -- -D warnings",
+            "RUSTDOCFLAGS='-D warnings' cargo doc --workspace --no-deps --all-features",
+            "cargo nextest run --workspace --all-features --no-fail-fast",
+            "cargo test --workspace --all-features --doc",
+            "cargo test -p workflow-context --no-default-features --features tier-shm",
+            "cargo test -p workflow-context --no-default-features --features tier-mmap",
+            "cargo bench --workspace --no-run",
+        ];
+        assert_eq!(commands(config, &["tier-shm", "tier-mmap"]), expected);
+    }
+
+    #[test]
+    fn quick_plan_without_nextest_or_benches() {
+        let config = Config { quick: true, nextest: false, has_benches: false };
+        let expected = [
+            "cargo fmt --all --check",
+            "cargo clippy --workspace --all-targets --all-features -- -D warnings",
+            "RUSTDOCFLAGS='-D warnings' cargo doc --workspace --no-deps --all-features",
+            "cargo test --workspace --all-features --no-fail-fast",
+            "cargo test --workspace --all-features --doc",
+            "# bench: skipped, benches/Cargo.toml has no [[bench]] target",
+        ];
+        assert_eq!(commands(config, &["tier-shm", "tier-mmap"]), expected);
+    }
+
+    /// Tidy: every `crates/context-tier-<name>` crate has its `tier-<name>` feature on the front crate.
+    #[test]
+    fn every_tier_crate_has_a_front_feature() {
+        let root = workspace_root();
+        let manifest = read(&root.join("crates").join(FRONT_CRATE).join("Cargo.toml")).unwrap();
+        let tiers = tier_features(&manifest);
+        assert!(!tiers.is_empty(), "{FRONT_CRATE} has no {TIER_PREFIX}* features");
+        for entry in fs::read_dir(root.join("crates")).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            if let Some(tier) = name.strip_prefix("context-tier-") {
+                let feature = format!("{TIER_PREFIX}{tier}");
+                assert!(tiers.contains(&feature), "crates/{name} has no `{feature}` feature on {FRONT_CRATE}");
+            }
+        }
+    }
+}

@@ -206,7 +206,11 @@ mod tests {
         let s = e.to_string();
         assert!(s.contains("/x/y") && s.contains("\"k\""), "{s}");
         assert!(std::error::Error::source(&e).is_some());
-        let e = Error::Config { source_name: "/etc/c.json".into(), key: Some("MAX_RAM_GB".into()), message: "must be positive".into() };
+        let e = Error::Config {
+            source_name: "/etc/c.json".into(),
+            key: Some("MAX_RAM_GB".into()),
+            message: "must be positive".into(),
+        };
         assert!(e.to_string().contains("MAX_RAM_GB") && e.to_string().contains("/etc/c.json"));
     }
 

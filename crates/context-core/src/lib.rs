@@ -24,7 +24,10 @@ pub mod testing;
 pub use error::{Error, Result};
 pub use payload::Payload;
 pub use policy::{Budget, PlacementPolicy, PlacementRequest, RamFirst, TierStatus};
-pub use tier::{Capabilities, Location, NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier, TierUsage};
+pub use tier::{
+    Capabilities, FileAt, Location, NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier, TierUsage,
+    WriteFailure,
+};
 pub use types::{
     MAX_KEY_LEN, MAX_RUN_ID_LEN, PassBy, SaveOptions, StorageInfo, StorageKind, Usage, validate_key, validate_run_id,
 };

@@ -41,7 +41,11 @@ impl Payload {
     /// If `range` is out of bounds, like slicing.
     #[must_use]
     pub fn slice(&self, range: Range<usize>) -> Self {
-        assert!(range.start <= range.end && range.end <= self.range.len(), "payload slice {range:?} out of bounds (len {})", self.range.len());
+        assert!(
+            range.start <= range.end && range.end <= self.range.len(),
+            "payload slice {range:?} out of bounds (len {})",
+            self.range.len()
+        );
         Payload { bytes: Arc::clone(&self.bytes), range: self.range.start + range.start..self.range.start + range.end }
     }
 

@@ -1,6 +1,7 @@
 //! The value record: the bytes a tier stores for one value.
 //!
-//! Every object a tier holds is a record: a 32-byte header followed by the payload.
+//! Every object a tier holds is a record: a 32-byte header, the payload, and an 8-byte
+//! trailer.
 //!
 //! | offset | size | field |
 //! |-------:|-----:|-------|
@@ -10,17 +11,26 @@
 //! | 6  | 2 | reserved, zero |
 //! | 8  | 8 | payload length, little endian |
 //! | 16 | 8 | object id, little endian |
-//! | 24 | 8 | checksum: XXH3-64 of the payload, seeded with the object id |
+//! | 24 | 8 | header check: XXH3-64 of bytes 0..24 |
+//! | 32 | payload length | the payload |
+//! | end − 8 | 8 | payload checksum: XXH3-64 of the payload, seeded with the object id |
 //!
 //! The payload starts at offset 32, so a page-aligned object keeps its payload 32-byte
-//! aligned. Seeding the checksum with the object id means a record copied under another
-//! object's name fails its check.
+//! aligned. The payload checksum sits in a trailer so that a writer can compute it while
+//! streaming the payload into place, reading the value's bytes from memory once. Seeding
+//! it with the object id means a record copied under another object's name fails its check.
+
+use std::io;
 
 use crate::tier::ObjectId;
-use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64, xxh3_64_with_seed};
 
 /// Length of the record header in bytes.
 pub const HEADER_LEN: usize = 32;
+/// Length of the record trailer in bytes.
+pub const TRAILER_LEN: usize = 8;
+/// Header plus trailer: a record is this much longer than its payload.
+pub const OVERHEAD: usize = HEADER_LEN + TRAILER_LEN;
 /// The record magic.
 pub const MAGIC: [u8; 4] = *b"WFCV";
 /// The record format version written by this crate.
@@ -28,6 +38,9 @@ pub const VERSION: u8 = 1;
 /// Flag: the payload is a postcard-encoded typed value (saved with `save`, not `save_bytes`).
 pub const FLAG_TYPED: u8 = 1;
 const KNOWN_FLAGS: u8 = FLAG_TYPED;
+/// Pieces in which [`write_record`] checksums and copies a payload: small enough to stay in
+/// the CPU's L2 cache between the two.
+const PIECE: usize = 256 << 10;
 
 /// The decoded header of a value record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,14 +51,12 @@ pub struct RecordHeader {
     pub payload_len: u64,
     /// The object this record belongs to.
     pub object_id: ObjectId,
-    /// XXH3-64 of the payload seeded with the object id.
-    pub checksum: u64,
 }
 
 impl RecordHeader {
-    /// Length of the whole record (header and payload).
+    /// Length of the whole record (header, payload and trailer).
     pub fn record_len(&self) -> u64 {
-        HEADER_LEN as u64 + self.payload_len
+        OVERHEAD as u64 + self.payload_len
     }
 
     /// Encodes the header.
@@ -56,11 +67,12 @@ impl RecordHeader {
         h[5] = self.flags;
         h[8..16].copy_from_slice(&self.payload_len.to_le_bytes());
         h[16..24].copy_from_slice(&self.object_id.0.to_le_bytes());
-        h[24..32].copy_from_slice(&self.checksum.to_le_bytes());
+        let check = xxh3_64(&h[..24]);
+        h[24..32].copy_from_slice(&check.to_le_bytes());
         h
     }
 
-    /// Decodes and checks a header: magic, version, flags and reserved bytes.
+    /// Decodes and checks a header: magic, version, flags, reserved bytes, header check.
     ///
     /// Returns a description of the first failed check.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
@@ -71,14 +83,17 @@ impl RecordHeader {
         if h[0..4] != MAGIC {
             return Err(format!("bad record magic {:02x?}", &h[0..4]));
         }
+        let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+        if xxh3_64(&h[..24]) != word(24) {
+            return Err("the record header fails its check".to_owned());
+        }
         if h[4] != VERSION {
             return Err(format!("unsupported record version {}", h[4]));
         }
         if h[5] & !KNOWN_FLAGS != 0 || h[6] != 0 || h[7] != 0 {
             return Err(format!("unknown record flags {:#04x} {:#04x} {:#04x}", h[5], h[6], h[7]));
         }
-        let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
-        Ok(RecordHeader { flags: h[5], payload_len: word(8), object_id: ObjectId(word(16)), checksum: word(24) })
+        Ok(RecordHeader { flags: h[5], payload_len: word(8), object_id: ObjectId(word(16)) })
     }
 }
 
@@ -87,54 +102,99 @@ pub fn checksum(id: ObjectId, payload: &[u8]) -> u64 {
     xxh3_64_with_seed(payload, id.0)
 }
 
-/// A streaming [`checksum`], for payloads written in pieces.
-#[derive(Clone)]
-pub struct Checksum(Box<Xxh3>);
+/// The length of the record for a payload of `payload_len` bytes.
+pub fn record_len(payload_len: u64) -> u64 {
+    payload_len + OVERHEAD as u64
+}
 
-impl Checksum {
-    /// Starts the checksum of object `id`.
-    pub fn new(id: ObjectId) -> Self {
-        Checksum(Box::new(Xxh3::with_seed(id.0)))
+/// Writes the record of `payload` into `out`, checksumming each piece just before copying
+/// it, so the payload is read from main memory once.
+pub fn write_record(out: &mut dyn io::Write, id: ObjectId, flags: u8, payload: &[u8]) -> io::Result<()> {
+    let mut w = RecordWriter::new(out, id, flags, payload.len() as u64)?;
+    for piece in payload.chunks(PIECE) {
+        io::Write::write_all(&mut w, piece)?;
+    }
+    w.finish()
+}
+
+/// An [`io::Write`] that streams a payload into a record: it writes the header when
+/// created, checksums everything written through it, and writes the trailer on
+/// [`finish`](RecordWriter::finish). Used to serialize typed values straight into place.
+pub struct RecordWriter<'w> {
+    out: &'w mut dyn io::Write,
+    sum: Box<Xxh3>,
+    remaining: u64,
+}
+
+impl<'w> RecordWriter<'w> {
+    /// Writes the header of a record of `payload_len` bytes and returns the payload writer.
+    pub fn new(out: &'w mut dyn io::Write, id: ObjectId, flags: u8, payload_len: u64) -> io::Result<Self> {
+        out.write_all(&RecordHeader { flags, payload_len, object_id: id }.encode())?;
+        Ok(RecordWriter { out, sum: Box::new(Xxh3::with_seed(id.0)), remaining: payload_len })
     }
 
-    /// Adds the next piece of the payload.
-    pub fn update(&mut self, piece: &[u8]) {
-        self.0.update(piece);
+    /// Writes the trailer. Fails if the payload written is shorter than announced.
+    pub fn finish(self) -> io::Result<()> {
+        if self.remaining != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} payload bytes missing", self.remaining),
+            ));
+        }
+        self.out.write_all(&self.sum.digest().to_le_bytes())
+    }
+}
+
+impl io::Write for RecordWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.len() as u64 > self.remaining {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "payload longer than announced"));
+        }
+        let n = self.out.write(buf)?;
+        self.sum.update(&buf[..n]);
+        self.remaining -= n as u64;
+        Ok(n)
     }
 
-    /// The checksum of everything added.
-    pub fn finish(&self) -> u64 {
-        self.0.digest()
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
     }
 }
 
 /// Encodes a whole record for `payload` into a new buffer (for small values and tests).
 pub fn encode(id: ObjectId, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let header = RecordHeader { flags, payload_len: payload.len() as u64, object_id: id, checksum: checksum(id, payload) };
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&header.encode());
-    out.extend_from_slice(payload);
+    let mut out = Vec::with_capacity(OVERHEAD + payload.len());
+    write_record(&mut out, id, flags, payload).expect("writing to a Vec cannot fail");
     out
+}
+
+/// The payload of a record that [`check`] accepted.
+pub fn payload(record: &[u8]) -> &[u8] {
+    &record[HEADER_LEN..record.len() - TRAILER_LEN]
 }
 
 /// Checks a whole record read back from a tier against what the index expects.
 ///
-/// Verifies the header, that the record is exactly header plus payload long, that it
-/// belongs to `expected_id` and, when `verify_payload` is set, the payload's checksum.
-/// Returns the header; the payload is `record[HEADER_LEN..]`.
+/// Verifies the header, that the record is exactly header, payload and trailer long, that
+/// it belongs to `expected_id` and, when `verify_payload` is set, the payload's checksum.
+/// Returns the header; the payload is [`payload`]`(record)`.
 pub fn check(record: &[u8], expected_id: ObjectId, verify_payload: bool) -> Result<RecordHeader, String> {
     let header = RecordHeader::decode(record)?;
     if header.object_id != expected_id {
         return Err(format!("record belongs to object {} instead of {}", header.object_id.0, expected_id.0));
     }
-    let actual = (record.len() - HEADER_LEN) as u64;
-    if actual != header.payload_len {
-        return Err(format!("payload is {actual} bytes but its header says {} (truncated or extended)", header.payload_len));
+    let actual = record.len() as u64;
+    if actual != header.record_len() {
+        return Err(format!(
+            "record is {actual} bytes but its header says {} (truncated or extended)",
+            header.record_len()
+        ));
     }
     if verify_payload {
-        let sum = checksum(expected_id, &record[HEADER_LEN..]);
-        if sum != header.checksum {
-            return Err(format!("payload checksum {sum:#018x} does not match the stored {:#018x}", header.checksum));
+        let stored = u64::from_le_bytes(record[record.len() - TRAILER_LEN..].try_into().expect("8 bytes"));
+        let sum = checksum(expected_id, payload(record));
+        if sum != stored {
+            return Err(format!("payload checksum {sum:#018x} does not match the stored {stored:#018x}"));
         }
     }
     Ok(header)
@@ -148,9 +208,11 @@ mod tests {
     fn round_trip_and_every_single_byte_flip_is_caught() {
         let id = ObjectId(7);
         let rec = encode(id, FLAG_TYPED, b"payload bytes");
+        assert_eq!(rec.len(), 13 + OVERHEAD);
         let h = check(&rec, id, true).unwrap();
         assert_eq!(h.payload_len, 13);
         assert_eq!(h.flags, FLAG_TYPED);
+        assert_eq!(payload(&rec), b"payload bytes");
         for i in 0..rec.len() {
             let mut bad = rec.clone();
             bad[i] ^= 0x40;
@@ -162,7 +224,7 @@ mod tests {
     fn truncation_and_wrong_id_are_caught() {
         let id = ObjectId(1);
         let rec = encode(id, 0, &[9u8; 100]);
-        for cut in [0, 1, 31, 32, 99, 131] {
+        for cut in [0, 1, 31, 32, 99, 139] {
             assert!(check(&rec[..cut], id, false).is_err(), "cut {cut}");
         }
         assert!(check(&rec, ObjectId(2), false).is_err());
@@ -172,12 +234,20 @@ mod tests {
     }
 
     #[test]
-    fn streaming_checksum_matches() {
-        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31) as u8).collect();
-        let mut c = Checksum::new(ObjectId(3));
-        for piece in data.chunks(777) {
-            c.update(piece);
+    fn streamed_records_match_and_lengths_are_enforced() {
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 31) as u8).collect();
+        let mut streamed = Vec::new();
+        let mut w = RecordWriter::new(&mut streamed, ObjectId(3), 0, data.len() as u64).unwrap();
+        for piece in data.chunks(7777) {
+            io::Write::write_all(&mut w, piece).unwrap();
         }
-        assert_eq!(c.finish(), checksum(ObjectId(3), &data));
+        w.finish().unwrap();
+        assert_eq!(streamed, encode(ObjectId(3), 0, &data));
+
+        let mut out = Vec::new();
+        let w = RecordWriter::new(&mut out, ObjectId(3), 0, 10).unwrap();
+        assert!(w.finish().is_err(), "a short payload is refused");
+        let mut w = RecordWriter::new(&mut out, ObjectId(3), 0, 1).unwrap();
+        assert!(io::Write::write_all(&mut w, b"ab").is_err(), "a long payload is refused");
     }
 }

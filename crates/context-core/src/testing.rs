@@ -14,9 +14,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::Error;
 use crate::payload::Payload;
 use crate::tier::{NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier, TierUsage};
-use crate::Error;
 
 /// The names of every check, in the order the macro runs them.
 pub const CHECKS: &[&str] = &[
@@ -63,14 +63,18 @@ fn put_parts(tier: &dyn StorageTier, id: u64, bytes: &[u8]) -> ObjectRef {
 }
 
 fn put_fill(tier: &dyn StorageTier, id: u64, bytes: &[u8]) -> ObjectRef {
-    let mut fill = |dst: &mut [u8]| {
-        dst.copy_from_slice(bytes);
+    // Written in uneven pieces, as a serializer would.
+    let mut write = |out: &mut dyn std::io::Write| {
+        for piece in bytes.chunks(1000) {
+            let (a, b) = piece.split_at(piece.len().min(3));
+            out.write_all(a).and_then(|()| out.write_all(b)).map_err(|e| Error::io("test write", "test value", e))?;
+        }
         Ok(())
     };
-    let object = NewObject { id: ObjectId(id), len: bytes.len() as u64, data: ObjectData::Fill(&mut fill) };
+    let object = NewObject { id: ObjectId(id), len: bytes.len() as u64, data: ObjectData::Write(&mut write) };
     match tier.put(object) {
         Ok(PutOutcome::Stored(r)) => r,
-        other => panic!("{}: put (fill) of object {id} ({} bytes) failed: {other:?}", tier.name(), bytes.len()),
+        other => panic!("{}: put (write) of object {id} ({} bytes) failed: {other:?}", tier.name(), bytes.len()),
     }
 }
 
@@ -97,7 +101,7 @@ pub fn put_get_round_trip(tier: &dyn StorageTier) {
     finish(tier);
 }
 
-/// An object written by a fill closure reads back like one written as parts.
+/// An object streamed by a writer reads back like one written as parts.
 pub fn fill_and_parts_agree(tier: &dyn StorageTier) {
     for (i, &len) in SIZES.iter().enumerate() {
         let bytes = pattern(1000 + i as u64, len);
@@ -145,17 +149,17 @@ pub fn payload_outlives_delete(tier: &dyn StorageTier) {
     finish(tier);
 }
 
-/// A fill that fails leaves no object and no usage behind.
+/// A writer that fails leaves no object and no usage behind.
 pub fn failed_fill_leaves_nothing(tier: &dyn StorageTier) {
     let before = usage(tier);
     for (i, &len) in SIZES.iter().enumerate() {
-        let mut fill = |dst: &mut [u8]| {
-            dst[0] = 1;
-            Err(Error::corrupt("test value", "the fill failed on purpose"))
+        let mut write = |out: &mut dyn std::io::Write| {
+            out.write_all(&[1u8; 20]).map_err(|e| Error::io("test write", "test value", e))?;
+            Err(Error::corrupt("test value", "the writer failed on purpose"))
         };
         let id = ObjectId(600 + i as u64);
-        let result = tier.put(NewObject { id, len: len as u64, data: ObjectData::Fill(&mut fill) });
-        assert!(result.is_err(), "{}: a failing fill was reported as {result:?}", tier.name());
+        let result = tier.put(NewObject { id, len: len as u64, data: ObjectData::Write(&mut write) });
+        assert!(result.is_err(), "{}: a failing writer was reported as {result:?}", tier.name());
         let r = ObjectRef { id, len: len as u64, slot: ObjectRef::UNKNOWN_SLOT };
         assert!(!tier.delete(&r).unwrap(), "{}: a failed put of {len} bytes left an object", tier.name());
     }
@@ -163,15 +167,21 @@ pub fn failed_fill_leaves_nothing(tier: &dyn StorageTier) {
     finish(tier);
 }
 
-/// Parts that do not add up to the declared length are refused and leave nothing.
+/// Data that does not add up to the declared length is refused and leaves nothing.
 pub fn wrong_length_is_refused(tier: &dyn StorageTier) {
     let before = usage(tier);
     let bytes = pattern(7, 100);
     let parts: [&[u8]; 1] = [&bytes];
-    for len in [99u64, 101] {
-        let id = ObjectId(700 + len);
+    for (i, len) in [99u64, 101, 5000, 1 << 20].into_iter().enumerate() {
+        let id = ObjectId(700 + 2 * i as u64);
         let result = tier.put(NewObject { id, len, data: ObjectData::Parts(&parts) });
         assert!(result.is_err(), "{}: 100 bytes of parts for a {len}-byte object gave {result:?}", tier.name());
+        assert!(!tier.delete(&ObjectRef { id, len, slot: ObjectRef::UNKNOWN_SLOT }).unwrap());
+        let mut write =
+            |out: &mut dyn std::io::Write| out.write_all(&bytes).map_err(|e| Error::io("test write", "test value", e));
+        let id = ObjectId(701 + 2 * i as u64);
+        let result = tier.put(NewObject { id, len, data: ObjectData::Write(&mut write) });
+        assert!(result.is_err(), "{}: 100 bytes written for a {len}-byte object gave {result:?}", tier.name());
         assert!(!tier.delete(&ObjectRef { id, len, slot: ObjectRef::UNKNOWN_SLOT }).unwrap());
     }
     assert_eq!(usage(tier), before, "{}: a refused put changed usage", tier.name());
@@ -181,7 +191,8 @@ pub fn wrong_length_is_refused(tier: &dyn StorageTier) {
 /// Usage counts present objects and their footprints, exactly.
 pub fn usage_counts_objects(tier: &dyn StorageTier) {
     let before = usage(tier);
-    let refs: Vec<ObjectRef> = SIZES.iter().enumerate().map(|(i, &len)| put_parts(tier, 800 + i as u64, &pattern(i as u64, len))).collect();
+    let refs: Vec<ObjectRef> =
+        SIZES.iter().enumerate().map(|(i, &len)| put_parts(tier, 800 + i as u64, &pattern(i as u64, len))).collect();
     let bytes: u64 = refs.iter().map(|r| tier.footprint(r.len)).sum();
     let during = usage(tier);
     assert_eq!(during.objects, before.objects + refs.len() as u64, "{}: object count", tier.name());
@@ -224,7 +235,13 @@ pub fn concurrent_puts_and_gets(tier: &dyn StorageTier) {
                     }
                 }
                 for (r, bytes) in mine.values() {
-                    assert_eq!(get(tier, r).as_deref(), Some(&bytes[..]), "{}: object {} under concurrency", tier.name(), r.id);
+                    assert_eq!(
+                        get(tier, r).as_deref(),
+                        Some(&bytes[..]),
+                        "{}: object {} under concurrency",
+                        tier.name(),
+                        r.id
+                    );
                 }
             });
         }
@@ -234,7 +251,8 @@ pub fn concurrent_puts_and_gets(tier: &dyn StorageTier) {
 
 /// Destroy empties the tier and can be repeated.
 pub fn destroy_removes_everything(tier: &dyn StorageTier) {
-    let refs: Vec<ObjectRef> = SIZES.iter().enumerate().map(|(i, &len)| put_parts(tier, 900 + i as u64, &pattern(i as u64, len))).collect();
+    let refs: Vec<ObjectRef> =
+        SIZES.iter().enumerate().map(|(i, &len)| put_parts(tier, 900 + i as u64, &pattern(i as u64, len))).collect();
     tier.destroy().unwrap();
     assert_eq!(usage(tier), TierUsage::default(), "{}: usage after destroy", tier.name());
     for r in &refs {

@@ -1,6 +1,7 @@
 //! The [`StorageTier`] trait: what a place that holds values must do.
 
 use std::fmt;
+use std::io;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
@@ -43,9 +44,11 @@ impl ObjectRef {
 pub enum ObjectData<'a> {
     /// The object's bytes, as consecutive pieces (a header, then the payload).
     Parts(&'a [&'a [u8]]),
-    /// A writer that fills the whole object into the buffer it is given (exactly the object's
-    /// length), for values serialized straight into place. It is called at most once.
-    Fill(&'a mut (dyn FnMut(&mut [u8]) -> Result<()> + 'a)),
+    /// A writer that pushes the whole object, in order, into the sink it is given. It may
+    /// write in pieces of any size and is called at most once. This is how values are
+    /// streamed into place: serialized, or checksummed piece by piece while being copied,
+    /// so the bytes are read from memory once.
+    Write(&'a mut (dyn FnMut(&mut dyn io::Write) -> Result<()> + 'a)),
 }
 
 /// A new object handed to [`StorageTier::put`].
@@ -58,30 +61,126 @@ pub struct NewObject<'a> {
     pub data: ObjectData<'a>,
 }
 
+/// Why [`NewObject::write_to`] failed.
+#[derive(Debug)]
+pub enum WriteFailure {
+    /// The sink (the tier's own storage) failed; the tier should say where, and may treat
+    /// `ENOSPC` as [`PutOutcome::NoSpace`].
+    Sink(io::Error),
+    /// The object's data failed (a value that does not serialize, a wrong length).
+    Data(Error),
+}
+
+/// Counts what passes through and keeps the sink's own error apart from the data's.
+struct Counting<'w> {
+    inner: &'w mut dyn io::Write,
+    written: u64,
+    limit: u64,
+    sink_error: Option<io::Error>,
+}
+
+impl io::Write for Counting<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.written + buf.len() as u64 > self.limit {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "the object is longer than its declared length"));
+        }
+        match self.inner.write(buf) {
+            Ok(n) => {
+                self.written += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                let shown = io::Error::new(e.kind(), e.to_string());
+                self.sink_error = Some(e);
+                Err(shown)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().inspect_err(|e| self.sink_error = Some(io::Error::new(e.kind(), e.to_string())))
+    }
+}
+
 impl NewObject<'_> {
-    /// Writes the object into `dst`, which must be exactly [`NewObject::len`] bytes.
-    ///
-    /// Tiers that write through a mapping call this; tiers that write with `write(2)` can
-    /// match on [`ObjectData::Parts`] instead.
+    /// Writes the whole object, in order, into `out`, checking it is exactly
+    /// [`NewObject::len`] bytes long. For tiers that write with `write(2)` or into a buffer.
+    pub fn write_to(&mut self, out: &mut dyn io::Write) -> std::result::Result<(), WriteFailure> {
+        let mut counting = Counting { inner: out, written: 0, limit: self.len, sink_error: None };
+        let result = match &mut self.data {
+            ObjectData::Parts(parts) => {
+                let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+                if total != self.len {
+                    return Err(WriteFailure::Data(self.wrong_length(total)));
+                }
+                parts
+                    .iter()
+                    .try_for_each(|p| io::Write::write_all(&mut counting, p))
+                    .map_err(|e| Error::io("write object", format!("object {}", self.id), e))
+            }
+            ObjectData::Write(write) => write(&mut counting),
+        };
+        let flushed = io::Write::flush(&mut counting);
+        if let Some(e) = counting.sink_error.take() {
+            return Err(WriteFailure::Sink(e));
+        }
+        result.map_err(WriteFailure::Data)?;
+        flushed.map_err(WriteFailure::Sink)?;
+        if counting.written != self.len {
+            return Err(WriteFailure::Data(self.wrong_length(counting.written)));
+        }
+        Ok(())
+    }
+
+    /// Writes the whole object into `dst`, which must be exactly [`NewObject::len`] bytes:
+    /// for tiers that write through a mapping.
     pub fn write_into(&mut self, dst: &mut [u8]) -> Result<()> {
         if dst.len() as u64 != self.len {
-            return Err(Error::corrupt(format!("object {}", self.id), format!("destination is {} bytes, object is {}", dst.len(), self.len)));
+            return Err(Error::corrupt(
+                format!("object {}", self.id),
+                format!("destination is {} bytes, object is {}", dst.len(), self.len),
+            ));
         }
-        match &mut self.data {
-            ObjectData::Parts(parts) => {
-                let total: usize = parts.iter().map(|p| p.len()).sum();
-                if total != dst.len() {
-                    return Err(Error::corrupt(format!("object {}", self.id), format!("parts hold {total} bytes, object is {}", self.len)));
-                }
-                let mut at = 0;
-                for p in parts.iter() {
-                    dst[at..at + p.len()].copy_from_slice(p);
-                    at += p.len();
-                }
-                Ok(())
-            }
-            ObjectData::Fill(fill) => fill(dst),
+        let mut cursor: &mut [u8] = dst;
+        match self.write_to(&mut cursor) {
+            Ok(()) => Ok(()),
+            Err(WriteFailure::Data(e)) => Err(e),
+            Err(WriteFailure::Sink(e)) => Err(Error::io("write object into memory", format!("object {}", self.id), e)),
         }
+    }
+
+    fn wrong_length(&self, actual: u64) -> Error {
+        Error::corrupt(
+            format!("object {}", self.id),
+            format!("the data holds {actual} bytes, the object is {}", self.len),
+        )
+    }
+}
+
+/// An [`io::Write`] that writes a file at consecutive offsets with `pwrite`, for tiers
+/// that fill a freshly reserved file. Wrap it in an [`io::BufWriter`] when pieces are small.
+#[derive(Debug)]
+pub struct FileAt<'f> {
+    file: &'f std::fs::File,
+    offset: u64,
+}
+
+impl<'f> FileAt<'f> {
+    /// Writes `file` from `offset` on.
+    pub fn new(file: &'f std::fs::File, offset: u64) -> Self {
+        FileAt { file, offset }
+    }
+}
+
+impl io::Write for FileAt<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::write_at(self.file, buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -173,8 +272,8 @@ pub trait StorageTier: Send + Sync + fmt::Debug {
     ///   [`PutOutcome::NoSpace`] with nothing left behind, never a crash (no SIGBUS).
     /// - On `Ok(Stored)`, the whole object is readable by [`StorageTier::get`] from any
     ///   process. The returned [`ObjectRef`] has the given id and length.
-    /// - If writing fails (including an error from [`ObjectData::Fill`]), the error is
-    ///   returned and nothing of the object remains.
+    /// - If writing fails (including an error from [`ObjectData::Write`], or data that is
+    ///   not exactly `len` bytes), the error is returned and nothing of the object remains.
     fn put(&self, object: NewObject<'_>) -> Result<PutOutcome>;
 
     /// Reads an object.

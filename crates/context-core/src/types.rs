@@ -143,7 +143,12 @@ pub struct Usage {
 
 impl Usage {
     /// Builds a usage report.
-    pub fn new(ram_usage_bytes: u64, ram_capacity_bytes: u64, temp_disk_usage_bytes: u64, stored_keys_count: usize) -> Self {
+    pub fn new(
+        ram_usage_bytes: u64,
+        ram_capacity_bytes: u64,
+        temp_disk_usage_bytes: u64,
+        stored_keys_count: usize,
+    ) -> Self {
         Usage { ram_usage_bytes, ram_capacity_bytes, temp_disk_usage_bytes, stored_keys_count }
     }
 
@@ -182,10 +187,7 @@ pub fn validate_key(key: &str) -> Result<()> {
         return Err(Error::InvalidKey { key: String::new(), reason: "a key must not be empty" });
     }
     if key.len() > MAX_KEY_LEN {
-        return Err(Error::InvalidKey {
-            key: shorten(key, 64),
-            reason: "a key must be at most 4096 bytes of UTF-8",
-        });
+        return Err(Error::InvalidKey { key: shorten(key, 64), reason: "a key must be at most 4096 bytes of UTF-8" });
     }
     Ok(())
 }

@@ -60,13 +60,13 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use context_core::{
-    Capabilities, Error, Location, NewObject, ObjectData, ObjectId, ObjectRef, Payload, PutOutcome, Result,
-    StorageKind, StorageTier, TierUsage,
+    Capabilities, Error, FileAt, Location, NewObject, ObjectId, ObjectRef, Payload, PutOutcome, Result, StorageKind,
+    StorageTier, TierUsage, WriteFailure,
 };
 use rustix::fs::{FallocateFlags, OFlags};
 use rustix::io::Errno;
@@ -196,36 +196,23 @@ impl Drop for NewFile<'_> {
     }
 }
 
-/// How the space of a new file was reserved.
-enum Reserved {
-    /// `fallocate` allocated every block: writes through a mapping cannot fault.
-    Allocated,
-    /// The file system has no `fallocate`: the file is sparse, and writes may still find
-    /// the disk full.
-    Sparse,
-}
-
-fn reserve(file: &File, len: u64) -> io::Result<Reserved> {
+/// Reserves the blocks of a new file before anything is written, so a full disk shows
+/// up here as `ENOSPC`. A file system without `fallocate` gets a sparse file instead, and
+/// a full disk then shows up as `ENOSPC` from the writes.
+fn reserve(file: &File, len: u64) -> io::Result<()> {
     if len == 0 {
         // fallocate refuses a zero length; an empty file needs no blocks.
-        return Ok(Reserved::Allocated);
+        return Ok(());
     }
     match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, len) {
-        Ok(()) => Ok(Reserved::Allocated),
-        Err(Errno::OPNOTSUPP) => file.set_len(len).map(|()| Reserved::Sparse),
+        Ok(()) => Ok(()),
+        Err(Errno::OPNOTSUPP) => file.set_len(len),
         Err(e) => Err(e.into()),
     }
 }
 
-/// Writes `parts` one after another from offset 0.
-fn write_parts(file: &File, parts: &[&[u8]]) -> io::Result<()> {
-    let mut at = 0u64;
-    for part in parts {
-        file.write_all_at(part, at)?;
-        at += part.len() as u64;
-    }
-    Ok(())
-}
+/// Small pieces are gathered into writes of this size; larger ones go straight through.
+const WRITE_BUFFER: usize = 256 << 10;
 
 impl StorageTier for MmapTier {
     fn name(&self) -> &str {
@@ -246,28 +233,12 @@ impl StorageTier for MmapTier {
     }
 
     /// Creates `<dir>/<id>.val` (never through a symbolic link, never over an existing
-    /// file), reserves its space with `fallocate`, then writes it: parts with `pwrite`, a
-    /// fill closure through a shared mapping. The data is not `fsync`ed.
+    /// file), reserves its space with `fallocate`, then writes it with `pwrite` (large
+    /// pieces straight from the caller's memory, small ones through a buffer). The data is
+    /// not `fsync`ed.
     fn put(&self, mut object: NewObject<'_>) -> Result<PutOutcome> {
         let id = object.id;
         let len = object.len;
-        if let ObjectData::Parts(parts) = &object.data {
-            let total = parts.iter().try_fold(0u64, |sum, p| sum.checked_add(p.len() as u64));
-            if total != Some(len) {
-                let held = total.map_or_else(|| "more than 2^64".to_owned(), |t| t.to_string());
-                return Err(Error::corrupt(
-                    format!("object {id}"),
-                    format!("parts hold {held} bytes, object is {len}"),
-                ));
-            }
-        }
-        let Ok(size) = usize::try_from(len) else {
-            return Err(Error::corrupt(
-                format!("object {id}"),
-                format!("{len} bytes do not fit in this address space"),
-            ));
-        };
-
         let path = self.path_of(id);
         let file = match OpenOptions::new()
             .read(true)
@@ -284,50 +255,22 @@ impl StorageTier for MmapTier {
         };
         let mut new = NewFile { path: &path, file, keep: false };
 
-        let reserved = match reserve(&new.file, len) {
-            Ok(reserved) => reserved,
+        match reserve(&new.file, len) {
+            Ok(()) => {}
             Err(e) if is_no_space(&e) => return new.discard(Ok(PutOutcome::NoSpace)),
             Err(e) => return new.discard(Err(Error::io("reserve space for value file", &path, e))),
         };
 
-        let written = match (&object.data, reserved) {
-            (ObjectData::Parts(parts), _) => write_parts(&new.file, parts),
-            (ObjectData::Fill(_), _) if size == 0 => match object.write_into(&mut []) {
-                Ok(()) => Ok(()),
-                Err(e) => return new.discard(Err(e)),
-            },
-            (ObjectData::Fill(_), Reserved::Allocated) => {
-                // SAFETY: `new.file` is a regular file this call just created with O_EXCL
-                // (mode 0600, in a directory only this user can write) and fully allocated
-                // to `len` bytes, so every page of the mapping is backed by reserved blocks
-                // and writing to it cannot fault for lack of space. No other process opens
-                // it before `put` returns: the context never reads an object before `put`
-                // answers, and never puts the same id twice.
-                let mut map = match unsafe { memmap2::MmapMut::map_mut(&new.file) } {
-                    Ok(map) => map,
-                    Err(e) => return new.discard(Err(Error::io("map value file", &path, e))),
-                };
-                let filled = object.write_into(&mut map);
-                drop(map);
-                match filled {
-                    Ok(()) => Ok(()),
-                    Err(e) => return new.discard(Err(e)),
-                }
-            }
-            (ObjectData::Fill(_), Reserved::Sparse) => {
-                // Without reserved blocks a write through a mapping could raise SIGBUS on a
-                // full disk, so fill a buffer and write it instead.
-                let mut buf = vec![0u8; size];
-                if let Err(e) = object.write_into(&mut buf) {
-                    return new.discard(Err(e));
-                }
-                new.file.write_all_at(&buf, 0)
-            }
-        };
+        // Sparse (no fallocate on this file system) or not, the bytes go in with pwrite:
+        // a full disk then shows as ENOSPC from write(2), never as SIGBUS from a mapping.
+        let mut sink = io::BufWriter::with_capacity(WRITE_BUFFER, FileAt::new(&new.file, 0));
+        let written = object.write_to(&mut sink);
+        drop(sink);
         match written {
             Ok(()) => {}
-            Err(e) if is_no_space(&e) => return new.discard(Ok(PutOutcome::NoSpace)),
-            Err(e) => return new.discard(Err(Error::io("write value file", &path, e))),
+            Err(WriteFailure::Sink(e)) if is_no_space(&e) => return new.discard(Ok(PutOutcome::NoSpace)),
+            Err(WriteFailure::Sink(e)) => return new.discard(Err(Error::io("write value file", &path, e))),
+            Err(WriteFailure::Data(e)) => return new.discard(Err(e)),
         }
 
         new.keep = true;

@@ -77,12 +77,11 @@ fn no_space_inner() {
     assert_eq!(outcome, PutOutcome::NoSpace);
 
     let mut called = false;
-    let mut fill = |dst: &mut [u8]| {
+    let mut fill = |out: &mut dyn std::io::Write| {
         called = true;
-        dst.fill(1);
-        Ok(())
+        out.write_all(&vec![1u8; len as usize]).map_err(|e| context_core::Error::io("test write", "value", e))
     };
-    let outcome = tier.put(NewObject { id: ObjectId(2), len, data: ObjectData::Fill(&mut fill) }).unwrap();
+    let outcome = tier.put(NewObject { id: ObjectId(2), len, data: ObjectData::Write(&mut fill) }).unwrap();
     assert_eq!(outcome, PutOutcome::NoSpace);
     assert!(!called, "the fill ran although there was no space");
 

@@ -64,12 +64,10 @@ fn files_are_private() {
     let scratch = tempfile::tempdir().unwrap();
     let tier = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
     let r = put(&tier, 7, b"secret");
-    let mut fill = |dst: &mut [u8]| {
-        dst.fill(1);
-        Ok(())
-    };
+    let mut fill =
+        |out: &mut dyn std::io::Write| out.write_all(&[1u8; 100_000]).map_err(|e| Error::io("test write", "value", e));
     let PutOutcome::Stored(f) =
-        tier.put(NewObject { id: ObjectId(8), len: 100_000, data: ObjectData::Fill(&mut fill) }).unwrap()
+        tier.put(NewObject { id: ObjectId(8), len: 100_000, data: ObjectData::Write(&mut fill) }).unwrap()
     else {
         panic!("no space")
     };
@@ -94,11 +92,9 @@ fn put_does_not_write_through_a_planted_symlink() {
     let parts: [&[u8]; 1] = [&bytes];
     let result = tier.put(NewObject { id, len: 32, data: ObjectData::Parts(&parts) });
     assert!(matches!(result, Err(Error::Io { .. })), "put through a symlink gave {result:?}");
-    let mut fill = |dst: &mut [u8]| {
-        dst.fill(b'y');
-        Ok(())
-    };
-    let result = tier.put(NewObject { id, len: 32, data: ObjectData::Fill(&mut fill) });
+    let mut fill =
+        |out: &mut dyn std::io::Write| out.write_all(&[b'y'; 32]).map_err(|e| Error::io("test write", "value", e));
+    let result = tier.put(NewObject { id, len: 32, data: ObjectData::Write(&mut fill) });
     assert!(result.is_err(), "fill through a symlink gave {result:?}");
     assert_eq!(fs::read(&target).unwrap(), b"untouched");
     assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the planted link was replaced");

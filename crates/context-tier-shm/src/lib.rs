@@ -56,15 +56,14 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use context_core::{
-    Capabilities, Error, Location, NewObject, ObjectData, ObjectId, ObjectRef, Payload, PutOutcome, Result,
-    StorageKind, StorageTier, TierUsage,
+    Capabilities, Error, FileAt, Location, NewObject, ObjectId, ObjectRef, Payload, PutOutcome, Result, StorageKind,
+    StorageTier, TierUsage, WriteFailure,
 };
-use memmap2::{Mmap, MmapOptions};
+use memmap2::Mmap;
 use rustix::fs::{FallocateFlags, Mode};
 use rustix::io::Errno;
 use rustix::shm;
@@ -312,22 +311,12 @@ impl ShmTier {
 
     fn put_large(&self, mut object: NewObject<'_>) -> Result<PutOutcome> {
         let (id, len) = (object.id, object.len);
-        if let ObjectData::Parts(parts) = object.data {
-            let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
-            if total != len {
-                return Err(Error::corrupt(
-                    format!("object {id}"),
-                    format!("parts hold {total} bytes, object is {len}"),
-                ));
-            }
-        }
-        let Ok(map_len) = usize::try_from(len) else {
-            return Ok(PutOutcome::NoSpace);
-        };
         let name = self.large_name(id);
         let flags = shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR;
         let fd = shm::open(&name, flags, Mode::from_raw_mode(0o600))
             .map_err(|e| io_err("create shared-memory segment", &name, e))?;
+        // Reserve every page before writing, so a full /dev/shm is an answer here and never
+        // a SIGBUS later.
         if let Err(e) = rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, len) {
             let _ = shm::unlink(&name);
             if is_no_space(e) {
@@ -336,11 +325,20 @@ impl ShmTier {
             return Err(io_err("reserve shared-memory segment", &name, e));
         }
         let file = File::from(fd);
-        if let Err(e) = write_large(&mut object, &file, map_len, &name) {
-            let _ = shm::unlink(&name);
-            return Err(e);
+        // pwrite copies into the reserved pages without faulting them into this process.
+        let mut sink = std::io::BufWriter::with_capacity(WRITE_BUFFER, FileAt::new(&file, 0));
+        let written = object.write_to(&mut sink);
+        drop(sink);
+        match written {
+            Ok(()) => Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0 })),
+            Err(failure) => {
+                let _ = shm::unlink(&name);
+                match failure {
+                    WriteFailure::Sink(e) => Err(Error::io("write shared-memory segment", PathBuf::from(&name), e)),
+                    WriteFailure::Data(e) => Err(e),
+                }
+            }
         }
-        Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0 }))
     }
 
     fn get_large(&self, id: ObjectId) -> Result<Option<Payload>> {
@@ -440,23 +438,9 @@ impl ShmTier {
 }
 
 /// Writes the bytes of a large object into its freshly reserved segment.
-fn write_large(object: &mut NewObject<'_>, file: &File, map_len: usize, name: &str) -> Result<()> {
-    if let ObjectData::Parts(parts) = object.data {
-        let mut at = 0u64;
-        for part in parts {
-            file.write_all_at(part, at).map_err(|e| io_err("write shared-memory segment", name, e))?;
-            at += part.len() as u64;
-        }
-        return Ok(());
-    }
-    // SAFETY: this process created the segment a moment ago with O_EXCL and mode 0600 and
-    // has not published its name to the context yet (`put` has not returned), so no other
-    // process of this crate reads or writes it while the mapping lives; fallocate made it
-    // exactly `map_len` bytes, so the mapping covers only reserved pages of the file.
-    let mut map = unsafe { MmapOptions::new().len(map_len).populate().map_mut(file) }
-        .map_err(|e| io_err("map shared-memory segment", name, e))?;
-    object.write_into(&mut map)
-}
+/// Small pieces of a large object are gathered into writes of this size; larger pieces go
+/// straight through.
+const WRITE_BUFFER: usize = 256 << 10;
 
 impl StorageTier for ShmTier {
     fn name(&self) -> &str {

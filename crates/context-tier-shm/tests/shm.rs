@@ -316,8 +316,9 @@ fn inner_no_space_in_tiny_shm() {
     let parts: [&[u8]; 1] = [&big];
     let outcome = tier.put(NewObject { id: ObjectId(1), len: big.len() as u64, data: ObjectData::Parts(&parts) });
     assert_eq!(outcome.unwrap(), PutOutcome::NoSpace);
-    let mut fill = |_: &mut [u8]| -> context_core::Result<()> { panic!("fill called although there is no space") };
-    let outcome = tier.put(NewObject { id: ObjectId(2), len: big.len() as u64, data: ObjectData::Fill(&mut fill) });
+    let mut fill =
+        |_: &mut dyn std::io::Write| -> context_core::Result<()> { panic!("fill called although there is no space") };
+    let outcome = tier.put(NewObject { id: ObjectId(2), len: big.len() as u64, data: ObjectData::Write(&mut fill) });
     assert_eq!(outcome.unwrap(), PutOutcome::NoSpace);
     assert!(segments(&run).is_empty(), "{:?}", segments(&run));
     assert_eq!(tier.usage().unwrap(), TierUsage::default());

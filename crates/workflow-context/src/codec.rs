@@ -32,18 +32,15 @@ pub(crate) fn encoded_len<T: Serialize + ?Sized>(value: &T, key: &str) -> Result
     postcard::serialize_with_flavor(value, Counter(0)).map_err(|e| codec_err(key, "encode", e))
 }
 
-/// Encodes `value` into `dst`, which must be exactly its encoded length.
-pub(crate) fn encode_into<T: Serialize + ?Sized>(value: &T, dst: &mut [u8], key: &str) -> Result<()> {
-    let used = postcard::to_slice(value, dst).map_err(|e| codec_err(key, "encode", e))?.len();
-    if used != dst.len() {
-        // The value encoded differently the second time (a non-deterministic Serialize impl).
-        return Err(Error::Codec {
-            key: key.to_owned(),
-            op: "encode",
-            message: format!("the value encoded to {used} bytes after measuring {}", dst.len()),
-        });
-    }
-    Ok(())
+/// Encodes `value` into `out` through a buffer, so the writer below sees large pieces.
+pub(crate) fn encode_to<T: Serialize + ?Sized>(value: &T, out: &mut dyn std::io::Write, key: &str) -> Result<()> {
+    let mut buffered = std::io::BufWriter::with_capacity(64 << 10, out);
+    postcard::to_io(value, &mut buffered).map_err(|e| codec_err(key, "encode", e))?;
+    std::io::Write::flush(&mut buffered).map_err(|e| Error::Codec {
+        key: key.to_owned(),
+        op: "encode",
+        message: e.to_string(),
+    })
 }
 
 /// Decodes a value, requiring every byte to be used (trailing bytes mean the wrong type).
@@ -72,8 +69,9 @@ mod tests {
         let v = (String::from("a prompt"), vec![1.5f32; 100], Some(7u64));
         let n = encoded_len(&v, "k").unwrap();
         assert_eq!(n, postcard::to_stdvec(&v).unwrap().len());
-        let mut buf = vec![0u8; n];
-        encode_into(&v, &mut buf, "k").unwrap();
+        let mut buf = Vec::new();
+        encode_to(&v, &mut buf, "k").unwrap();
+        assert_eq!(buf.len(), n);
         let back: (String, Vec<f32>, Option<u64>) = decode(&buf, "k").unwrap();
         assert_eq!(back, v);
     }

@@ -33,7 +33,8 @@ impl FileConfig {
     /// Reads and checks the file at `path`.
     pub(crate) fn load(path: &Path) -> Result<FileConfig> {
         let name = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|e| config_err(&name, None, format!("cannot open the file: {e}")))?;
+        let file =
+            std::fs::File::open(path).map_err(|e| config_err(&name, None, format!("cannot open the file: {e}")))?;
         let mut text = String::new();
         file.take(MAX_CONFIG_BYTES + 1)
             .read_to_string(&mut text)
@@ -128,7 +129,8 @@ fn check_dir_name(s: &str) -> std::result::Result<(), &'static str> {
 /// The memory the machine (or its cgroup, where that is lower) has, in bytes.
 pub(crate) fn memory_limit() -> u64 {
     use sysinfo::{MemoryRefreshKind, RefreshKind, System};
-    let Ok(sys) = System::new_with_specifics(RefreshKind::nothing().with_memory(MemoryRefreshKind::everything())) else {
+    let Ok(sys) = System::new_with_specifics(RefreshKind::nothing().with_memory(MemoryRefreshKind::everything()))
+    else {
         return 0;
     };
     let total = sys.total_memory();
@@ -201,7 +203,10 @@ mod tests {
     #[test]
     fn missing_file_is_a_config_error_naming_it() {
         let err = FileConfig::load(Path::new("/nonexistent/wfctx.json")).unwrap_err();
-        assert!(matches!(err, Error::Config { ref source_name, .. } if source_name == "/nonexistent/wfctx.json"), "{err}");
+        assert!(
+            matches!(err, Error::Config { ref source_name, .. } if source_name == "/nonexistent/wfctx.json"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use context_core::record::{self, FLAG_TYPED, HEADER_LEN, RecordHeader};
+use context_core::record::{self, FLAG_TYPED, HEADER_LEN, OVERHEAD, RecordWriter, TRAILER_LEN};
 use context_core::{
     Budget, Error, NewObject, ObjectData, ObjectId, PassBy, Payload, PlacementPolicy, PlacementRequest, PutOutcome,
     RamFirst, Result, SaveOptions, StorageInfo, StorageKind, StorageTier, TierStatus, Usage, validate_key,
@@ -469,10 +469,8 @@ impl WorkflowContext {
         let mut owners: Vec<u64> = g.replica.pending.values().map(|p| p.owner).filter(|&o| o != self.token).collect();
         owners.sort_unstable();
         owners.dedup();
-        let dead: Vec<u64> = owners
-            .into_iter()
-            .filter(|o| !holder_alive(&self.dir.join(PROCS_DIR).join(format!("{o:016x}"))))
-            .collect();
+        let dead: Vec<u64> =
+            owners.into_iter().filter(|o| !holder_alive(&self.dir.join(PROCS_DIR).join(format!("{o:016x}")))).collect();
         if dead.is_empty() {
             return Ok(0);
         }
@@ -701,26 +699,23 @@ impl WorkflowContext {
     /// ```
     pub fn save_with<T: Serialize + ?Sized>(&self, key: &str, value: &T, opts: SaveOptions) -> Result<()> {
         validate_key(key)?;
-        let payload_len = codec::encoded_len(value, key)?;
-        let len = (HEADER_LEN + payload_len) as u64;
+        let payload_len = codec::encoded_len(value, key)? as u64;
+        let len = record::record_len(payload_len);
         self.store(key, len, opts, PassBy::Val, FLAG_TYPED, &mut |tier, id| {
-            let mut fill = |dst: &mut [u8]| {
-                let (head, body) = dst.split_at_mut(HEADER_LEN);
-                codec::encode_into(value, body, key)?;
-                let header = RecordHeader {
-                    flags: FLAG_TYPED,
-                    payload_len: payload_len as u64,
-                    object_id: id,
-                    checksum: record::checksum(id, body),
-                };
-                head.copy_from_slice(&header.encode());
-                Ok(())
+            let mut write = |out: &mut dyn io::Write| -> Result<()> {
+                let stream = |e: io::Error| Error::io("stream value into", format!("object {id}"), e);
+                let mut rec = RecordWriter::new(out, id, FLAG_TYPED, payload_len).map_err(stream)?;
+                codec::encode_to(value, &mut rec, key)?;
+                rec.finish().map_err(stream)
             };
-            tier.put(NewObject { id, len, data: ObjectData::Fill(&mut fill) })
+            tier.put(NewObject { id, len, data: ObjectData::Write(&mut write) })
         })
     }
 
     /// Saves raw bytes; [`load_bytes`](Self::load_bytes) returns exactly these bytes.
+    ///
+    /// The bytes are checksummed piece by piece as they are copied into place, so they are
+    /// read from memory once.
     ///
     /// ```
     /// # fn main() -> workflow_context::Result<()> {
@@ -734,25 +729,13 @@ impl WorkflowContext {
     /// ```
     pub fn save_bytes(&self, key: &str, bytes: &[u8], opts: SaveOptions) -> Result<()> {
         validate_key(key)?;
-        let len = (HEADER_LEN + bytes.len()) as u64;
-        let mut checked: Option<(ObjectId, [u8; HEADER_LEN])> = None;
+        let len = record::record_len(bytes.len() as u64);
         self.store(key, len, opts, PassBy::Val, 0, &mut |tier, id| {
-            let header = match checked {
-                Some((for_id, h)) if for_id == id => h,
-                _ => {
-                    let h = RecordHeader {
-                        flags: 0,
-                        payload_len: bytes.len() as u64,
-                        object_id: id,
-                        checksum: record::checksum(id, bytes),
-                    }
-                    .encode();
-                    checked = Some((id, h));
-                    h
-                }
+            let mut write = |out: &mut dyn io::Write| {
+                record::write_record(out, id, 0, bytes)
+                    .map_err(|e| Error::io("stream value into", format!("object {id}"), e))
             };
-            let parts: [&[u8]; 2] = [&header, bytes];
-            tier.put(NewObject { id, len, data: ObjectData::Parts(&parts) })
+            tier.put(NewObject { id, len, data: ObjectData::Write(&mut write) })
         })
     }
 
@@ -764,7 +747,7 @@ impl WorkflowContext {
     /// checks.
     pub fn load<T: DeserializeOwned>(&self, key: &str) -> Result<T> {
         let (_, record) = self.load_record(key)?;
-        codec::decode(&record[HEADER_LEN..], key)
+        codec::decode(record::payload(&record), key)
     }
 
     /// Loads a value's bytes: for RAM and disk values above 64 KiB a zero-copy view of the
@@ -776,7 +759,7 @@ impl WorkflowContext {
     /// object cost O(1).
     pub fn load_bytes(&self, key: &str) -> Result<Payload> {
         let (_, record) = self.load_record(key)?;
-        Ok(record.slice(HEADER_LEN..record.len()))
+        Ok(record.slice(HEADER_LEN..record.len() - TRAILER_LEN))
     }
 
     /// Reads and checks the record `key` points to.
@@ -871,7 +854,7 @@ impl WorkflowContext {
     pub fn storage_info(&self, key: &str) -> Result<Option<StorageInfo>> {
         validate_key(key)?;
         let Some(entry) = self.read_index()?.keys.get(key).cloned() else { return Ok(None) };
-        let size = entry.at.len.saturating_sub(HEADER_LEN as u64);
+        let size = entry.at.len.saturating_sub(OVERHEAD as u64);
         let info = StorageInfo::new(entry.at.kind, entry.at.tier.clone(), size, entry.pass_by);
         Ok(Some(match self.tier(&entry.at.tier) {
             Some(t) => {
@@ -918,7 +901,8 @@ impl WorkflowContext {
                 reason: "it is stored by reference (a recipe), not by value".into(),
             });
         }
-        export::write(dest, key, u16::from(entry.flags), &record[HEADER_LEN..], overwrite).map_err(|e| e.with_key(key))?;
+        export::write(dest, key, u16::from(entry.flags), record::payload(&record), overwrite)
+            .map_err(|e| e.with_key(key))?;
         // Remove the key only if it still holds what was exported: a concurrent overwrite wins.
         let mut g = self.write_lock()?;
         if let Some(now) = g.replica.keys.get(key).cloned().filter(|now| now.at.obj == entry.at.obj) {
@@ -994,4 +978,3 @@ impl Drop for WorkflowContext {
         }
     }
 }
-

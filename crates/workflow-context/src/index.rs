@@ -100,7 +100,10 @@ impl Meta {
         let file = fsutil::open_rw(path, "open context meta file")?;
         let len = file.metadata().map_err(|e| Error::io("inspect context meta file", path, e))?.len();
         if len != META_LEN {
-            return Err(Error::corrupt(path.display().to_string(), format!("meta file is {len} bytes, expected {META_LEN}")));
+            return Err(Error::corrupt(
+                path.display().to_string(),
+                format!("meta file is {len} bytes, expected {META_LEN}"),
+            ));
         }
         let meta = Self::map(&file, path)?;
         let magic = meta.word(OFF_MAGIC).load(Ordering::Acquire);
@@ -262,7 +265,9 @@ pub(crate) fn decode_frames(bytes: &[u8], base: u64) -> std::result::Result<Vec<
     let mut recs = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
-        let frame = bytes.get(at..at + FRAME).ok_or_else(|| format!("truncated record header at offset {}", base + at as u64))?;
+        let frame = bytes
+            .get(at..at + FRAME)
+            .ok_or_else(|| format!("truncated record header at offset {}", base + at as u64))?;
         let body_len = u32::from_le_bytes(frame[0..4].try_into().expect("4 bytes")) as usize;
         let sum = u32::from_le_bytes(frame[4..8].try_into().expect("4 bytes"));
         let body = bytes
@@ -271,7 +276,8 @@ pub(crate) fn decode_frames(bytes: &[u8], base: u64) -> std::result::Result<Vec<
         if xxhash_rust::xxh3::xxh3_64(body) as u32 != sum {
             return Err(format!("record at offset {} fails its checksum", base + at as u64));
         }
-        let rec: Rec = postcard::from_bytes(body).map_err(|e| format!("record at offset {} does not decode: {e}", base + at as u64))?;
+        let rec: Rec = postcard::from_bytes(body)
+            .map_err(|e| format!("record at offset {} does not decode: {e}", base + at as u64))?;
         recs.push((rec, FRAME + body_len));
         at += FRAME + body_len;
     }
@@ -521,7 +527,13 @@ mod tests {
     fn frames_round_trip_and_damage_is_detected() {
         let recs = vec![
             Rec::Pending { at: placed(1, StorageKind::Ram, 64), owner: 9 },
-            Rec::Put { key: "k/../é".into(), at: placed(1, StorageKind::Ram, 64), pass_by: PassBy::Val, flags: 1, owner: 9 },
+            Rec::Put {
+                key: "k/../é".into(),
+                at: placed(1, StorageKind::Ram, 64),
+                pass_by: PassBy::Val,
+                flags: 1,
+                owner: 9,
+            },
             Rec::Remove { key: "k".into(), obj: 1, owner: 9 },
             Rec::Gone { obj: 1 },
         ];
@@ -554,10 +566,18 @@ mod tests {
         let a = placed(r.allocate_id(), StorageKind::Ram, 100);
         r.append(&meta, &[Rec::Pending { at: a.clone(), owner: 1 }]).unwrap();
         assert_eq!(r.used, Used { ram: 100, disk: 0 });
-        r.append(&meta, &[Rec::Put { key: "k".into(), at: a.clone(), pass_by: PassBy::Val, flags: 0, owner: 1 }]).unwrap();
+        r.append(&meta, &[Rec::Put { key: "k".into(), at: a.clone(), pass_by: PassBy::Val, flags: 0, owner: 1 }])
+            .unwrap();
         assert_eq!(r.used, Used { ram: 100, disk: 0 });
         let b = placed(r.allocate_id(), StorageKind::Disk, 300);
-        r.append(&meta, &[Rec::Pending { at: b.clone(), owner: 1 }, Rec::Put { key: "k".into(), at: b.clone(), pass_by: PassBy::Val, flags: 0, owner: 1 }]).unwrap();
+        r.append(
+            &meta,
+            &[
+                Rec::Pending { at: b.clone(), owner: 1 },
+                Rec::Put { key: "k".into(), at: b.clone(), pass_by: PassBy::Val, flags: 0, owner: 1 },
+            ],
+        )
+        .unwrap();
         assert_eq!(r.used, Used { ram: 100, disk: 300 }, "old object is pending until gone");
         r.append(&meta, &[Rec::Gone { obj: a.obj }]).unwrap();
         assert_eq!(r.used, Used { ram: 0, disk: 300 });

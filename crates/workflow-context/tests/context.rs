@@ -43,7 +43,11 @@ fn typed_values_round_trip() {
     assert_eq!(ctx.load::<String>("prompt").unwrap(), "a string slice");
     assert_eq!(ctx.load::<i32>("n").unwrap(), 42);
     ctx.load::<()>("unit").unwrap();
-    assert_eq!(&*ctx.load_bytes("n").unwrap(), &postcard::to_stdvec(&42i32).unwrap()[..], "load_bytes is the postcard encoding");
+    assert_eq!(
+        &*ctx.load_bytes("n").unwrap(),
+        &postcard::to_stdvec(&42i32).unwrap()[..],
+        "load_bytes is the postcard encoding"
+    );
 }
 
 #[test]
@@ -197,7 +201,11 @@ fn overwrite_frees_the_old_storage() {
     assert_eq!(ctx.usage().unwrap().ram_usage_bytes, (2 << 20) + 4096, "only the new value counts");
     assert!(ctx.remove("img").unwrap());
     assert_eq!(ctx.usage().unwrap().ram_usage_bytes, 0);
-    assert!(shm_segments(&run).iter().all(|s| s.contains(".a")), "only small-value arenas remain: {:?}", shm_segments(&run));
+    assert!(
+        shm_segments(&run).iter().all(|s| s.contains(".a")),
+        "only small-value arenas remain: {:?}",
+        shm_segments(&run)
+    );
 }
 
 #[test]
@@ -332,8 +340,12 @@ fn shutdown_removes_everything_and_closes_every_handle() {
     other.shutdown().unwrap();
     assert!(!ctx.dir().exists());
     assert!(shm_segments(&run).is_empty(), "{:?}", shm_segments(&run));
-    for r in [ctx.load::<u8>("small").map(|_| ()), ctx.save("x", &1).map(|_| ()), ctx.usage().map(|_| ()), other.list_keys().map(|_| ())]
-    {
+    for r in [
+        ctx.load::<u8>("small").map(|_| ()),
+        ctx.save("x", &1).map(|_| ()),
+        ctx.usage().map(|_| ()),
+        other.list_keys().map(|_| ()),
+    ] {
         assert!(matches!(r, Err(Error::Closed { ref run_id }) if *run_id == run), "{r:?}");
     }
     ctx.shutdown().unwrap();
@@ -373,7 +385,9 @@ fn creating_over_a_live_run_id_never_wipes_it() {
 #[test]
 fn open_errors() {
     let b = base();
-    assert!(matches!(builder(b.path()).run_id("absent").open(), Err(Error::ContextNotFound { run_id, .. }) if run_id == "absent"));
+    assert!(
+        matches!(builder(b.path()).run_id("absent").open(), Err(Error::ContextNotFound { run_id, .. }) if run_id == "absent")
+    );
     assert!(matches!(builder(b.path()).open(), Err(Error::InvalidRunId { .. })));
     fs::create_dir(b.path().join("notactx")).unwrap();
     assert!(matches!(builder(b.path()).run_id("notactx").open(), Err(Error::ContextNotFound { .. })));
@@ -412,7 +426,8 @@ fn an_unsafe_contexts_dir_is_refused() {
 fn config_file_sets_the_budget_and_builder_wins() {
     let b = base();
     let cfg = b.path().join("cfg.json");
-    fs::write(&cfg, "{\n  // two gigabytes at most\n  \"MAX_RAM_GB\": 2, /* and */ \"MAX_RAM_PERCENT\": 100\n}").unwrap();
+    fs::write(&cfg, "{\n  // two gigabytes at most\n  \"MAX_RAM_GB\": 2, /* and */ \"MAX_RAM_PERCENT\": 100\n}")
+        .unwrap();
     let ctx = builder(b.path()).config_path(&cfg).create().unwrap();
     let cap = ctx.usage().unwrap().ram_capacity_bytes;
     if cfg!(feature = "tier-shm") {

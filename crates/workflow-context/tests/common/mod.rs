@@ -27,7 +27,10 @@ pub fn shm_segments(run_id: &str) -> Vec<String> {
     let prefix = format!("wfctx.{run_id}.");
     std::fs::read_dir("/dev/shm")
         .map(|d| {
-            d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect()
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
         })
         .unwrap_or_default()
 }

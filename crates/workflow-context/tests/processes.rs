@@ -1,0 +1,215 @@
+//! Several processes attached to one context: visibility, shared budget, concurrent
+//! writers, crashes, and a small /dev/shm.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::{assert_child_ok, base, builder, run_child, run_id, shm_segments};
+use workflow_context::{SaveOptions, StorageKind, WorkflowContext};
+
+const ENTRY: &str = "child_main";
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("child needs {name}"))
+}
+
+fn open_from_env() -> WorkflowContext {
+    WorkflowContext::builder().contexts_dir(env("WFCTX_BASE")).run_id(env("WFCTX_RUN")).open().expect("child opens")
+}
+
+/// The body of every child process; the parent picks the role.
+#[test]
+#[ignore = "runs only as a child process started by the other tests"]
+fn child_main() {
+    let Ok(role) = std::env::var("WFCTX_CHILD_ROLE") else { return };
+    match role.as_str() {
+        "open-and-save" => {
+            let ctx = open_from_env();
+            assert_eq!(ctx.load::<String>("from-parent").unwrap(), "hello child");
+            assert_eq!(&*ctx.load_bytes("frame").unwrap(), &vec![7u8; 300_000][..]);
+            ctx.save("from-child", &vec![1u32, 2, 3]).unwrap();
+            ctx.save_bytes("child-frame", &vec![9u8; 800_000], SaveOptions::new()).unwrap();
+            // The budget is the context's: what the parent holds counts here too.
+            let u = ctx.usage().unwrap();
+            assert!(u.ram_usage_bytes >= 300_000, "{u:?}");
+        }
+        "writer" => {
+            let ctx = open_from_env();
+            let me: usize = env("WFCTX_WRITER").parse().unwrap();
+            for i in 0..300usize {
+                let len = [20usize, 5000, 80_000][i % 3];
+                ctx.save_bytes(&format!("w{me}-{i}"), &vec![(me * 50 + i) as u8; len], SaveOptions::new()).unwrap();
+                ctx.save(&format!("shared-{}", i % 4), &(me, i)).unwrap();
+                if i % 10 == 0 {
+                    // Read what another writer wrote, if it is there yet.
+                    let other = (me + 1) % 4;
+                    if let Ok(v) = ctx.load_bytes(&format!("w{other}-{i}")) {
+                        assert!(v.iter().all(|&b| b == (other * 50 + i) as u8));
+                    }
+                }
+            }
+        }
+        "create-and-wait" => {
+            let ctx =
+                WorkflowContext::builder().contexts_dir(env("WFCTX_BASE")).run_id(env("WFCTX_RUN")).create().unwrap();
+            ctx.save_bytes("ram", &vec![1u8; 200_000], SaveOptions::new()).unwrap();
+            ctx.save_bytes("disk", &vec![2u8; 200_000], SaveOptions::new().use_ram(false)).unwrap();
+            ctx.save("small", "value").unwrap();
+            println!("READY");
+            std::thread::sleep(std::time::Duration::from_secs(120));
+        }
+        "small-shm" => {
+            // Inside a private mount namespace whose /dev/shm holds 16 MiB.
+            let ctx = WorkflowContext::builder().contexts_dir(env("WFCTX_BASE")).create().unwrap();
+            let big: Vec<u8> = (0..64usize << 20).map(|i| (i % 251) as u8).collect();
+            ctx.save_bytes("big", &big, SaveOptions::new()).unwrap();
+            let info = ctx.storage_info("big").unwrap().unwrap();
+            assert_eq!(info.storage_type, StorageKind::Disk, "a value larger than /dev/shm spills to disk");
+            assert_eq!(&*ctx.load_bytes("big").unwrap(), &big[..]);
+            // What fits still goes to RAM.
+            ctx.save_bytes("fits", &vec![3u8; 4 << 20], SaveOptions::new()).unwrap();
+            assert_eq!(ctx.storage_info("fits").unwrap().unwrap().storage_type, StorageKind::Ram);
+            // RAM only, without room in /dev/shm: a clear error, nothing stored.
+            let err = ctx.save_bytes("too-big", &big[..32 << 20], SaveOptions::new().ram_only(true)).unwrap_err();
+            assert!(matches!(err, workflow_context::Error::OutOfRam { shm_full: true, .. }), "{err}");
+            assert!(!ctx.contains("too-big").unwrap());
+            println!("small /dev/shm: {err}");
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+#[test]
+fn a_child_process_sees_and_adds_values() {
+    let b = base();
+    let ctx = builder(b.path()).max_ram_bytes(1 << 20).create().unwrap();
+    ctx.save("from-parent", "hello child").unwrap();
+    ctx.save_bytes("frame", &vec![7u8; 300_000], SaveOptions::new()).unwrap();
+    let out =
+        run_child(ENTRY, "open-and-save", &[("WFCTX_BASE", b.path().to_str().unwrap()), ("WFCTX_RUN", ctx.run_id())]);
+    assert_child_ok(&out);
+    assert_eq!(ctx.load::<Vec<u32>>("from-child").unwrap(), vec![1, 2, 3]);
+    assert_eq!(&*ctx.load_bytes("child-frame").unwrap(), &vec![9u8; 800_000][..]);
+    let u = ctx.usage().unwrap();
+    assert_eq!(u.stored_keys_count, 4);
+    if cfg!(all(feature = "tier-shm", feature = "tier-mmap")) {
+        // 300 KB + 800 KB do not both fit a 1 MiB budget shared by the two processes.
+        assert_eq!(ctx.storage_info("child-frame").unwrap().unwrap().storage_type, StorageKind::Disk);
+        assert!(u.ram_usage_bytes <= 1 << 20 && u.temp_disk_usage_bytes >= 800_000, "{u:?}");
+    }
+    // The child only detached: the context lives on.
+    assert!(ctx.dir().exists());
+}
+
+#[test]
+fn several_processes_write_at_once() {
+    let b = base();
+    let ctx = builder(b.path()).max_ram_bytes(8 << 20).create().unwrap();
+    let children: Vec<_> = (0..4)
+        .map(|w| {
+            let exe = std::env::current_exe().unwrap();
+            Command::new(exe)
+                .args(["--exact", ENTRY, "--ignored", "--nocapture", "--test-threads=1"])
+                .env("WFCTX_CHILD_ROLE", "writer")
+                .env("WFCTX_BASE", b.path())
+                .env("WFCTX_RUN", ctx.run_id())
+                .env("WFCTX_WRITER", w.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // The parent reads while they write.
+    for _ in 0..50 {
+        let _ = ctx.list_keys().unwrap();
+        let _ = ctx.usage().unwrap();
+    }
+    for c in children {
+        assert_child_ok(&c.wait_with_output().unwrap());
+    }
+    for w in 0..4usize {
+        for i in 0..300usize {
+            let len = [20usize, 5000, 80_000][i % 3];
+            assert_eq!(&*ctx.load_bytes(&format!("w{w}-{i}")).unwrap(), &vec![(w * 50 + i) as u8; len][..]);
+        }
+    }
+    for k in 0..4usize {
+        let (_, i): (usize, usize) = ctx.load(&format!("shared-{k}")).unwrap();
+        assert_eq!(i % 4, k);
+    }
+    let u = ctx.usage().unwrap();
+    assert_eq!(u.stored_keys_count, 4 * 300 + 4);
+    assert!(u.ram_usage_bytes <= 8 << 20, "the shared budget held: {u:?}");
+    for k in ctx.list_keys().unwrap() {
+        assert!(ctx.remove(&k).unwrap());
+    }
+    let u = ctx.usage().unwrap();
+    assert_eq!((u.ram_usage_bytes, u.temp_disk_usage_bytes), (0, 0), "every overwrite freed its old value");
+    let run = ctx.run_id().to_owned();
+    drop(ctx);
+    assert!(shm_segments(&run).is_empty(), "{:?}", shm_segments(&run));
+}
+
+#[test]
+fn a_context_left_by_a_killed_creator_can_be_replaced() {
+    let b = base();
+    let run = run_id("killed");
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args(["--exact", ENTRY, "--ignored", "--nocapture", "--test-threads=1"])
+        .env("WFCTX_CHILD_ROLE", "create-and-wait")
+        .env("WFCTX_BASE", b.path())
+        .env("WFCTX_RUN", &run)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().contains("READY")), "child never got ready");
+    // While the creator lives, its run id is taken.
+    assert!(matches!(builder(b.path()).run_id(&run).create(), Err(workflow_context::Error::AlreadyExists { .. })));
+    let opened = builder(b.path()).run_id(&run).open().unwrap();
+    assert_eq!(opened.load::<String>("small").unwrap(), "value");
+    drop(opened);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The dead context is replaced, with everything it held.
+    let ctx = builder(b.path()).run_id(&run).create().unwrap();
+    assert!(ctx.list_keys().unwrap().is_empty());
+    assert!(shm_segments(&run).is_empty(), "the dead context's segments are gone: {:?}", shm_segments(&run));
+    ctx.save("fresh", &1u8).unwrap();
+}
+
+#[test]
+fn a_small_dev_shm_spills_to_disk_without_sigbus() {
+    let b = base();
+    let probe = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o size=16m tmpfs /dev/shm"])
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            println!("SKIPPED: cannot mount a private /dev/shm here: {}", String::from_utf8_lossy(&out.stderr).trim());
+            return;
+        }
+        Err(e) => {
+            println!("SKIPPED: cannot run unshare: {e}");
+            return;
+        }
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=16m tmpfs /dev/shm && exec \"$0\" --exact {ENTRY} --ignored --nocapture --test-threads=1"
+        ))
+        .arg(exe)
+        .env("WFCTX_CHILD_ROLE", "small-shm")
+        .env("WFCTX_BASE", b.path())
+        .output()
+        .unwrap();
+    assert_child_ok(&out);
+    assert!(std::fs::read_dir(b.path()).unwrap().next().is_none(), "the child's context was cleaned up when it ended");
+}
