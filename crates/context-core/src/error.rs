@@ -144,6 +144,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The save needs a kind of tier (RAM or disk) that this build does not have.
+    #[error("key {key:?}: this build has no {} tier to take the value", match kind { crate::StorageKind::Ram => "RAM", crate::StorageKind::Disk => "disk" })]
+    NoTier {
+        /// The key being saved.
+        key: String,
+        /// The kind of tier the save options require.
+        kind: crate::StorageKind,
+    },
     /// The value is stored in a tier this process does not have (built without its feature).
     #[error("key {key:?} is stored in tier {tier:?}, which this build does not include")]
     TierUnavailable {

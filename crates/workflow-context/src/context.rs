@@ -648,20 +648,26 @@ impl WorkflowContext {
     ) -> Error {
         let ram_need = self.tiers.iter().filter(|t| t.kind() == StorageKind::Ram).map(|t| t.footprint(len)).min();
         let disk_need = self.tiers.iter().filter(|t| t.kind() == StorageKind::Disk).map(|t| t.footprint(len)).min();
-        let out_of_ram = || Error::OutOfRam {
-            key: key.to_owned(),
-            needed: ram_need.unwrap_or(len),
-            available: ram.available().unwrap_or(0),
-            capacity: ram.capacity.unwrap_or(0),
-            shm_full: shm_refused,
-        };
+        let key = key.to_owned();
+        if opts.is_ram_only() || (disk_need.is_none() && opts.uses_ram()) {
+            return match ram_need {
+                None => Error::NoTier { key, kind: StorageKind::Ram },
+                Some(needed) => Error::OutOfRam {
+                    key,
+                    needed,
+                    available: ram.available().unwrap_or(0),
+                    capacity: ram.capacity.unwrap_or(0),
+                    shm_full: shm_refused,
+                },
+            };
+        }
         match disk_need {
-            Some(needed) if !opts.is_ram_only() => Error::OutOfDisk {
-                key: key.to_owned(),
+            None => Error::NoTier { key, kind: StorageKind::Disk },
+            Some(needed) => Error::OutOfDisk {
+                key,
                 needed,
                 available: if disk_refused && disk.fits(needed) { None } else { disk.available() },
             },
-            _ => out_of_ram(),
         }
     }
 
@@ -692,9 +698,10 @@ impl WorkflowContext {
     /// # let dir = tempfile::tempdir().unwrap();
     /// use workflow_context::{SaveOptions, StorageKind, WorkflowContext};
     /// let ctx = WorkflowContext::builder().contexts_dir(dir.path()).create()?;
+    /// # #[cfg(feature = "tier-mmap")] {
     /// ctx.save_with("dataset", &vec![0u8; 1000], SaveOptions::new().use_ram(false))?;
-    /// # #[cfg(feature = "tier-mmap")]
     /// assert_eq!(ctx.storage_info("dataset")?.unwrap().storage_type, StorageKind::Disk);
+    /// # }
     /// # Ok(()) }
     /// ```
     pub fn save_with<T: Serialize + ?Sized>(&self, key: &str, value: &T, opts: SaveOptions) -> Result<()> {
@@ -934,10 +941,10 @@ impl WorkflowContext {
                 }
             }
             self.replica.write().unwrap_or_else(lock_poisoned).views.lock().unwrap_or_else(lock_poisoned).clear();
-            if let Err(e) = fs::remove_dir_all(&self.dir) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    first_err.get_or_insert(Error::io("remove context directory", &self.dir, e));
-                }
+            if let Err(e) = fs::remove_dir_all(&self.dir)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                first_err.get_or_insert(Error::io("remove context directory", &self.dir, e));
             }
         }
         let _ = lock.unlock();

@@ -126,7 +126,7 @@ impl Meta {
     }
 
     fn word(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off % 8 == 0 && off + 8 <= META_LEN as usize);
+        debug_assert!(off.is_multiple_of(8) && off + 8 <= META_LEN as usize);
         // SAFETY: the mapping is META_LEN bytes long (checked in `map`), page aligned, so
         // `off` (a multiple of 8 below META_LEN - 8) is in bounds and 8-byte aligned. The
         // memory lives as long as `self.map`, and is only ever accessed through atomics, by

@@ -15,6 +15,25 @@ pub use context_core::{
 };
 pub use export::{read_exported, read_exported_bytes};
 
+/// Helpers for tests (feature `testing`): the tiers exactly as a context builds them.
+#[cfg(feature = "testing")]
+pub mod testing {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use context_core::{Result, StorageTier};
+
+    /// The tiers of this build as a context `run_id` in directory `dir` uses them (the
+    /// directory must exist). Run the conformance kit on them to check the composition.
+    pub fn context_tiers(run_id: &str, dir: &Path) -> Result<Vec<Arc<dyn StorageTier>>> {
+        let values = dir.join(crate::tiers::VALUES_DIR);
+        if !values.exists() {
+            std::fs::create_dir(&values).map_err(|e| context_core::Error::io("create values directory", &values, e))?;
+        }
+        crate::tiers::build(run_id, dir)
+    }
+}
+
 /// The building blocks for writing your own storage tier or placement policy.
 pub mod core {
     pub use context_core::*;

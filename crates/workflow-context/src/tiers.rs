@@ -9,7 +9,7 @@ use context_core::{Result, StorageTier};
 pub(crate) const VALUES_DIR: &str = "values";
 
 /// Builds the tiers of this build for the context `run_id` in `dir`, RAM tiers first.
-#[allow(unused_variables, unused_mut)]
+#[allow(unused_variables, unused_mut, clippy::vec_init_then_push)]
 pub(crate) fn build(run_id: &str, dir: &Path) -> Result<Vec<Arc<dyn StorageTier>>> {
     let mut tiers: Vec<Arc<dyn StorageTier>> = Vec::new();
     #[cfg(feature = "tier-shm")]

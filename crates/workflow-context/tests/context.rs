@@ -6,11 +6,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use common::{base, builder, run_id, shm_segments, tree};
+use common::{base, budget, builder, run_id, shm_segments, to_disk, tree};
 use serde::{Deserialize, Serialize};
-#[cfg(feature = "tier-shm")]
-use workflow_context::StorageKind;
-use workflow_context::{Error, PassBy, SaveOptions, WorkflowContext, read_exported, read_exported_bytes};
+use workflow_context::{Error, PassBy, SaveOptions, StorageKind, WorkflowContext, read_exported, read_exported_bytes};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Params {
@@ -56,7 +54,7 @@ fn bytes_round_trip_exactly_at_every_size() {
     let ctx = builder(b.path()).create().unwrap();
     for (i, len) in [0usize, 1, 31, 32, 4064, 4065, 65_536, 65_537, 6 << 20].into_iter().enumerate() {
         let bytes: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
-        for opts in [SaveOptions::new(), SaveOptions::new().use_ram(false)] {
+        for opts in [SaveOptions::new(), to_disk()] {
             let key = format!("v{len}-{}", opts.uses_ram());
             ctx.save_bytes(&key, &bytes, opts).unwrap();
             assert_eq!(&*ctx.load_bytes(&key).unwrap(), &bytes[..], "{key}");
@@ -97,7 +95,7 @@ fn keys_never_become_paths() {
     let keys = ["../x", "../../etc/passwd", "a/b", "/abs", "ключ 🔑", "\0nul", ".", "..", long.as_str()];
     for (i, k) in keys.iter().enumerate() {
         ctx.save(k, &i).unwrap();
-        ctx.save_bytes(&format!("{i}#disk"), &[i as u8; 100_000], SaveOptions::new().use_ram(false)).unwrap();
+        ctx.save_bytes(&format!("{i}#disk"), &[i as u8; 100_000], to_disk()).unwrap();
     }
     for (i, k) in keys.iter().enumerate() {
         assert_eq!(ctx.load::<usize>(k).unwrap(), i, "{k:?}");
@@ -232,7 +230,7 @@ fn export_moves_the_value_out() {
     let b = base();
     let ctx = builder(b.path()).create().unwrap();
     ctx.save("params", &params()).unwrap();
-    ctx.save_bytes("raw", &[5u8; 100_000], SaveOptions::new().use_ram(false)).unwrap();
+    ctx.save_bytes("raw", &[5u8; 100_000], to_disk()).unwrap();
     let out = b.path().join("results/nested/params.wfx");
     ctx.export_data("params", &out, false).unwrap();
     assert!(!ctx.contains("params").unwrap());
@@ -284,6 +282,7 @@ fn export_accepts_relative_paths() {
     fs::remove_dir_all(cwd.join(rel.parent().unwrap())).unwrap();
 }
 
+#[cfg(feature = "tier-mmap")]
 #[test]
 fn damaged_values_load_as_corrupt() {
     let b = base();
@@ -334,7 +333,7 @@ fn shutdown_removes_everything_and_closes_every_handle() {
     let run = ctx.run_id().to_owned();
     let other = builder(b.path()).run_id(&run).open().unwrap();
     ctx.save_bytes("ram", &[1u8; 100_000], SaveOptions::new()).unwrap();
-    ctx.save_bytes("disk", &[1u8; 100_000], SaveOptions::new().use_ram(false)).unwrap();
+    ctx.save_bytes("disk", &[1u8; 100_000], to_disk()).unwrap();
     ctx.save("small", &1u8).unwrap();
     other.shutdown().unwrap();
     other.shutdown().unwrap();
@@ -397,7 +396,7 @@ fn open_errors() {
 fn files_and_directories_are_private() {
     let b = base();
     let ctx = builder(&b.path().join("contexts")).create().unwrap();
-    ctx.save_bytes("disk", &[1u8; 70_000], SaveOptions::new().use_ram(false)).unwrap();
+    ctx.save_bytes("disk", &[1u8; 70_000], to_disk()).unwrap();
     ctx.save_bytes("ram", &[1u8; 70_000], SaveOptions::new()).unwrap();
     assert_eq!(fs::metadata(b.path().join("contexts")).unwrap().permissions().mode() & 0o777, 0o700);
     for p in tree(ctx.dir()) {
@@ -471,7 +470,7 @@ fn contexts_dir_name_from_the_config_file() {
 #[test]
 fn many_threads_lose_nothing() {
     let b = base();
-    let ctx = builder(b.path()).max_ram_bytes(4 << 20).create().unwrap();
+    let ctx = builder(b.path()).max_ram_bytes(budget(4 << 20)).create().unwrap();
     let threads = 8;
     let per = 300;
     std::thread::scope(|s| {
@@ -509,7 +508,7 @@ fn many_threads_lose_nothing() {
     }
     let u = ctx.usage().unwrap();
     assert_eq!(u.stored_keys_count, expect + 5);
-    assert!(u.ram_usage_bytes <= 4 << 20, "the budget held: {u:?}");
+    assert!(u.ram_usage_bytes <= budget(4 << 20), "the budget held: {u:?}");
     for k in ctx.list_keys().unwrap() {
         ctx.remove(&k).unwrap();
     }
@@ -523,7 +522,8 @@ fn overwrites_are_atomic_for_readers() {
     let ctx = builder(b.path()).create().unwrap();
     let sizes = [100usize, 5000, 200_000];
     for (k, len) in sizes.iter().enumerate() {
-        ctx.save_bytes(&format!("k{k}"), &vec![0u8; *len], SaveOptions::new().use_ram(k != 1)).unwrap();
+        ctx.save_bytes(&format!("k{k}"), &vec![0u8; *len], if k == 1 { to_disk() } else { SaveOptions::new() })
+            .unwrap();
     }
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -541,7 +541,8 @@ fn overwrites_are_atomic_for_readers() {
         });
         for round in 1..=200u32 {
             for (k, len) in sizes.iter().enumerate() {
-                ctx.save_bytes(&format!("k{k}"), &vec![round as u8; *len], SaveOptions::new().use_ram(k != 1)).unwrap();
+                let opts = if k == 1 { to_disk() } else { SaveOptions::new() };
+                ctx.save_bytes(&format!("k{k}"), &vec![round as u8; *len], opts).unwrap();
             }
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -575,4 +576,27 @@ fn index_survives_compaction() {
     assert_ne!(journals[0], "journal.0", "the journal was compacted");
     assert!(fs::metadata(ctx.dir().join(&journals[0])).unwrap().len() < 4 << 20);
     assert_eq!(other.usage().unwrap(), ctx.usage().unwrap());
+}
+
+#[test]
+fn a_missing_kind_of_tier_is_a_clear_error() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let disk = ctx.save_bytes("d", b"x", SaveOptions::new().use_ram(false));
+    if cfg!(feature = "tier-mmap") {
+        disk.unwrap();
+    } else {
+        assert!(matches!(disk, Err(Error::NoTier { kind: StorageKind::Disk, .. })), "{disk:?}");
+    }
+    let ram = ctx.save_bytes("r", b"x", SaveOptions::new().ram_only(true));
+    if cfg!(feature = "tier-shm") {
+        ram.unwrap();
+    } else {
+        assert!(matches!(ram, Err(Error::NoTier { kind: StorageKind::Ram, .. })), "{ram:?}");
+        let u = ctx.usage().unwrap();
+        assert_eq!((u.ram_capacity_bytes, u.ram_usage_bytes), (0, 0), "a build without RAM says so");
+    }
+    // A default save always finds a home.
+    ctx.save("any", &vec![1u8; 100_000]).unwrap();
+    assert_eq!(ctx.load::<Vec<u8>>("any").unwrap(), vec![1u8; 100_000]);
 }

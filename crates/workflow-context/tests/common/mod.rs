@@ -7,6 +7,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use workflow_context::{ContextBuilder, WorkflowContext};
 
+/// Options that send a value to disk when this build has a disk tier (else the default).
+pub fn to_disk() -> workflow_context::SaveOptions {
+    workflow_context::SaveOptions::new().use_ram(!cfg!(feature = "tier-mmap"))
+}
+
+/// A RAM budget of `bytes` when values can spill to disk; without a disk tier, one large
+/// enough for the whole test.
+pub fn budget(bytes: u64) -> u64 {
+    if cfg!(feature = "tier-mmap") { bytes } else { 1 << 30 }
+}
+
 /// A fresh contexts directory, removed when dropped.
 pub fn base() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("wfctx-test-").tempdir().expect("tempdir")
