@@ -107,14 +107,31 @@ pub fn record_len(payload_len: u64) -> u64 {
     payload_len + OVERHEAD as u64
 }
 
-/// Writes the record of `payload` into `out`, checksumming each piece just before copying
-/// it, so the payload is read from main memory once.
+/// Payloads at least this large are checksummed on a second thread while being written.
+const PARALLEL_MIN: usize = 16 << 20;
+
+/// Writes the record of `payload` into `out`.
+///
+/// Small payloads are checksummed piece by piece just before each piece is copied, so the
+/// payload is read from main memory once. Large ones are checksummed on a second thread
+/// while this one writes, so the checksum costs no time where a second core is free.
 pub fn write_record(out: &mut dyn io::Write, id: ObjectId, flags: u8, payload: &[u8]) -> io::Result<()> {
-    let mut w = RecordWriter::new(out, id, flags, payload.len() as u64)?;
-    for piece in payload.chunks(PIECE) {
-        io::Write::write_all(&mut w, piece)?;
+    if payload.len() < PARALLEL_MIN {
+        let mut w = RecordWriter::new(out, id, flags, payload.len() as u64)?;
+        for piece in payload.chunks(PIECE) {
+            io::Write::write_all(&mut w, piece)?;
+        }
+        return w.finish();
     }
-    w.finish()
+    std::thread::scope(|s| {
+        let sum = s.spawn(|| checksum(id, payload));
+        out.write_all(&RecordHeader { flags, payload_len: payload.len() as u64, object_id: id }.encode())?;
+        for piece in payload.chunks(PIECE) {
+            out.write_all(piece)?;
+        }
+        let sum = sum.join().map_err(|_| io::Error::other("the checksum thread panicked"))?;
+        out.write_all(&sum.to_le_bytes())
+    })
 }
 
 /// An [`io::Write`] that streams a payload into a record: it writes the header when
@@ -231,6 +248,15 @@ mod tests {
         let mut longer = rec.clone();
         longer.push(0);
         assert!(check(&longer, id, false).is_err());
+    }
+
+    #[test]
+    fn large_records_checksummed_in_parallel_match() {
+        let data: Vec<u8> = (0..PARALLEL_MIN as u32 + 5).map(|i| (i * 17) as u8).collect();
+        let mut out = Vec::new();
+        write_record(&mut out, ObjectId(9), 0, &data).unwrap();
+        check(&out, ObjectId(9), true).unwrap();
+        assert_eq!(payload(&out), &data[..]);
     }
 
     #[test]
