@@ -60,6 +60,16 @@ fn child_main() {
             println!("READY");
             std::thread::sleep(std::time::Duration::from_secs(120));
         }
+        "overwrite-forever" => {
+            let ctx = open_from_env();
+            println!("READY");
+            let big = vec![5u8; 3 << 20];
+            for i in 0u64.. {
+                ctx.save_bytes("big", &big, SaveOptions::new()).unwrap();
+                ctx.save(&format!("small-{}", i % 10), &i).unwrap();
+                ctx.remove(&format!("small-{}", (i + 5) % 10)).unwrap();
+            }
+        }
         "small-shm" => {
             // Inside a private mount namespace whose /dev/shm holds 16 MiB.
             let ctx = WorkflowContext::builder().contexts_dir(env("WFCTX_BASE")).create().unwrap();
@@ -213,4 +223,63 @@ fn a_small_dev_shm_spills_to_disk_without_sigbus() {
         .unwrap();
     assert_child_ok(&out);
     assert!(std::fs::read_dir(b.path()).unwrap().next().is_none(), "the child's context was cleaned up when it ended");
+}
+
+#[test]
+fn space_held_by_a_killed_writer_is_reclaimed() {
+    let b = base();
+    let ctx = builder(b.path()).max_ram_bytes(budget(64 << 20)).create().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    for round in 0..5u64 {
+        let mut child = Command::new(&exe)
+            .args(["--exact", ENTRY, "--ignored", "--nocapture", "--test-threads=1"])
+            .env("WFCTX_CHILD_ROLE", "overwrite-forever")
+            .env("WFCTX_BASE", b.path())
+            .env("WFCTX_RUN", ctx.run_id())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert!(lines.any(|l| l.unwrap().contains("READY")));
+        // Kill it somewhere in the middle of a save, overwrite or remove.
+        std::thread::sleep(std::time::Duration::from_millis(30 + 17 * round));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // A fresh handle reclaims whatever the dead writer had reserved or not yet freed.
+        let fresh = builder(b.path()).run_id(ctx.run_id()).open().unwrap();
+        let u = fresh.usage().unwrap();
+        let live: u64 = fresh
+            .list_keys()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                let info = fresh.storage_info(k).unwrap().unwrap();
+                // What each tier holds for a record of this size (see the tiers' footprints).
+                let record = info.size + 40;
+                if info.tier == "shm" && record <= 4096 {
+                    record.next_power_of_two().max(64)
+                } else {
+                    record.next_multiple_of(4096)
+                }
+            })
+            .sum();
+        assert_eq!(
+            u.ram_usage_bytes + u.temp_disk_usage_bytes,
+            live,
+            "round {round}: usage is exactly the live values"
+        );
+        if fresh.contains("big").unwrap() {
+            assert_eq!(&*fresh.load_bytes("big").unwrap(), &vec![5u8; 3 << 20][..], "no torn value");
+        }
+        // The segments left are the live values' (plus the small-value arenas).
+        let large_segments = shm_segments(ctx.run_id()).iter().filter(|s| !s.contains(".a")).count();
+        let large_in_ram = fresh
+            .list_keys()
+            .unwrap()
+            .iter()
+            .filter(|k| fresh.storage_info(k).unwrap().unwrap().storage_type == StorageKind::Ram)
+            .filter(|k| fresh.storage_info(k).unwrap().unwrap().size + 40 > 4096)
+            .count();
+        assert_eq!(large_segments, large_in_ram, "round {round}: no leaked segment");
+    }
 }
