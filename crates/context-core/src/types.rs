@@ -131,11 +131,12 @@ const MIB: f64 = (1u64 << 20) as f64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Usage {
-    /// Bytes held in RAM tiers.
+    /// Bytes held in RAM tiers: what the tiers really hold, so each value counts rounded
+    /// up to its slot or page, plus values being written or replaced right now.
     pub ram_usage_bytes: u64,
     /// The context's RAM budget (0 when the build has no RAM tier).
     pub ram_capacity_bytes: u64,
-    /// Bytes held in disk tiers.
+    /// Bytes held in disk tiers, counted the same way.
     pub temp_disk_usage_bytes: u64,
     /// Number of keys stored.
     pub stored_keys_count: usize,

@@ -763,7 +763,8 @@ impl WorkflowContext {
     ///
     /// The bytes are checked (length and checksum) the first time this handle reads the
     /// object; objects never change after they are written, so later loads of the same
-    /// object cost O(1).
+    /// object cost O(1). This handle keeps the checked view of a large value until it sees
+    /// the value replaced or removed (at its next operation on the context).
     pub fn load_bytes(&self, key: &str) -> Result<Payload> {
         let (_, record) = self.load_record(key)?;
         Ok(record.slice(HEADER_LEN..record.len() - TRAILER_LEN))

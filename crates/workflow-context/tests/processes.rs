@@ -70,6 +70,28 @@ fn child_main() {
                 ctx.remove(&format!("small-{}", (i + 5) % 10)).unwrap();
             }
         }
+        "env-config" => {
+            // WORKFLOW_CONTEXT_CONFIG and TMPDIR are set by the parent.
+            let ctx = WorkflowContext::new().unwrap();
+            assert_eq!(ctx.dir().parent().unwrap(), std::env::temp_dir().join("from-env"));
+            if cfg!(feature = "tier-shm") {
+                assert_eq!(ctx.usage().unwrap().ram_capacity_bytes, 3 << 29, "MAX_RAM_GB 1.5 from the file");
+            }
+            let reopened = WorkflowContext::open(ctx.run_id()).unwrap();
+            reopened.save("k", &1u8).unwrap();
+            assert_eq!(ctx.load::<u8>("k").unwrap(), 1);
+        }
+        "bad-env-config" => match WorkflowContext::new() {
+            Err(workflow_context::Error::Config { source_name, key, .. }) => {
+                assert!(source_name.ends_with("bad.json"), "{source_name}");
+                assert_eq!(key.as_deref(), Some("MAX_RAM_PERCENT"));
+            }
+            other => panic!("a bad config file must be refused: {other:?}"),
+        },
+        "shutdown" => {
+            let ctx = open_from_env();
+            ctx.shutdown().unwrap();
+        }
         "small-shm" => {
             // Inside a private mount namespace whose /dev/shm holds 16 MiB.
             let ctx = WorkflowContext::builder().contexts_dir(env("WFCTX_BASE")).create().unwrap();
@@ -282,4 +304,33 @@ fn space_held_by_a_killed_writer_is_reclaimed() {
             .count();
         assert_eq!(large_segments, large_in_ram, "round {round}: no leaked segment");
     }
+}
+
+#[test]
+fn the_config_file_can_come_from_the_environment() {
+    let b = base();
+    let cfg = b.path().join("cfg.json");
+    std::fs::write(&cfg, "{ \"MAX_RAM_GB\": 1.5, // comment\n \"CONTEXTS_DIR_NAME\": \"from-env\" }").unwrap();
+    let tmp = b.path().to_str().unwrap();
+    let out = run_child(ENTRY, "env-config", &[("WORKFLOW_CONTEXT_CONFIG", cfg.to_str().unwrap()), ("TMPDIR", tmp)]);
+    assert_child_ok(&out);
+    let bad = b.path().join("bad.json");
+    std::fs::write(&bad, r#"{"MAX_RAM_PERCENT": 0}"#).unwrap();
+    let out = run_child(ENTRY, "bad-env-config", &[("WORKFLOW_CONTEXT_CONFIG", bad.to_str().unwrap()), ("TMPDIR", tmp)]);
+    assert_child_ok(&out);
+}
+
+#[test]
+fn another_process_can_shut_the_context_down() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save_bytes("ram", &[1u8; 100_000], SaveOptions::new()).unwrap();
+    ctx.save("small", &1u8).unwrap();
+    let run = ctx.run_id().to_owned();
+    let out = run_child(ENTRY, "shutdown", &[("WFCTX_BASE", b.path().to_str().unwrap()), ("WFCTX_RUN", &run)]);
+    assert_child_ok(&out);
+    assert!(matches!(ctx.load::<u8>("small"), Err(workflow_context::Error::Closed { .. })));
+    assert!(!ctx.dir().exists());
+    assert!(shm_segments(&run).is_empty(), "{:?}", shm_segments(&run));
+    ctx.shutdown().unwrap();
 }
