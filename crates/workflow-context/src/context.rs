@@ -246,6 +246,15 @@ fn holder_alive(path: &Path) -> bool {
     }
 }
 
+/// What creating or opening a context produces before the handle is assembled.
+struct Attached {
+    token: u64,
+    meta: Meta,
+    replica: Replica,
+    lock: File,
+    liveness: (File, PathBuf),
+}
+
 /// Holds the index lock: the process mutex, then the file lock, then the replica.
 struct WriteGuard<'a> {
     replica: RwLockWriteGuard<'a, Replica>,
@@ -342,19 +351,25 @@ impl WorkflowContext {
             }
         }
         replica.moved_to(&final_dir);
-        let tiers = tiers::build(&run_id, &final_dir)?;
         let live_path = final_dir.join(PROCS_DIR).join(format!("{token:016x}"));
+        let attached = Attached { token, meta, replica, lock, liveness: (live_file, live_path) };
+        Self::assemble(run_id, final_dir, true, attached)
+    }
+
+    /// Builds the tiers and the handle around an attached context.
+    fn assemble(run_id: String, dir: PathBuf, owner: bool, parts: Attached) -> Result<Self> {
+        let tiers = tiers::build(&run_id, &dir)?;
         Ok(WorkflowContext {
             run_id,
-            dir: final_dir,
-            owner: true,
-            token,
-            meta,
-            replica: RwLock::new(replica),
-            lock_file: Mutex::new(lock),
+            dir,
+            owner,
+            token: parts.token,
+            meta: parts.meta,
+            replica: RwLock::new(parts.replica),
+            lock_file: Mutex::new(parts.lock),
             tiers,
             policy: Arc::new(RamFirst),
-            liveness: Mutex::new(Some((live_file, live_path))),
+            liveness: Mutex::new(Some(parts.liveness)),
             closed: AtomicBool::new(false),
         })
     }
@@ -391,20 +406,8 @@ impl WorkflowContext {
         };
         let lock = fsutil::open_rw(&dir.join(LOCK_FILE), "open context lock file")?;
         let replica = Replica::open(&dir, &meta)?;
-        let tiers = tiers::build(&run_id, &dir)?;
-        let ctx = WorkflowContext {
-            run_id,
-            dir,
-            owner: false,
-            token,
-            meta,
-            replica: RwLock::new(replica),
-            lock_file: Mutex::new(lock),
-            tiers,
-            policy: Arc::new(RamFirst),
-            liveness: Mutex::new(Some((live_file, live_path))),
-            closed: AtomicBool::new(false),
-        };
+        let attached = Attached { token, meta, replica, lock, liveness: (live_file, live_path) };
+        let ctx = Self::assemble(run_id, dir, false, attached)?;
         let has_pending = !ctx.replica.read().unwrap_or_else(lock_poisoned).pending.is_empty();
         if has_pending {
             let mut g = ctx.write_lock()?;

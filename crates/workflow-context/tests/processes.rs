@@ -316,7 +316,8 @@ fn the_config_file_can_come_from_the_environment() {
     assert_child_ok(&out);
     let bad = b.path().join("bad.json");
     std::fs::write(&bad, r#"{"MAX_RAM_PERCENT": 0}"#).unwrap();
-    let out = run_child(ENTRY, "bad-env-config", &[("WORKFLOW_CONTEXT_CONFIG", bad.to_str().unwrap()), ("TMPDIR", tmp)]);
+    let out =
+        run_child(ENTRY, "bad-env-config", &[("WORKFLOW_CONTEXT_CONFIG", bad.to_str().unwrap()), ("TMPDIR", tmp)]);
     assert_child_ok(&out);
 }
 
