@@ -56,6 +56,12 @@ fn put_parts(tier: &dyn StorageTier, id: u64, bytes: &[u8]) -> ObjectRef {
         Ok(PutOutcome::Stored(r)) => {
             assert_eq!(r.id, ObjectId(id), "{}: put returned another id", tier.name());
             assert_eq!(r.len, bytes.len() as u64, "{}: put returned another length", tier.name());
+            assert!(
+                r.held <= tier.footprint(r.len),
+                "{}: holds {} bytes, more than its footprint",
+                tier.name(),
+                r.held
+            );
             r
         }
         other => panic!("{}: put of object {id} ({} bytes) failed: {other:?}", tier.name(), bytes.len()),
@@ -128,7 +134,7 @@ pub fn delete_reports_existence(tier: &dyn StorageTier) {
 pub fn delete_with_unknown_slot(tier: &dyn StorageTier) {
     for (i, &len) in SIZES.iter().enumerate() {
         let r = put_parts(tier, 400 + i as u64, &pattern(i as u64, len));
-        let lost = ObjectRef { slot: ObjectRef::UNKNOWN_SLOT, ..r };
+        let lost = ObjectRef { slot: ObjectRef::UNKNOWN_SLOT, held: 0, ..r };
         assert!(tier.delete(&lost).unwrap(), "{}: delete by id of a {len}-byte object failed to find it", tier.name());
         assert!(get(tier, &r).is_none(), "{}: object still readable after delete by id", tier.name());
     }
@@ -160,7 +166,7 @@ pub fn failed_fill_leaves_nothing(tier: &dyn StorageTier) {
         let id = ObjectId(600 + i as u64);
         let result = tier.put(NewObject { id, len: len as u64, data: ObjectData::Write(&mut write) });
         assert!(result.is_err(), "{}: a failing writer was reported as {result:?}", tier.name());
-        let r = ObjectRef { id, len: len as u64, slot: ObjectRef::UNKNOWN_SLOT };
+        let r = ObjectRef { id, len: len as u64, slot: ObjectRef::UNKNOWN_SLOT, held: 0 };
         assert!(!tier.delete(&r).unwrap(), "{}: a failed put of {len} bytes left an object", tier.name());
     }
     assert_eq!(usage(tier), before, "{}: a failed put changed usage", tier.name());
@@ -176,24 +182,24 @@ pub fn wrong_length_is_refused(tier: &dyn StorageTier) {
         let id = ObjectId(700 + 2 * i as u64);
         let result = tier.put(NewObject { id, len, data: ObjectData::Parts(&parts) });
         assert!(result.is_err(), "{}: 100 bytes of parts for a {len}-byte object gave {result:?}", tier.name());
-        assert!(!tier.delete(&ObjectRef { id, len, slot: ObjectRef::UNKNOWN_SLOT }).unwrap());
+        assert!(!tier.delete(&ObjectRef { id, len, slot: ObjectRef::UNKNOWN_SLOT, held: 0 }).unwrap());
         let mut write =
             |out: &mut dyn std::io::Write| out.write_all(&bytes).map_err(|e| Error::io("test write", "test value", e));
         let id = ObjectId(701 + 2 * i as u64);
         let result = tier.put(NewObject { id, len, data: ObjectData::Write(&mut write) });
         assert!(result.is_err(), "{}: 100 bytes written for a {len}-byte object gave {result:?}", tier.name());
-        assert!(!tier.delete(&ObjectRef { id, len, slot: ObjectRef::UNKNOWN_SLOT }).unwrap());
+        assert!(!tier.delete(&ObjectRef { id, len, slot: ObjectRef::UNKNOWN_SLOT, held: 0 }).unwrap());
     }
     assert_eq!(usage(tier), before, "{}: a refused put changed usage", tier.name());
     finish(tier);
 }
 
-/// Usage counts present objects and their footprints, exactly.
+/// Usage counts present objects and the bytes their puts said they hold, exactly.
 pub fn usage_counts_objects(tier: &dyn StorageTier) {
     let before = usage(tier);
     let refs: Vec<ObjectRef> =
         SIZES.iter().enumerate().map(|(i, &len)| put_parts(tier, 800 + i as u64, &pattern(i as u64, len))).collect();
-    let bytes: u64 = refs.iter().map(|r| tier.footprint(r.len)).sum();
+    let bytes: u64 = refs.iter().map(|r| r.held).sum();
     let during = usage(tier);
     assert_eq!(during.objects, before.objects + refs.len() as u64, "{}: object count", tier.name());
     assert_eq!(during.bytes, before.bytes + bytes, "{}: bytes held", tier.name());
@@ -204,14 +210,18 @@ pub fn usage_counts_objects(tier: &dyn StorageTier) {
     finish(tier);
 }
 
-/// The footprint of an object is at least its length and never shrinks as it grows.
+/// The footprint never shrinks as the length grows, and bounds what a put holds.
 pub fn footprint_covers_length(tier: &dyn StorageTier) {
     let mut last = 0;
     for len in [0u64, 1, 32, 63, 64, 65, 4095, 4096, 4097, 1 << 20, 1 << 40] {
         let f = tier.footprint(len);
-        assert!(f >= len, "{}: footprint({len}) = {f}", tier.name());
         assert!(f >= last, "{}: footprint shrank from {last} to {f} at {len}", tier.name());
         last = f;
+    }
+    for (i, &len) in SIZES.iter().enumerate() {
+        // Incompressible bytes: a compressing tier cannot shrink them below their length.
+        let r = put_parts(tier, 1100 + i as u64, &pattern(i as u64, len));
+        assert!(r.held <= tier.footprint(len as u64), "{}: {len} bytes hold {}", tier.name(), r.held);
     }
     finish(tier);
 }

@@ -32,6 +32,10 @@ pub struct ObjectRef {
     /// A tier-private word the tier returned from [`StorageTier::put`] (a slot number, say),
     /// or [`ObjectRef::UNKNOWN_SLOT`] when the caller no longer knows it.
     pub slot: u64,
+    /// The bytes the tier holds for the object, as `put` answered: at most
+    /// [`StorageTier::footprint`] of its length, less for a tier that compresses. Only `put`
+    /// sets it; `get` and `delete` ignore it.
+    pub held: u64,
 }
 
 impl ObjectRef {
@@ -258,11 +262,14 @@ pub trait StorageTier: Send + Sync + fmt::Debug {
     /// The abilities the tier has.
     fn capabilities(&self) -> Capabilities;
 
-    /// The bytes the tier will hold for an object of `len` bytes, including rounding to
-    /// pages or slots. This is what budgets count.
+    /// The most bytes the tier will hold for an object of `len` bytes, including rounding
+    /// to pages or slots. Budgets reserve this much before a put; afterwards they count what
+    /// the put answered in [`ObjectRef::held`].
     ///
     /// # Behavior
-    /// At least `len`; a pure function of `len`.
+    /// A pure function of `len`, never decreasing as `len` grows. At least `len` for a tier
+    /// that stores bytes as they are; a compressing tier may answer less only if it can
+    /// guarantee it (it usually cannot, and answers `len` plus its overhead).
     fn footprint(&self, len: u64) -> u64;
 
     /// Stores a new object.
@@ -271,7 +278,8 @@ pub trait StorageTier: Send + Sync + fmt::Debug {
     /// - Space is reserved before any byte is written: a full file system is
     ///   [`PutOutcome::NoSpace`] with nothing left behind, never a crash (no SIGBUS).
     /// - On `Ok(Stored)`, the whole object is readable by [`StorageTier::get`] from any
-    ///   process. The returned [`ObjectRef`] has the given id and length.
+    ///   process. The returned [`ObjectRef`] has the given id and length, and says in
+    ///   `held` how many bytes the tier holds for it (at most `footprint(len)`).
     /// - If writing fails (including an error from [`ObjectData::Write`], or data that is
     ///   not exactly `len` bytes), the error is returned and nothing of the object remains.
     fn put(&self, object: NewObject<'_>) -> Result<PutOutcome>;
@@ -298,7 +306,8 @@ pub trait StorageTier: Send + Sync + fmt::Debug {
     /// Names the segment or file that holds an object, for [`crate::StorageInfo`].
     fn locate(&self, object: &ObjectRef) -> Location;
 
-    /// What the tier holds right now, counted from its storage (not from a cache).
+    /// What the tier holds right now, counted from its storage (not from a cache): the sum
+    /// of [`ObjectRef::held`] of the objects present.
     fn usage(&self) -> Result<TierUsage>;
 
     /// Deletes every object of this context from the tier, and the tier's own files.

@@ -274,7 +274,7 @@ impl StorageTier for MmapTier {
         }
 
         new.keep = true;
-        Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0 }))
+        Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0, held: self.footprint(len) }))
     }
 
     /// Returns the file's bytes at their actual length: read into memory up to 64 KiB,

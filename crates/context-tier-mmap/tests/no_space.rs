@@ -89,7 +89,7 @@ fn no_space_inner() {
     assert!(left.is_empty(), "files left behind: {left:?}");
     assert_eq!(tier.usage().unwrap().objects, 0);
     for id in [1, 2] {
-        assert!(tier.get(&ObjectRef { id: ObjectId(id), len, slot: 0 }).unwrap().is_none());
+        assert!(tier.get(&ObjectRef { id: ObjectId(id), len, slot: 0, held: 0 }).unwrap().is_none());
     }
 
     // The tier still works for what fits.

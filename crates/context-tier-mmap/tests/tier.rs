@@ -29,7 +29,7 @@ fn describes_itself() {
     assert!(tier.capabilities().zero_copy && tier.capabilities().shared_across_processes);
     assert_eq!(tier.dir(), value_dir(&scratch));
     assert_eq!([0, 1, 4096, 4097, u64::MAX].map(|n| tier.footprint(n)), [0, 4096, 4096, 8192, u64::MAX]);
-    let r = ObjectRef { id: ObjectId(0xab), len: 3, slot: 0 };
+    let r = ObjectRef { id: ObjectId(0xab), len: 3, slot: 0, held: 0 };
     assert_eq!(tier.locate(&r).path, Some(value_dir(&scratch).join("00000000000000ab.val")));
     assert_eq!(tier.locate(&r).shm_name, None);
 }
@@ -85,7 +85,7 @@ fn put_does_not_write_through_a_planted_symlink() {
     let target = scratch.path().join("victim");
     fs::write(&target, b"untouched").unwrap();
     let id = ObjectId(5);
-    let link = tier.locate(&ObjectRef { id, len: 0, slot: 0 }).path.unwrap();
+    let link = tier.locate(&ObjectRef { id, len: 0, slot: 0, held: 0 }).path.unwrap();
     symlink(&target, &link).unwrap();
 
     let bytes = [b'x'; 32];
@@ -100,7 +100,7 @@ fn put_does_not_write_through_a_planted_symlink() {
     assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the planted link was replaced");
 
     // Reads refuse the link too, rather than returning the target's bytes.
-    assert!(tier.get(&ObjectRef { id, len: 32, slot: 0 }).is_err());
+    assert!(tier.get(&ObjectRef { id, len: 32, slot: 0, held: 0 }).is_err());
     tier.destroy().unwrap();
     assert_eq!(fs::read(&target).unwrap(), b"untouched");
 }

@@ -302,7 +302,12 @@ impl ShmTier {
                 && let Some(slot) = arena.store(tag, bytes)
             {
                 self.class(class).hint = n;
-                return Ok(PutOutcome::Stored(ObjectRef { id, len: object.len, slot: encode_slot(class, n, slot) }));
+                return Ok(PutOutcome::Stored(ObjectRef {
+                    id,
+                    len: object.len,
+                    slot: encode_slot(class, n, slot),
+                    held: SLOT_SIZES[class] as u64,
+                }));
             }
             n += 1;
         }
@@ -330,7 +335,7 @@ impl ShmTier {
         let written = object.write_to(&mut sink);
         drop(sink);
         match written {
-            Ok(()) => Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0 })),
+            Ok(()) => Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0, held: self.footprint(len) })),
             Err(failure) => {
                 let _ = shm::unlink(&name);
                 match failure {

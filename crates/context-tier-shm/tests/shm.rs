@@ -110,7 +110,7 @@ fn two_instances_share_objects() {
     // Delete by id alone, from an instance that never saw the object.
     let r = put(&a, 100, b"lost slot");
     let c = tier(&run);
-    let lost = ObjectRef { slot: ObjectRef::UNKNOWN_SLOT, ..r };
+    let lost = ObjectRef { slot: ObjectRef::UNKNOWN_SLOT, held: 0, ..r };
     assert_eq!(c.locate(&lost), a.locate(&r));
     assert!(c.locate(&r).shm_name.is_some_and(|n| n.starts_with(&format!("/{}a64.", ShmConfig::new(&run).prefix()))));
     assert!(c.delete(&lost).unwrap());

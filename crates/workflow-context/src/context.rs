@@ -605,7 +605,8 @@ impl WorkflowContext {
             };
             match outcome {
                 Ok(PutOutcome::Stored(r)) => {
-                    let at = Placed { slot: r.slot, ..at };
+                    // From here on the value counts what the tier really holds.
+                    let at = Placed { slot: r.slot, footprint: r.held.min(at.footprint), ..at };
                     return self.commit(guard, key, at, pass_by, flags);
                 }
                 Ok(PutOutcome::NoSpace) => match tier.kind() {

@@ -177,7 +177,7 @@ pub(crate) struct Placed {
 
 impl Placed {
     pub(crate) fn object_ref(&self) -> ObjectRef {
-        ObjectRef { id: ObjectId(self.obj), len: self.len, slot: self.slot }
+        ObjectRef { id: ObjectId(self.obj), len: self.len, slot: self.slot, held: self.footprint }
     }
 }
 
