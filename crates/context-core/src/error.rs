@@ -152,6 +152,14 @@ pub enum Error {
         /// The kind of tier the save options require.
         kind: crate::StorageKind,
     },
+    /// The placement policy admits none of the context's tiers for this value.
+    #[error("key {key:?}: {reason}")]
+    NoPlacement {
+        /// The key being saved.
+        key: String,
+        /// Which policy, and for what size.
+        reason: String,
+    },
     /// The value is stored in a tier this process does not have (built without its feature).
     #[error("key {key:?} is stored in tier {tier:?}, which this build does not include")]
     TierUnavailable {
@@ -159,6 +167,24 @@ pub enum Error {
         key: String,
         /// The tier's name.
         tier: String,
+    },
+    /// A workflow graph (the recipe of a value passed by reference) is malformed.
+    #[error("invalid workflow graph{}: {reason}", match node { Some(n) => format!(" at node {n:?}"), None => String::new() })]
+    InvalidGraph {
+        /// The node at fault, if one is; an id refused for its length is shortened to its
+        /// first 64 characters.
+        node: Option<String>,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The graph runner that rebuilds a value passed by reference failed.
+    #[error("key {key:?}: the graph runner failed: {source}")]
+    Runner {
+        /// The key whose value was being rebuilt.
+        key: String,
+        /// The runner's own error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -220,6 +246,17 @@ mod tests {
             message: "must be positive".into(),
         };
         assert!(e.to_string().contains("MAX_RAM_GB") && e.to_string().contains("/etc/c.json"));
+    }
+
+    #[test]
+    fn graph_and_runner_errors_name_their_subject() {
+        let e = Error::InvalidGraph { node: Some("4".into()), reason: "links to missing node \"9\"".into() };
+        assert_eq!(e.to_string(), "invalid workflow graph at node \"4\": links to missing node \"9\"");
+        let e = Error::InvalidGraph { node: None, reason: "not a JSON object".into() };
+        assert_eq!(e.to_string(), "invalid workflow graph: not a JSON object");
+        let e = Error::Runner { key: "model".into(), source: "server unreachable".into() };
+        assert_eq!(e.to_string(), "key \"model\": the graph runner failed: server unreachable");
+        assert_eq!(std::error::Error::source(&e).map(ToString::to_string).as_deref(), Some("server unreachable"));
     }
 
     #[test]

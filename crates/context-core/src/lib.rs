@@ -23,7 +23,10 @@ pub mod testing;
 
 pub use error::{Error, Result};
 pub use payload::Payload;
-pub use policy::{Budget, PlacementPolicy, PlacementRequest, RamFirst, TierStatus};
+pub use policy::{
+    Budget, Compressed, DiskOnly, PlacementPolicy, PlacementRequest, Prefer, RamFirst, Rule, SMALL_VALUE_THRESHOLD,
+    TierStatus,
+};
 pub use tier::{
     Capabilities, FileAt, Location, NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier, TierUsage,
     WriteFailure,

@@ -1,7 +1,24 @@
 //! Placement: which tier takes a value.
+//!
+//! A [`PlacementPolicy`] ranks the context's tiers for one value; the context then skips
+//! tiers that would break a budget or the save's options and takes the first tier with
+//! room. Policies are small values: the ready ones ([`RamFirst`], the default,
+//! [`DiskOnly`] and [`Compressed`]) and your own, built from [`Rule`]s in the style of
+//! admission filters:
+//!
+//! ```
+//! use context_core::{Prefer, Rule, StorageKind};
+//! // Values under 1 MiB in RAM, everything else on a zero-copy disk tier, then any disk tier.
+//! let policy = Prefer::first(Rule::kind(StorageKind::Ram).and(Rule::size_below(1 << 20)))
+//!     .then(Rule::kind(StorageKind::Disk).and(Rule::zero_copy()))
+//!     .then(Rule::kind(StorageKind::Disk));
+//! # let _ = policy;
+//! ```
 
 use std::fmt;
+use std::sync::Arc;
 
+use crate::tier::Capabilities;
 use crate::types::{SaveOptions, StorageKind};
 
 /// One tier as a placement policy sees it.
@@ -11,7 +28,9 @@ pub struct TierStatus<'a> {
     pub name: &'a str,
     /// RAM or disk.
     pub kind: StorageKind,
-    /// Bytes the tier would hold for this value.
+    /// What the tier can do.
+    pub capabilities: Capabilities,
+    /// The most bytes the tier would hold for this value.
     pub footprint: u64,
 }
 
@@ -62,36 +81,257 @@ pub trait PlacementPolicy: Send + Sync + fmt::Debug {
     fn rank(&self, request: &PlacementRequest<'_>) -> Vec<usize>;
 }
 
-/// The default policy: RAM tiers while the value fits the RAM budget, then disk tiers.
+impl<P: PlacementPolicy + ?Sized> PlacementPolicy for Arc<P> {
+    fn rank(&self, request: &PlacementRequest<'_>) -> Vec<usize> {
+        (**self).rank(request)
+    }
+}
+
+/// A condition on a value and a tier: the building block of [`Prefer`].
+///
+/// Rules combine with [`and`](Rule::and), [`or`](Rule::or) and [`not`](Rule::not).
+#[derive(Clone)]
+pub struct Rule(Arc<dyn Fn(&PlacementRequest<'_>, &TierStatus<'_>) -> bool + Send + Sync>, Arc<str>);
+
+impl fmt::Debug for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl Rule {
+    /// A rule from a closure, with a description for `Debug`.
+    pub fn new(
+        describe: impl Into<String>,
+        admits: impl Fn(&PlacementRequest<'_>, &TierStatus<'_>) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Rule(Arc::new(admits), describe.into().into())
+    }
+
+    /// Whether the rule admits `tier` for the value of `request`.
+    pub fn admits(&self, request: &PlacementRequest<'_>, tier: &TierStatus<'_>) -> bool {
+        (self.0)(request, tier)
+    }
+
+    /// Every tier.
+    pub fn any() -> Self {
+        Rule::new("any", |_, _| true)
+    }
+
+    /// Tiers of this kind.
+    pub fn kind(kind: StorageKind) -> Self {
+        Rule::new(format!("kind = {kind:?}"), move |_, t| t.kind == kind)
+    }
+
+    /// The tier with this name.
+    pub fn named(name: impl Into<String>) -> Self {
+        let name: String = name.into();
+        Rule::new(format!("name = {name:?}"), move |_, t| t.name == name)
+    }
+
+    /// Values (records) shorter than `bytes`.
+    pub fn size_below(bytes: u64) -> Self {
+        Rule::new(format!("size < {bytes}"), move |r, _| r.len < bytes)
+    }
+
+    /// Tiers whose loads are zero-copy views.
+    pub fn zero_copy() -> Self {
+        Rule::new("zero-copy", |_, t| t.capabilities.zero_copy)
+    }
+
+    /// Tiers that compress.
+    pub fn compressing() -> Self {
+        Rule::new("compressing", |_, t| t.capabilities.compresses)
+    }
+
+    /// Both rules.
+    #[must_use]
+    pub fn and(self, other: Rule) -> Self {
+        let describe = format!("({:?} and {:?})", self, other);
+        Rule::new(describe, move |r, t| self.admits(r, t) && other.admits(r, t))
+    }
+
+    /// Either rule.
+    #[must_use]
+    pub fn or(self, other: Rule) -> Self {
+        let describe = format!("({:?} or {:?})", self, other);
+        Rule::new(describe, move |r, t| self.admits(r, t) || other.admits(r, t))
+    }
+
+    /// The opposite of the rule.
+    #[must_use]
+    pub fn not(self) -> Self {
+        let describe = format!("not {:?}", self);
+        Rule::new(describe, move |r, t| !self.admits(r, t))
+    }
+}
+
+/// A policy made of rules tried in order: first the tiers the first rule admits (in the
+/// order they were configured), then those the second admits, and so on. A tier admitted
+/// by no rule is never used.
+#[derive(Clone, Debug)]
+pub struct Prefer {
+    stages: Vec<Rule>,
+}
+
+impl Prefer {
+    /// A policy whose first choice is the tiers `rule` admits.
+    pub fn first(rule: Rule) -> Self {
+        Prefer { stages: vec![rule] }
+    }
+
+    /// Then the tiers `rule` admits.
+    #[must_use]
+    pub fn then(mut self, rule: Rule) -> Self {
+        self.stages.push(rule);
+        self
+    }
+}
+
+impl PlacementPolicy for Prefer {
+    fn rank(&self, request: &PlacementRequest<'_>) -> Vec<usize> {
+        let mut ranked = Vec::with_capacity(request.tiers.len());
+        for rule in &self.stages {
+            for (i, tier) in request.tiers.iter().enumerate() {
+                if !ranked.contains(&i) && rule.admits(request, tier) {
+                    ranked.push(i);
+                }
+            }
+        }
+        ranked
+    }
+}
+
+/// The size under which [`RamFirst`] and [`DiskOnly`] send disk values to a packing tier
+/// (one that does not map each value) rather than a zero-copy one: 64 KiB.
+pub const SMALL_VALUE_THRESHOLD: u64 = 64 << 10;
+
+/// Disk tiers for a value: packed small values first, then zero-copy ones, then any.
+fn disk_stages(threshold: u64, policy: Prefer) -> Prefer {
+    let disk = || Rule::kind(StorageKind::Disk);
+    policy
+        .then(disk().and(Rule::size_below(threshold)).and(Rule::zero_copy().not()))
+        .then(disk().and(Rule::size_below(threshold).not()).and(Rule::zero_copy()))
+        .then(disk())
+}
+
+/// The default policy: RAM while the value fits the RAM budget, else disk, where disk
+/// means a packing tier (redb) for values under a threshold (default 64 KiB) and a
+/// zero-copy tier (mmap) at or above it.
 ///
 /// ```
-/// use context_core::{Budget, PlacementPolicy, PlacementRequest, RamFirst, SaveOptions, StorageKind, TierStatus};
+/// use context_core::{Budget, Capabilities, PlacementPolicy, PlacementRequest, RamFirst, SaveOptions, StorageKind, TierStatus};
 /// let tiers = [
-///     TierStatus { name: "mmap", kind: StorageKind::Disk, footprint: 4096 },
-///     TierStatus { name: "shm", kind: StorageKind::Ram, footprint: 4096 },
+///     TierStatus { name: "mmap", kind: StorageKind::Disk, capabilities: Capabilities::new(true, true), footprint: 4096 },
+///     TierStatus { name: "redb", kind: StorageKind::Disk, capabilities: Capabilities::new(false, true), footprint: 200 },
+///     TierStatus { name: "shm", kind: StorageKind::Ram, capabilities: Capabilities::new(true, true), footprint: 4096 },
 /// ];
-/// let request = PlacementRequest {
-///     len: 100,
+/// let request = |len| PlacementRequest {
+///     len,
 ///     options: SaveOptions::new(),
 ///     tiers: &tiers,
 ///     ram: Budget { used: 0, capacity: Some(1 << 20) },
 ///     disk: Budget { used: 0, capacity: None },
 /// };
-/// assert_eq!(RamFirst.rank(&request), vec![1, 0]);
+/// assert_eq!(RamFirst::default().rank(&request(100)), vec![2, 1, 0]);
+/// assert_eq!(RamFirst::default().rank(&request(1 << 20)), vec![2, 0, 1]);
 /// ```
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RamFirst;
+#[derive(Clone, Debug)]
+pub struct RamFirst {
+    rules: Prefer,
+}
+
+impl Default for RamFirst {
+    fn default() -> Self {
+        Self::with_threshold(SMALL_VALUE_THRESHOLD)
+    }
+}
+
+impl RamFirst {
+    /// RAM first, with disk values under `threshold` bytes going to a packing tier.
+    pub fn with_threshold(threshold: u64) -> Self {
+        RamFirst { rules: disk_stages(threshold, Prefer::first(Rule::kind(StorageKind::Ram))) }
+    }
+}
 
 impl PlacementPolicy for RamFirst {
     fn rank(&self, request: &PlacementRequest<'_>) -> Vec<usize> {
-        let of_kind = |kind| request.tiers.iter().enumerate().filter(move |(_, t)| t.kind == kind).map(|(i, _)| i);
-        of_kind(StorageKind::Ram).chain(of_kind(StorageKind::Disk)).collect()
+        self.rules.rank(request)
+    }
+}
+
+/// Disk only, as [`RamFirst`] places disk values; RAM tiers are never used.
+#[derive(Clone, Debug)]
+pub struct DiskOnly {
+    rules: Prefer,
+}
+
+impl Default for DiskOnly {
+    fn default() -> Self {
+        Self::with_threshold(SMALL_VALUE_THRESHOLD)
+    }
+}
+
+impl DiskOnly {
+    /// Disk only, with values under `threshold` bytes going to a packing tier.
+    pub fn with_threshold(threshold: u64) -> Self {
+        // A first stage that admits nothing keeps the shape of RamFirst's disk stages.
+        DiskOnly { rules: disk_stages(threshold, Prefer::first(Rule::new("nothing", |_, _| false))) }
+    }
+}
+
+impl PlacementPolicy for DiskOnly {
+    fn rank(&self, request: &PlacementRequest<'_>) -> Vec<usize> {
+        self.rules.rank(request)
+    }
+}
+
+/// Always a compressing tier (redb); a value is refused if the build has none.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Compressed;
+
+impl PlacementPolicy for Compressed {
+    fn rank(&self, request: &PlacementRequest<'_>) -> Vec<usize> {
+        Prefer::first(Rule::compressing()).rank(request)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tiers() -> [TierStatus<'static>; 3] {
+        [
+            TierStatus {
+                name: "shm",
+                kind: StorageKind::Ram,
+                capabilities: Capabilities::new(true, true),
+                footprint: 1,
+            },
+            TierStatus {
+                name: "redb",
+                kind: StorageKind::Disk,
+                capabilities: Capabilities::new(false, true).with_compression(true),
+                footprint: 1,
+            },
+            TierStatus {
+                name: "mmap",
+                kind: StorageKind::Disk,
+                capabilities: Capabilities::new(true, true),
+                footprint: 1,
+            },
+        ]
+    }
+
+    fn request<'a>(tiers: &'a [TierStatus<'a>], len: u64) -> PlacementRequest<'a> {
+        PlacementRequest {
+            len,
+            options: SaveOptions::new(),
+            tiers,
+            ram: Budget { used: 0, capacity: Some(100) },
+            disk: Budget { used: 0, capacity: None },
+        }
+    }
 
     #[test]
     fn budget_fits_without_overflow() {
@@ -100,5 +340,29 @@ mod tests {
         assert!(!b.fits(2));
         assert_eq!(Budget { used: 10, capacity: Some(4) }.available(), Some(0));
         assert!(Budget { used: u64::MAX, capacity: None }.fits(u64::MAX));
+    }
+
+    #[test]
+    fn ready_policies() {
+        let t = tiers();
+        assert_eq!(RamFirst::default().rank(&request(&t, 100)), vec![0, 1, 2]);
+        assert_eq!(RamFirst::default().rank(&request(&t, 64 << 10)), vec![0, 2, 1]);
+        assert_eq!(RamFirst::with_threshold(10).rank(&request(&t, 100)), vec![0, 2, 1]);
+        assert_eq!(DiskOnly::default().rank(&request(&t, 100)), vec![1, 2]);
+        assert_eq!(DiskOnly::default().rank(&request(&t, 1 << 20)), vec![2, 1]);
+        assert_eq!(Compressed.rank(&request(&t, 1 << 20)), vec![1]);
+        assert!(Compressed.rank(&request(&t[..1], 10)).is_empty());
+    }
+
+    #[test]
+    fn rules_combine() {
+        let t = tiers();
+        let r = request(&t, 500);
+        let big_on_disk = Rule::kind(StorageKind::Disk).and(Rule::size_below(1000).not());
+        assert!(!big_on_disk.admits(&r, &t[1]));
+        assert!(Rule::named("shm").or(Rule::compressing()).admits(&r, &t[1]));
+        let p = Prefer::first(Rule::named("mmap")).then(Rule::any());
+        assert_eq!(p.rank(&r), vec![2, 0, 1]);
+        assert_eq!(format!("{:?}", Rule::zero_copy().not()), "not zero-copy");
     }
 }

@@ -217,6 +217,12 @@ pub struct TierUsage {
 }
 
 /// Abilities a tier declares, so callers never discover them by error.
+///
+/// ```
+/// use context_core::Capabilities;
+/// let caps = Capabilities::new(false, true).with_compression(true);
+/// assert!(caps.compresses && !caps.zero_copy);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Capabilities {
@@ -225,12 +231,21 @@ pub struct Capabilities {
     /// Objects put by one process can be read by another process that builds the same tier
     /// over the same context.
     pub shared_across_processes: bool,
+    /// The tier compresses what it stores, so it may hold fewer bytes than it is given.
+    pub compresses: bool,
 }
 
 impl Capabilities {
-    /// Declares both abilities.
+    /// Declares the first two abilities; the tier does not compress.
     pub const fn new(zero_copy: bool, shared_across_processes: bool) -> Self {
-        Capabilities { zero_copy, shared_across_processes }
+        Capabilities { zero_copy, shared_across_processes, compresses: false }
+    }
+
+    /// Declares whether the tier compresses.
+    #[must_use]
+    pub const fn with_compression(mut self, compresses: bool) -> Self {
+        self.compresses = compresses;
+        self
     }
 }
 

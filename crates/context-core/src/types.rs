@@ -83,22 +83,25 @@ impl SaveOptions {
 pub struct StorageInfo {
     /// RAM or disk.
     pub storage_type: StorageKind,
-    /// The name of the tier that holds the value ("shm", "mmap").
+    /// The name of the tier that holds the value ("shm", "mmap", "redb").
     pub tier: String,
-    /// The value's size in bytes, as `load_bytes` returns it.
+    /// The bytes the tier holds for the value: rounded up to its slot or page, or
+    /// compressed (for redb). This is what the value counts in [`Usage`].
     pub size: u64,
+    /// The value's length in bytes, as `load_bytes` returns it.
+    pub len: u64,
     /// By value or by reference.
     pub pass_by: PassBy,
     /// The shared-memory segment that holds the value, for RAM values.
     pub shm_name: Option<String>,
-    /// The file that holds the value, for disk values.
+    /// The file that holds the value, for disk values (for redb, the database file).
     pub path: Option<PathBuf>,
 }
 
 impl StorageInfo {
-    /// Describes a value of `size` bytes in `tier`.
-    pub fn new(storage_type: StorageKind, tier: impl Into<String>, size: u64, pass_by: PassBy) -> Self {
-        StorageInfo { storage_type, tier: tier.into(), size, pass_by, shm_name: None, path: None }
+    /// Describes a value of `len` bytes for which `tier` holds `size` bytes.
+    pub fn new(storage_type: StorageKind, tier: impl Into<String>, size: u64, len: u64, pass_by: PassBy) -> Self {
+        StorageInfo { storage_type, tier: tier.into(), size, len, pass_by, shm_name: None, path: None }
     }
 
     /// Sets the shared-memory segment name.

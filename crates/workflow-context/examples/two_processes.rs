@@ -58,12 +58,13 @@ fn client() -> Result<()> {
     assert!(output.iter().zip(&frame).all(|(o, i)| *o == 255 - *i), "the server inverted the frame");
     println!("client: read the server's output ({:.1} MiB, zero-copy)", output.len() as f64 / (1 << 20) as f64);
     println!();
-    println!("{:<14} {:<5} {:<5} {:>10}  location", "key", "where", "tier", "bytes");
+    println!("{:<14} {:<5} {:<5} {:>10} {:>10}  location", "key", "where", "tier", "length", "held");
     for key in ctx.list_keys()? {
         let info = ctx.storage_info(&key)?.expect("listed keys exist");
         let location =
             info.shm_name.clone().or_else(|| info.path.as_ref().map(|p| p.display().to_string())).unwrap_or_default();
-        println!("{key:<14} {:<5} {:<5} {:>10}  {location}", format!("{:?}", info.storage_type), info.tier, info.size);
+        let kind = format!("{:?}", info.storage_type);
+        println!("{key:<14} {kind:<5} {:<5} {:>10} {:>10}  {location}", info.tier, info.len, info.size);
     }
     let usage = ctx.usage()?;
     println!();

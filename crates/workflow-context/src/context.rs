@@ -91,8 +91,16 @@ enum RamLimit {
 pub struct ContextBuilder {
     config_path: Option<PathBuf>,
     max_ram: Option<RamLimit>,
+    max_disk: Option<u64>,
     run_id: Option<String>,
     contexts_dir: Option<PathBuf>,
+    setup: Setup,
+}
+
+/// What a handle brings of its own: how it places values, and tiers of the user's.
+struct Setup {
+    policy: Arc<dyn PlacementPolicy>,
+    extra_tiers: Vec<Arc<dyn StorageTier>>,
 }
 
 impl fmt::Debug for ContextBuilder {
@@ -101,13 +109,59 @@ impl fmt::Debug for ContextBuilder {
             .field("config_path", &self.config_path)
             .field("run_id", &self.run_id)
             .field("contexts_dir", &self.contexts_dir)
+            .field("max_disk", &self.max_disk)
+            .field("policy", &self.setup.policy)
+            .field("extra_tiers", &self.setup.extra_tiers)
             .finish_non_exhaustive()
     }
 }
 
 impl ContextBuilder {
     fn new() -> Self {
-        ContextBuilder { config_path: None, max_ram: None, run_id: None, contexts_dir: None }
+        ContextBuilder {
+            config_path: None,
+            max_ram: None,
+            max_disk: None,
+            run_id: None,
+            contexts_dir: None,
+            setup: Setup { policy: Arc::new(RamFirst::default()), extra_tiers: Vec::new() },
+        }
+    }
+
+    /// The disk budget in bytes, shared like the RAM budget by every attached process.
+    /// Past it a save returns [`Error::OutOfDisk`] and stores nothing. Default: no limit
+    /// but the file system's.
+    pub fn max_disk_bytes(mut self, bytes: u64) -> Self {
+        self.max_disk = Some(bytes);
+        self
+    }
+
+    /// How this handle places the values it saves (default [`RamFirst`]). Whatever the
+    /// policy, budgets hold, `use_ram(false)` keeps a value out of RAM and `ram_only(true)`
+    /// keeps it out of disk tiers.
+    ///
+    /// ```
+    /// # fn main() -> workflow_context::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use workflow_context::{StorageKind, WorkflowContext};
+    /// use workflow_context::core::DiskOnly;
+    /// let ctx = WorkflowContext::builder().contexts_dir(dir.path()).policy(DiskOnly::default()).create()?;
+    /// ctx.save("seed", &7u32)?;
+    /// # #[cfg(any(feature = "tier-mmap", feature = "tier-redb"))]
+    /// assert_eq!(ctx.storage_info("seed")?.unwrap().storage_type, StorageKind::Disk);
+    /// # Ok(()) }
+    /// ```
+    pub fn policy(mut self, policy: impl PlacementPolicy + 'static) -> Self {
+        self.setup.policy = Arc::new(policy);
+        self
+    }
+
+    /// Adds a tier of your own beside the built-in ones (placed by the policy like any
+    /// other). Its name must differ from every other tier's. For other processes to read
+    /// what it holds, they must add the same tier, and it must share its storage with them.
+    pub fn tier(mut self, tier: Arc<dyn StorageTier>) -> Self {
+        self.setup.extra_tiers.push(tier);
+        self
     }
 
     /// Reads settings from this JSON file (comments allowed) instead of the file named by
@@ -192,7 +246,7 @@ impl ContextBuilder {
             None => format!("{:016x}{:016x}", random_u64(&base)?, random_u64(&base)?),
         };
         fsutil::ensure_private_dir(&base)?;
-        WorkflowContext::create_in(&base, run_id, ram_capacity)
+        WorkflowContext::create_in(&base, run_id, (ram_capacity, self.max_disk), self.setup)
     }
 
     /// Attaches to an existing context by its run id (set with [`run_id`](Self::run_id)).
@@ -210,7 +264,7 @@ impl ContextBuilder {
             .clone()
             .ok_or(Error::InvalidRunId { run_id: String::new(), reason: "opening a context needs its run id" })?;
         validate_run_id(&run_id)?;
-        WorkflowContext::open_in(&self.base_dir(&file), run_id)
+        WorkflowContext::open_in(&self.base_dir(&file), run_id, self.setup)
     }
 }
 
@@ -244,6 +298,25 @@ fn holder_alive(path: &Path) -> bool {
         },
         Err(_) => false,
     }
+}
+
+/// The tiers a save may use, as [`WorkflowContext::candidates`] found them.
+struct Choice {
+    /// Ranked, allowed by the options, and within budget: the tiers to try, in order.
+    fitting: Vec<usize>,
+    /// Ranked and allowed by the options: (tier, kind, footprint).
+    allowed: Vec<(usize, StorageKind, u64)>,
+    /// How many tiers the policy ranked.
+    ranked: usize,
+    ram: Budget,
+    disk: Budget,
+}
+
+/// Kinds of tier whose file system answered "no space" during one save.
+#[derive(Clone, Copy, Default)]
+struct Refused {
+    ram: bool,
+    disk: bool,
 }
 
 /// What creating or opening a context produces before the handle is assembled.
@@ -299,7 +372,7 @@ impl WorkflowContext {
         Self::builder().run_id(run_id).open()
     }
 
-    fn create_in(base: &Path, run_id: String, ram_capacity: u64) -> Result<Self> {
+    fn create_in(base: &Path, run_id: String, capacity: (u64, Option<u64>), setup: Setup) -> Result<Self> {
         let token = random_u64(base)?;
         let final_dir = base.join(&run_id);
         // Build the context in a private staging directory and move it into place in one
@@ -307,7 +380,7 @@ impl WorkflowContext {
         let staging = base.join(format!(".staging-{run_id}-{token:016x}"));
         fsutil::create_dir(&staging, "create context staging directory")?;
         let built = (|| {
-            let meta = Meta::create(&staging.join(META_FILE), ram_capacity, None)?;
+            let meta = Meta::create(&staging.join(META_FILE), capacity.0, capacity.1)?;
             let lock = fsutil::create_new(&staging.join(LOCK_FILE), "create context lock file")?;
             let replica = Replica::create(&staging)?;
             fsutil::create_dir(&staging.join(PROCS_DIR), "create liveness directory")?;
@@ -353,12 +426,28 @@ impl WorkflowContext {
         replica.moved_to(&final_dir);
         let live_path = final_dir.join(PROCS_DIR).join(format!("{token:016x}"));
         let attached = Attached { token, meta, replica, lock, liveness: (live_file, live_path) };
-        Self::assemble(run_id, final_dir, true, attached)
+        match Self::assemble(run_id.clone(), final_dir.clone(), true, attached, setup) {
+            Ok(ctx) => Ok(ctx),
+            Err(e) => {
+                let _ = remove_dead_context(&run_id, &final_dir);
+                Err(e)
+            }
+        }
     }
 
     /// Builds the tiers and the handle around an attached context.
-    fn assemble(run_id: String, dir: PathBuf, owner: bool, parts: Attached) -> Result<Self> {
-        let tiers = tiers::build(&run_id, &dir)?;
+    fn assemble(run_id: String, dir: PathBuf, owner: bool, parts: Attached, setup: Setup) -> Result<Self> {
+        let mut tiers = tiers::build(&run_id, &dir)?;
+        for extra in setup.extra_tiers {
+            if tiers.iter().any(|t| t.name() == extra.name()) {
+                return Err(Error::Config {
+                    source_name: "builder".into(),
+                    key: Some("tier".into()),
+                    message: format!("two tiers are named {:?}; tier names must be unique", extra.name()),
+                });
+            }
+            tiers.push(extra);
+        }
         Ok(WorkflowContext {
             run_id,
             dir,
@@ -368,13 +457,13 @@ impl WorkflowContext {
             replica: RwLock::new(parts.replica),
             lock_file: Mutex::new(parts.lock),
             tiers,
-            policy: Arc::new(RamFirst),
+            policy: setup.policy,
             liveness: Mutex::new(Some(parts.liveness)),
             closed: AtomicBool::new(false),
         })
     }
 
-    fn open_in(base: &Path, run_id: String) -> Result<Self> {
+    fn open_in(base: &Path, run_id: String, setup: Setup) -> Result<Self> {
         let dir = base.join(&run_id);
         let not_found = || Error::ContextNotFound { run_id: run_id.clone(), dir: base.to_owned() };
         match fs::symlink_metadata(&dir) {
@@ -407,7 +496,7 @@ impl WorkflowContext {
         let lock = fsutil::open_rw(&dir.join(LOCK_FILE), "open context lock file")?;
         let replica = Replica::open(&dir, &meta)?;
         let attached = Attached { token, meta, replica, lock, liveness: (live_file, live_path) };
-        let ctx = Self::assemble(run_id, dir, false, attached)?;
+        let ctx = Self::assemble(run_id, dir, false, attached, setup)?;
         let has_pending = !ctx.replica.read().unwrap_or_else(lock_poisoned).pending.is_empty();
         if has_pending {
             let mut g = ctx.write_lock()?;
@@ -496,7 +585,7 @@ impl WorkflowContext {
     /// The tiers that may take a record of `len` bytes, best first, after the policy's
     /// ranking, the save options and the budgets. `own` is a pending object of this save
     /// whose reservation is about to be replaced (not counted against the budget).
-    fn candidates(&self, r: &Replica, len: u64, opts: SaveOptions, own: Option<u64>) -> (Vec<usize>, Budget, Budget) {
+    fn candidates(&self, r: &Replica, len: u64, opts: SaveOptions, own: Option<u64>) -> Choice {
         let mut used = r.used;
         if let Some(p) = own.and_then(|o| r.pending.get(&o)) {
             match p.at.kind {
@@ -509,25 +598,33 @@ impl WorkflowContext {
         let statuses: Vec<TierStatus<'_>> = self
             .tiers
             .iter()
-            .map(|t| TierStatus { name: t.name(), kind: t.kind(), footprint: t.footprint(len) })
+            .map(|t| TierStatus {
+                name: t.name(),
+                kind: t.kind(),
+                capabilities: t.capabilities(),
+                footprint: t.footprint(len),
+            })
             .collect();
         let request = PlacementRequest { len, options: opts, tiers: &statuses, ram, disk };
-        let ranked = self.policy.rank(&request);
-        let mut seen = Vec::with_capacity(ranked.len());
-        for i in ranked {
+        let mut choice = Choice { fitting: Vec::new(), allowed: Vec::new(), ranked: 0, ram, disk };
+        for i in self.policy.rank(&request) {
             let Some(t) = statuses.get(i) else { continue };
-            if seen.contains(&i) {
+            if choice.allowed.iter().any(|&(j, _, _)| j == i) {
                 continue;
             }
-            let allowed = match t.kind {
-                StorageKind::Ram => opts.uses_ram() && ram.fits(t.footprint),
-                StorageKind::Disk => !opts.is_ram_only() && disk.fits(t.footprint),
+            choice.ranked += 1;
+            let (allowed, fits) = match t.kind {
+                StorageKind::Ram => (opts.uses_ram(), ram.fits(t.footprint)),
+                StorageKind::Disk => (!opts.is_ram_only(), disk.fits(t.footprint)),
             };
             if allowed {
-                seen.push(i);
+                choice.allowed.push((i, t.kind, t.footprint));
+                if fits {
+                    choice.fitting.push(i);
+                }
             }
         }
-        (seen, ram, disk)
+        choice
     }
 
     /// Stores a record of `len` bytes under `key`, written by `put` into the tier it is
@@ -552,16 +649,15 @@ impl WorkflowContext {
         let mut g = Some(self.write_lock()?);
         let id = g.as_mut().expect("locked").replica.allocate_id();
         let mut tried: Vec<usize> = Vec::new();
-        let mut shm_refused = false;
-        let mut disk_refused = false;
+        let mut refused = Refused::default();
         let mut recovered = false;
         loop {
             let guard = match g.as_mut() {
                 Some(guard) => guard,
                 None => g.insert(self.write_lock()?),
             };
-            let (mut cands, ram, disk) = self.candidates(&guard.replica, len, opts, Some(id));
-            cands.retain(|i| !tried.contains(i));
+            let choice = self.candidates(&guard.replica, len, opts, Some(id));
+            let cands: Vec<usize> = choice.fitting.iter().copied().filter(|i| !tried.contains(i)).collect();
             if cands.is_empty() && !recovered {
                 // Space may be held by writers that died mid-save: reclaim it and look again.
                 recovered = true;
@@ -573,7 +669,7 @@ impl WorkflowContext {
                 if guard.replica.pending.contains_key(&id) {
                     guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
                 }
-                return Err(self.no_room(key, len, opts, ram, disk, shm_refused, disk_refused));
+                return Err(self.no_room(key, len, opts, &choice, refused));
             };
             tried.push(choice);
             let tier = Arc::clone(&self.tiers[choice]);
@@ -610,8 +706,8 @@ impl WorkflowContext {
                     return self.commit(guard, key, at, pass_by, flags);
                 }
                 Ok(PutOutcome::NoSpace) => match tier.kind() {
-                    StorageKind::Ram => shm_refused = true,
-                    StorageKind::Disk => disk_refused = true,
+                    StorageKind::Ram => refused.ram = true,
+                    StorageKind::Disk => refused.disk = true,
                 },
                 Err(e) => {
                     guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
@@ -639,40 +735,35 @@ impl WorkflowContext {
         g.replica.append(&self.meta, &[Rec::Gone { obj: at.obj }])
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn no_room(
-        &self,
-        key: &str,
-        len: u64,
-        opts: SaveOptions,
-        ram: Budget,
-        disk: Budget,
-        shm_refused: bool,
-        disk_refused: bool,
-    ) -> Error {
-        let ram_need = self.tiers.iter().filter(|t| t.kind() == StorageKind::Ram).map(|t| t.footprint(len)).min();
-        let disk_need = self.tiers.iter().filter(|t| t.kind() == StorageKind::Disk).map(|t| t.footprint(len)).min();
+    /// The error for a save that no tier could take.
+    fn no_room(&self, key: &str, len: u64, opts: SaveOptions, choice: &Choice, refused: Refused) -> Error {
         let key = key.to_owned();
-        if opts.is_ram_only() || (disk_need.is_none() && opts.uses_ram()) {
-            return match ram_need {
-                None => Error::NoTier { key, kind: StorageKind::Ram },
-                Some(needed) => Error::OutOfRam {
-                    key,
-                    needed,
-                    available: ram.available().unwrap_or(0),
-                    capacity: ram.capacity.unwrap_or(0),
-                    shm_full: shm_refused,
-                },
+        if choice.ranked == 0 {
+            return Error::NoPlacement {
+                key,
+                reason: format!(
+                    "the placement policy {:?} admits none of this build's tiers for {len} bytes",
+                    self.policy
+                ),
             };
         }
-        match disk_need {
-            None => Error::NoTier { key, kind: StorageKind::Disk },
-            Some(needed) => Error::OutOfDisk {
+        let need = |kind| choice.allowed.iter().filter(|a| a.1 == kind).map(|a| a.2).min();
+        if let Some(needed) = need(StorageKind::Disk) {
+            // Disk is the last resort whenever it is allowed.
+            let available = if refused.disk && choice.disk.fits(needed) { None } else { choice.disk.available() };
+            return Error::OutOfDisk { key, needed, available };
+        }
+        if let Some(needed) = need(StorageKind::Ram) {
+            return Error::OutOfRam {
                 key,
                 needed,
-                available: if disk_refused && disk.fits(needed) { None } else { disk.available() },
-            },
+                available: choice.ram.available().unwrap_or(0),
+                capacity: choice.ram.capacity.unwrap_or(0),
+                shm_full: refused.ram,
+            };
         }
+        // The policy ranked tiers, but the options rule out every one of them.
+        Error::NoTier { key, kind: if opts.is_ram_only() { StorageKind::Ram } else { StorageKind::Disk } }
     }
 
     /// Saves a value under `key` with the default options: RAM while the budget has room,
@@ -866,8 +957,8 @@ impl WorkflowContext {
     pub fn storage_info(&self, key: &str) -> Result<Option<StorageInfo>> {
         validate_key(key)?;
         let Some(entry) = self.read_index()?.keys.get(key).cloned() else { return Ok(None) };
-        let size = entry.at.len.saturating_sub(OVERHEAD as u64);
-        let info = StorageInfo::new(entry.at.kind, entry.at.tier.clone(), size, entry.pass_by);
+        let len = entry.at.len.saturating_sub(OVERHEAD as u64);
+        let info = StorageInfo::new(entry.at.kind, entry.at.tier.clone(), entry.at.footprint, len, entry.pass_by);
         Ok(Some(match self.tier(&entry.at.tier) {
             Some(t) => {
                 let loc = t.locate(&entry.at.object_ref());
