@@ -89,9 +89,12 @@ impl<P: PlacementPolicy + ?Sized> PlacementPolicy for Arc<P> {
 
 /// A condition on a value and a tier: the building block of [`Prefer`].
 ///
-/// Rules combine with [`and`](Rule::and), [`or`](Rule::or) and [`not`](Rule::not).
+/// Rules combine with [`and`](Rule::and), [`or`](Rule::or) and `!`.
 #[derive(Clone)]
-pub struct Rule(Arc<dyn Fn(&PlacementRequest<'_>, &TierStatus<'_>) -> bool + Send + Sync>, Arc<str>);
+pub struct Rule(Arc<Admits>, Arc<str>);
+
+/// The test a [`Rule`] applies.
+type Admits = dyn Fn(&PlacementRequest<'_>, &TierStatus<'_>) -> bool + Send + Sync;
 
 impl fmt::Debug for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -158,9 +161,13 @@ impl Rule {
         Rule::new(describe, move |r, t| self.admits(r, t) || other.admits(r, t))
     }
 
+}
+
+impl std::ops::Not for Rule {
+    type Output = Rule;
+
     /// The opposite of the rule.
-    #[must_use]
-    pub fn not(self) -> Self {
+    fn not(self) -> Rule {
         let describe = format!("not {:?}", self);
         Rule::new(describe, move |r, t| !self.admits(r, t))
     }
@@ -210,8 +217,8 @@ pub const SMALL_VALUE_THRESHOLD: u64 = 64 << 10;
 fn disk_stages(threshold: u64, policy: Prefer) -> Prefer {
     let disk = || Rule::kind(StorageKind::Disk);
     policy
-        .then(disk().and(Rule::size_below(threshold)).and(Rule::zero_copy().not()))
-        .then(disk().and(Rule::size_below(threshold).not()).and(Rule::zero_copy()))
+        .then(disk().and(Rule::size_below(threshold)).and(!Rule::zero_copy()))
+        .then(disk().and(!Rule::size_below(threshold)).and(Rule::zero_copy()))
         .then(disk())
 }
 
@@ -358,11 +365,11 @@ mod tests {
     fn rules_combine() {
         let t = tiers();
         let r = request(&t, 500);
-        let big_on_disk = Rule::kind(StorageKind::Disk).and(Rule::size_below(1000).not());
+        let big_on_disk = Rule::kind(StorageKind::Disk).and(!Rule::size_below(1000));
         assert!(!big_on_disk.admits(&r, &t[1]));
         assert!(Rule::named("shm").or(Rule::compressing()).admits(&r, &t[1]));
         let p = Prefer::first(Rule::named("mmap")).then(Rule::any());
         assert_eq!(p.rank(&r), vec![2, 0, 1]);
-        assert_eq!(format!("{:?}", Rule::zero_copy().not()), "not zero-copy");
+        assert_eq!(format!("{:?}", !Rule::zero_copy()), "not zero-copy");
     }
 }
