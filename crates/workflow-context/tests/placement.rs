@@ -1,0 +1,174 @@
+//! Placement policies, the disk budget and user tiers, through the composed context.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{base, builder};
+use workflow_context::core::{Compressed, DiskOnly, Prefer, Rule, StorageTier};
+use workflow_context::{Error, SaveOptions, StorageKind};
+
+fn disk_tier_for(len: usize) -> &'static str {
+    if cfg!(feature = "tier-redb") && (len as u64) + 40 < 64 << 10 {
+        "redb"
+    } else if cfg!(feature = "tier-mmap") {
+        "mmap"
+    } else {
+        "redb"
+    }
+}
+
+#[cfg(any(feature = "tier-mmap", feature = "tier-redb"))]
+#[test]
+fn disk_only_keeps_everything_on_disk_small_values_packed() {
+    let b = base();
+    let ctx = builder(b.path()).policy(DiskOnly::default()).create().unwrap();
+    for len in [10usize, 60_000, 70_000, 1 << 20] {
+        let key = format!("v{len}");
+        ctx.save_bytes(&key, &vec![3u8; len], SaveOptions::new()).unwrap();
+        let info = ctx.storage_info(&key).unwrap().unwrap();
+        assert_eq!(info.storage_type, StorageKind::Disk, "{info:?}");
+        assert_eq!(info.tier, disk_tier_for(len), "{info:?}");
+        assert_eq!(&*ctx.load_bytes(&key).unwrap(), &vec![3u8; len][..]);
+    }
+    assert_eq!(ctx.usage().unwrap().ram_usage_bytes, 0);
+    // ram_only(true) cannot be honoured by a policy that never uses RAM.
+    let err = ctx.save("x", &1u8).and_then(|()| ctx.save_with("y", &1u8, SaveOptions::new().ram_only(true)));
+    assert!(matches!(err, Err(Error::NoTier { kind: StorageKind::Ram, .. })), "{err:?}");
+}
+
+#[test]
+fn compressed_policy_needs_a_compressing_tier() {
+    let b = base();
+    let ctx = builder(b.path()).policy(Compressed).create().unwrap();
+    let result = ctx.save_bytes("text", "lorem ipsum ".repeat(10_000).as_bytes(), SaveOptions::new());
+    if cfg!(feature = "tier-redb") {
+        result.unwrap();
+        let info = ctx.storage_info("text").unwrap().unwrap();
+        assert_eq!(info.tier, "redb");
+        assert!(info.size < info.len / 10, "compressible data is held compressed: {info:?}");
+        assert_eq!(ctx.usage().unwrap().temp_disk_usage_bytes, info.size);
+        assert_eq!(&*ctx.load_bytes("text").unwrap(), "lorem ipsum ".repeat(10_000).as_bytes());
+    } else {
+        match result {
+            Err(Error::NoPlacement { key, reason }) => {
+                assert_eq!(key, "text");
+                assert!(reason.contains("Compressed"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!ctx.contains("text").unwrap());
+    }
+}
+
+#[test]
+fn a_policy_cannot_override_the_options() {
+    let b = base();
+    let ram_only_policy = Prefer::first(Rule::kind(StorageKind::Ram));
+    let ctx = builder(b.path()).policy(ram_only_policy).create().unwrap();
+    let err = ctx.save_with("k", &1u8, SaveOptions::new().use_ram(false)).unwrap_err();
+    if cfg!(feature = "tier-shm") {
+        assert!(matches!(err, Error::NoTier { kind: StorageKind::Disk, .. }), "{err}");
+    } else {
+        assert!(matches!(err, Error::NoPlacement { .. }), "{err}");
+    }
+    assert!(!ctx.contains("k").unwrap());
+}
+
+#[cfg(any(feature = "tier-mmap", feature = "tier-redb"))]
+#[test]
+fn the_disk_budget_holds_and_nothing_half_written_stays() {
+    let b = base();
+    let ctx = builder(b.path()).max_ram_bytes(0).max_disk_bytes(1 << 20).create().unwrap();
+    ctx.save_bytes("a", &vec![1u8; 600 << 10], SaveOptions::new()).unwrap();
+    let before = ctx.usage().unwrap();
+    let files_before = common::tree(ctx.dir());
+    match ctx.save_bytes("b", &vec![2u8; 600 << 10], SaveOptions::new()) {
+        Err(Error::OutOfDisk { key, needed, available }) => {
+            assert_eq!(key, "b");
+            assert!(needed >= 600 << 10);
+            assert_eq!(available, Some((1 << 20) - before.temp_disk_usage_bytes));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!ctx.contains("b").unwrap());
+    assert_eq!(ctx.usage().unwrap(), before, "usage unchanged");
+    assert_eq!(common::tree(ctx.dir()), files_before, "no file left behind");
+    // An overwrite needs room for the new value while the old one still exists: the
+    // budget holds at every moment, and a reader can still load the old one meanwhile.
+    assert!(matches!(ctx.save_bytes("a", &vec![3u8; 600 << 10], SaveOptions::new()), Err(Error::OutOfDisk { .. })));
+    assert_eq!(&*ctx.load_bytes("a").unwrap(), &vec![1u8; 600 << 10][..], "a refused overwrite keeps the old value");
+    ctx.save_bytes("a", &vec![3u8; 400 << 10], SaveOptions::new()).unwrap();
+    assert_eq!(&*ctx.load_bytes("a").unwrap(), &vec![3u8; 400 << 10][..]);
+    // An opener shares the budget: it belongs to the context.
+    let other = builder(b.path()).run_id(ctx.run_id()).max_disk_bytes(u64::MAX).open().unwrap();
+    assert!(matches!(other.save_bytes("c", &vec![4u8; 700 << 10], SaveOptions::new()), Err(Error::OutOfDisk { .. })));
+}
+
+#[derive(Debug)]
+struct Named(&'static str);
+
+impl StorageTier for Named {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn kind(&self) -> StorageKind {
+        StorageKind::Ram
+    }
+    fn capabilities(&self) -> workflow_context::core::Capabilities {
+        workflow_context::core::Capabilities::new(false, false)
+    }
+    fn footprint(&self, len: u64) -> u64 {
+        len
+    }
+    fn put(
+        &self,
+        _: workflow_context::core::NewObject<'_>,
+    ) -> workflow_context::Result<workflow_context::core::PutOutcome> {
+        Ok(workflow_context::core::PutOutcome::NoSpace)
+    }
+    fn get(
+        &self,
+        _: &workflow_context::core::ObjectRef,
+    ) -> workflow_context::Result<Option<workflow_context::Payload>> {
+        Ok(None)
+    }
+    fn delete(&self, _: &workflow_context::core::ObjectRef) -> workflow_context::Result<bool> {
+        Ok(false)
+    }
+    fn locate(&self, _: &workflow_context::core::ObjectRef) -> workflow_context::core::Location {
+        Default::default()
+    }
+    fn usage(&self) -> workflow_context::Result<workflow_context::core::TierUsage> {
+        Ok(Default::default())
+    }
+    fn destroy(&self) -> workflow_context::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn user_tiers_need_unique_names_and_a_full_one_is_skipped() {
+    let b = base();
+    let dup = if cfg!(feature = "tier-shm") {
+        "shm"
+    } else if cfg!(feature = "tier-mmap") {
+        "mmap"
+    } else {
+        "redb"
+    };
+    match builder(b.path()).tier(Arc::new(Named(dup))).create() {
+        Err(Error::Config { message, .. }) => assert!(message.contains(dup), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(std::fs::read_dir(b.path()).unwrap().next().is_none(), "a refused context leaves nothing");
+    // A tier that always answers "no space" is tried first and skipped.
+    let ctx = builder(b.path())
+        .tier(Arc::new(Named("full")))
+        .policy(Prefer::first(Rule::named("full")).then(Rule::any()))
+        .create()
+        .unwrap();
+    ctx.save("k", &5u8).unwrap();
+    assert_ne!(ctx.storage_info("k").unwrap().unwrap().tier, "full");
+    assert_eq!(ctx.load::<u8>("k").unwrap(), 5);
+}
