@@ -38,6 +38,10 @@ const FRONT_CRATE: &str = "workflow-context";
 /// The prefix that marks a feature of the front crate as a storage tier.
 const TIER_PREFIX: &str = "tier-";
 
+/// Tier features that hold no values (only the recipes of values passed by reference): a
+/// combination needs at least one other tier to be a build anyone would use.
+const RECIPE_TIERS: &[&str] = &["tier-graph"];
+
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -192,7 +196,8 @@ impl fmt::Display for Step {
 
 /// The CI plan, in order. `tiers` are the front crate's tier features (unused when `config.quick`).
 fn plan(config: &Config, tiers: &[String]) -> Vec<Item> {
-    let combos = if config.quick { Vec::new() } else { combinations(tiers) };
+    let mut combos = if config.quick { Vec::new() } else { combinations(tiers) };
+    combos.retain(|combo| combo.iter().any(|tier| !RECIPE_TIERS.contains(&tier.as_str())));
     let mut items = vec![
         Item::Step(Step::new("fmt", "fmt --all --check")),
         Item::Step(Step::new("clippy", "clippy --workspace --all-targets --all-features -- -D warnings")),
@@ -368,6 +373,15 @@ tier-not-a-feature = "1"
             "cargo bench --workspace --no-run",
         ];
         assert_eq!(commands(config, &["tier-shm", "tier-mmap"]), expected);
+    }
+
+    #[test]
+    fn a_recipe_tier_alone_is_no_combination() {
+        let config = Config { quick: false, nextest: true, has_benches: false };
+        let plan = commands(config, &["tier-shm", "tier-graph"]);
+        let clippy_runs: Vec<&String> = plan.iter().filter(|c| c.contains("--no-default-features")).collect();
+        assert_eq!(clippy_runs.len(), 3, "shm, shm+graph, and shm tested alone: {clippy_runs:?}");
+        assert!(plan.iter().all(|c| !c.contains("--features tier-graph ")), "{plan:?}");
     }
 
     #[test]

@@ -177,6 +177,36 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The key holds a value passed by reference (a recipe): load it with `load_ref`, or
+    /// its recipe with `load_graph`.
+    #[error("key {key:?} is passed by reference: load it with load_ref (or its recipe with load_graph)")]
+    ByReference {
+        /// The key.
+        key: String,
+    },
+    /// The key holds a value passed by value, not a recipe: load it with `load`.
+    #[error("key {key:?} holds a value, not a recipe: load it with load or load_bytes")]
+    ByValue {
+        /// The key.
+        key: String,
+    },
+    /// A value passed by reference was asked for, but the context has no graph runner to
+    /// rebuild it.
+    #[error(
+        "key {key:?} is passed by reference and this context has no graph runner to rebuild it (see ContextBuilder::graph_runner)"
+    )]
+    NoRunner {
+        /// The key.
+        key: String,
+    },
+    /// The graph runner rebuilt a value of another type than the one asked for.
+    #[error("key {key:?}: the graph runner's value is not a {expected}")]
+    WrongType {
+        /// The key.
+        key: String,
+        /// The type asked for.
+        expected: &'static str,
+    },
     /// The graph runner that rebuilds a value passed by reference failed.
     #[error("key {key:?}: the graph runner failed: {source}")]
     Runner {

@@ -160,7 +160,6 @@ impl Rule {
         let describe = format!("({:?} or {:?})", self, other);
         Rule::new(describe, move |r, t| self.admits(r, t) || other.admits(r, t))
     }
-
 }
 
 impl std::ops::Not for Rule {

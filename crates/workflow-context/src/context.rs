@@ -50,9 +50,13 @@ pub struct WorkflowContext {
     replica: RwLock<Replica>,
     lock_file: Mutex<File>,
     tiers: Vec<Arc<dyn StorageTier>>,
+    /// The tier that holds the recipes of values passed by reference, kept out of placement.
+    pub(crate) recipe_tier: Option<Arc<dyn StorageTier>>,
     policy: Arc<dyn PlacementPolicy>,
     liveness: Mutex<Option<(File, PathBuf)>>,
     closed: AtomicBool,
+    #[cfg(feature = "tier-graph")]
+    pub(crate) refs: crate::refs::Refs,
 }
 
 impl fmt::Debug for WorkflowContext {
@@ -101,6 +105,8 @@ pub struct ContextBuilder {
 struct Setup {
     policy: Arc<dyn PlacementPolicy>,
     extra_tiers: Vec<Arc<dyn StorageTier>>,
+    #[cfg(feature = "tier-graph")]
+    runner: Option<Arc<dyn context_tier_graph::GraphRunner>>,
 }
 
 impl fmt::Debug for ContextBuilder {
@@ -124,7 +130,12 @@ impl ContextBuilder {
             max_disk: None,
             run_id: None,
             contexts_dir: None,
-            setup: Setup { policy: Arc::new(RamFirst::default()), extra_tiers: Vec::new() },
+            setup: Setup {
+                policy: Arc::new(RamFirst::default()),
+                extra_tiers: Vec::new(),
+                #[cfg(feature = "tier-graph")]
+                runner: None,
+            },
         }
     }
 
@@ -153,6 +164,14 @@ impl ContextBuilder {
     /// ```
     pub fn policy(mut self, policy: impl PlacementPolicy + 'static) -> Self {
         self.setup.policy = Arc::new(policy);
+        self
+    }
+
+    /// The runner that rebuilds values passed by reference (see
+    /// [`WorkflowContext::load_ref`]).
+    #[cfg(feature = "tier-graph")]
+    pub fn graph_runner(mut self, runner: Arc<dyn context_tier_graph::GraphRunner>) -> Self {
+        self.setup.runner = Some(runner);
         self
     }
 
@@ -300,6 +319,24 @@ fn holder_alive(path: &Path) -> bool {
     }
 }
 
+/// Which tiers a save may use: the value tiers, placed by the policy, or the one tier
+/// that holds recipes.
+#[derive(Clone, Copy)]
+pub(crate) enum Pool<'a> {
+    Values,
+    #[cfg_attr(not(feature = "tier-graph"), allow(dead_code))]
+    Recipes(&'a Arc<dyn StorageTier>),
+}
+
+impl<'a> Pool<'a> {
+    fn tiers(self, ctx: &'a WorkflowContext) -> &'a [Arc<dyn StorageTier>] {
+        match self {
+            Pool::Values => &ctx.tiers,
+            Pool::Recipes(tier) => std::slice::from_ref(tier),
+        }
+    }
+}
+
 /// The tiers a save may use, as [`WorkflowContext::candidates`] found them.
 struct Choice {
     /// Ranked, allowed by the options, and within budget: the tiers to try, in order.
@@ -438,6 +475,7 @@ impl WorkflowContext {
     /// Builds the tiers and the handle around an attached context.
     fn assemble(run_id: String, dir: PathBuf, owner: bool, parts: Attached, setup: Setup) -> Result<Self> {
         let mut tiers = tiers::build(&run_id, &dir)?;
+        let recipe_tier = tiers::recipes(&dir)?;
         for extra in setup.extra_tiers {
             if tiers.iter().any(|t| t.name() == extra.name()) {
                 return Err(Error::Config {
@@ -457,9 +495,12 @@ impl WorkflowContext {
             replica: RwLock::new(parts.replica),
             lock_file: Mutex::new(parts.lock),
             tiers,
+            recipe_tier,
             policy: setup.policy,
             liveness: Mutex::new(Some(parts.liveness)),
             closed: AtomicBool::new(false),
+            #[cfg(feature = "tier-graph")]
+            refs: crate::refs::Refs::new(setup.runner),
         })
     }
 
@@ -548,7 +589,7 @@ impl WorkflowContext {
     }
 
     fn tier(&self, name: &str) -> Option<&Arc<dyn StorageTier>> {
-        self.tiers.iter().find(|t| t.name() == name)
+        self.tiers.iter().chain(&self.recipe_tier).find(|t| t.name() == name)
     }
 
     fn has_ram_tier(&self) -> bool {
@@ -585,7 +626,7 @@ impl WorkflowContext {
     /// The tiers that may take a record of `len` bytes, best first, after the policy's
     /// ranking, the save options and the budgets. `own` is a pending object of this save
     /// whose reservation is about to be replaced (not counted against the budget).
-    fn candidates(&self, r: &Replica, len: u64, opts: SaveOptions, own: Option<u64>) -> Choice {
+    fn candidates(&self, pool: Pool<'_>, r: &Replica, len: u64, opts: SaveOptions, own: Option<u64>) -> Choice {
         let mut used = r.used;
         if let Some(p) = own.and_then(|o| r.pending.get(&o)) {
             match p.at.kind {
@@ -595,8 +636,8 @@ impl WorkflowContext {
         }
         let ram = Budget { used: used.ram, capacity: Some(self.meta.ram_capacity()) };
         let disk = Budget { used: used.disk, capacity: self.meta.disk_capacity() };
-        let statuses: Vec<TierStatus<'_>> = self
-            .tiers
+        let statuses: Vec<TierStatus<'_>> = pool
+            .tiers(self)
             .iter()
             .map(|t| TierStatus {
                 name: t.name(),
@@ -607,7 +648,11 @@ impl WorkflowContext {
             .collect();
         let request = PlacementRequest { len, options: opts, tiers: &statuses, ram, disk };
         let mut choice = Choice { fitting: Vec::new(), allowed: Vec::new(), ranked: 0, ram, disk };
-        for i in self.policy.rank(&request) {
+        let ranked = match pool {
+            Pool::Values => self.policy.rank(&request),
+            Pool::Recipes(_) => vec![0],
+        };
+        for i in ranked {
             let Some(t) = statuses.get(i) else { continue };
             if choice.allowed.iter().any(|&(j, _, _)| j == i) {
                 continue;
@@ -629,6 +674,7 @@ impl WorkflowContext {
 
     /// Stores a record of `len` bytes under `key`, written by `put` into the tier it is
     /// given with the object id it is given.
+    #[allow(clippy::too_many_arguments)]
     fn store(
         &self,
         key: &str,
@@ -636,6 +682,7 @@ impl WorkflowContext {
         opts: SaveOptions,
         pass_by: PassBy,
         flags: u8,
+        pool: Pool<'_>,
         put: &mut dyn FnMut(&dyn StorageTier, ObjectId) -> Result<PutOutcome>,
     ) -> Result<()> {
         validate_key(key)?;
@@ -656,7 +703,7 @@ impl WorkflowContext {
                 Some(guard) => guard,
                 None => g.insert(self.write_lock()?),
             };
-            let choice = self.candidates(&guard.replica, len, opts, Some(id));
+            let choice = self.candidates(pool, &guard.replica, len, opts, Some(id));
             let cands: Vec<usize> = choice.fitting.iter().copied().filter(|i| !tried.contains(i)).collect();
             if cands.is_empty() && !recovered {
                 // Space may be held by writers that died mid-save: reclaim it and look again.
@@ -672,7 +719,7 @@ impl WorkflowContext {
                 return Err(self.no_room(key, len, opts, &choice, refused));
             };
             tried.push(choice);
-            let tier = Arc::clone(&self.tiers[choice]);
+            let tier = Arc::clone(&pool.tiers(self)[choice]);
             let at = Placed {
                 obj: id,
                 tier: tier.name().to_owned(),
@@ -800,10 +847,21 @@ impl WorkflowContext {
     /// # Ok(()) }
     /// ```
     pub fn save_with<T: Serialize + ?Sized>(&self, key: &str, value: &T, opts: SaveOptions) -> Result<()> {
+        self.save_typed(key, value, opts, PassBy::Val, Pool::Values)
+    }
+
+    pub(crate) fn save_typed<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        opts: SaveOptions,
+        pass_by: PassBy,
+        pool: Pool<'_>,
+    ) -> Result<()> {
         validate_key(key)?;
         let payload_len = codec::encoded_len(value, key)? as u64;
         let len = record::record_len(payload_len);
-        self.store(key, len, opts, PassBy::Val, FLAG_TYPED, &mut |tier, id| {
+        self.store(key, len, opts, pass_by, FLAG_TYPED, pool, &mut |tier, id| {
             let mut write = |out: &mut dyn io::Write| -> Result<()> {
                 let stream = |e: io::Error| Error::io("stream value into", format!("object {id}"), e);
                 let mut rec = RecordWriter::new(out, id, FLAG_TYPED, payload_len).map_err(stream)?;
@@ -832,7 +890,7 @@ impl WorkflowContext {
     pub fn save_bytes(&self, key: &str, bytes: &[u8], opts: SaveOptions) -> Result<()> {
         validate_key(key)?;
         let len = record::record_len(bytes.len() as u64);
-        self.store(key, len, opts, PassBy::Val, 0, &mut |tier, id| {
+        self.store(key, len, opts, PassBy::Val, 0, Pool::Values, &mut |tier, id| {
             let mut write = |out: &mut dyn io::Write| {
                 record::write_record(out, id, 0, bytes)
                     .map_err(|e| Error::io("stream value into", format!("object {id}"), e))
@@ -848,7 +906,7 @@ impl WorkflowContext {
     /// value was saved as another type); [`Error::Corrupt`] if the stored bytes fail their
     /// checks.
     pub fn load<T: DeserializeOwned>(&self, key: &str) -> Result<T> {
-        let (_, record) = self.load_record(key)?;
+        let record = self.load_value(key)?;
         codec::decode(record::payload(&record), key)
     }
 
@@ -861,12 +919,20 @@ impl WorkflowContext {
     /// object cost O(1). This handle keeps the checked view of a large value until it sees
     /// the value replaced or removed (at its next operation on the context).
     pub fn load_bytes(&self, key: &str) -> Result<Payload> {
-        let (_, record) = self.load_record(key)?;
+        let record = self.load_value(key)?;
         Ok(record.slice(HEADER_LEN..record.len() - TRAILER_LEN))
     }
 
+    /// The checked record of a value passed by value.
+    fn load_value(&self, key: &str) -> Result<Payload> {
+        match self.load_record(key)? {
+            (entry, _) if entry.pass_by == PassBy::Ref => Err(Error::ByReference { key: key.to_owned() }),
+            (_, record) => Ok(record),
+        }
+    }
+
     /// Reads and checks the record `key` points to.
-    fn load_record(&self, key: &str) -> Result<(Entry, Payload)> {
+    pub(crate) fn load_record(&self, key: &str) -> Result<(Entry, Payload)> {
         validate_key(key)?;
         let mut last_problem = String::new();
         for _attempt in 0..16 {
@@ -1037,6 +1103,13 @@ impl WorkflowContext {
                 }
             }
             self.replica.write().unwrap_or_else(lock_poisoned).views.lock().unwrap_or_else(lock_poisoned).clear();
+            if let Some(tier) = &self.recipe_tier
+                && let Err(e) = tier.destroy()
+            {
+                first_err.get_or_insert(e);
+            }
+            #[cfg(feature = "tier-graph")]
+            self.refs.clear();
             if let Err(e) = fs::remove_dir_all(&self.dir)
                 && e.kind() != io::ErrorKind::NotFound
             {

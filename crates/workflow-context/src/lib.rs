@@ -6,13 +6,20 @@ mod context;
 mod export;
 mod fsutil;
 mod index;
+#[cfg(feature = "tier-graph")]
+mod refs;
 mod tiers;
 
+/// The attribute for implementing [`GraphRunner`]: `#[workflow_context::async_trait]`.
+#[cfg(feature = "tier-graph")]
+pub use async_trait::async_trait;
 pub use config::{CONFIG_ENV, DEFAULT_CONTEXTS_DIR_NAME, DEFAULT_MAX_RAM_PERCENT};
 pub use context::{ContextBuilder, WorkflowContext};
 pub use context_core::{
     Error, MAX_KEY_LEN, MAX_RUN_ID_LEN, PassBy, Payload, Result, SaveOptions, StorageInfo, StorageKind, Usage,
 };
+#[cfg(feature = "tier-graph")]
+pub use context_tier_graph::{GraphRunner, Node, WorkflowGraph};
 pub use export::{read_exported, read_exported_bytes};
 
 /// Helpers for tests (feature `testing`): the tiers exactly as a context builds them.

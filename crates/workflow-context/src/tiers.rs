@@ -18,3 +18,20 @@ pub(crate) fn build(run_id: &str, dir: &Path) -> Result<Vec<Arc<dyn StorageTier>
     tiers.push(Arc::new(context_tier_mmap::MmapTier::new(context_tier_mmap::MmapConfig::new(dir.join(VALUES_DIR)))?));
     Ok(tiers)
 }
+
+/// The directory, inside a context's directory, that holds the recipes of values passed by
+/// reference.
+#[cfg(feature = "tier-graph")]
+pub(crate) const RECIPES_DIR: &str = "recipes";
+
+/// The tier that holds recipes, when this build passes values by reference.
+#[allow(unused_variables)]
+pub(crate) fn recipes(dir: &Path) -> Result<Option<Arc<dyn StorageTier>>> {
+    #[cfg(feature = "tier-graph")]
+    {
+        let config = context_tier_graph::GraphConfig::new(dir.join(RECIPES_DIR));
+        Ok(Some(Arc::new(context_tier_graph::GraphTier::new(config)?)))
+    }
+    #[cfg(not(feature = "tier-graph"))]
+    Ok(None)
+}

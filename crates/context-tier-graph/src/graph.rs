@@ -1,0 +1,560 @@
+//! [`WorkflowGraph`]: a validated workflow graph in the ComfyUI API format.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fmt;
+use std::io;
+
+use context_core::{Error, Result};
+use serde::de::{self, Deserializer};
+use serde::ser::Serializer;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The largest graph text [`WorkflowGraph::from_json`] reads, and the largest canonical
+/// encoding ([`WorkflowGraph::to_json`]) a graph may have: 64 MiB.
+pub(crate) const MAX_GRAPH_BYTES: usize = 64 << 20;
+/// The most nodes a graph may have.
+pub(crate) const MAX_NODES: usize = 100_000;
+/// The longest node id, in bytes.
+pub(crate) const MAX_NODE_ID_BYTES: usize = 256;
+/// How deep an input's literal may nest arrays and objects (`[1]` is 1 deep, `1` is 0).
+pub(crate) const MAX_INPUT_DEPTH: usize = 64;
+/// Output indexes (of links and of the chosen output) are below this.
+pub(crate) const MAX_OUTPUT_INDEX: u32 = 256;
+
+/// Prefixed to the canonical encoding before hashing, so a change of encoding is a change
+/// of name.
+const HASH_DOMAIN: &[u8] = b"context-tier-graph/workflow-graph/v1\0";
+
+/// One node of a [`WorkflowGraph`]: what it is and what it takes.
+///
+/// Serde derives are provided for convenience; `inputs` holds [`serde_json::Value`]s, which
+/// only self-describing formats (JSON, not postcard) can deserialize. [`WorkflowGraph`]'s
+/// own serde form works in every format.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// The node's type, as the runner knows it (`"KSampler"`).
+    pub class_type: String,
+    /// The node's inputs by name: literals, or links `[node_id, output_index]`.
+    #[serde(default)]
+    pub inputs: Map<String, Value>,
+}
+
+/// A workflow graph: its nodes by id, and the output that gives the value.
+///
+/// Built only by [`WorkflowGraph::from_json`] (or serde), so every graph is valid: see the
+/// [crate] docs for the rules. Immutable but for the chosen output
+/// ([`WorkflowGraph::with_output`]).
+///
+/// Its serde form is format-agnostic and validated on the way in: in human-readable formats
+/// (JSON) `{"nodes": {…API format…}, "output": [node_id, index]}`, in binary ones (postcard)
+/// the canonical API JSON text and the output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkflowGraph {
+    nodes: BTreeMap<String, Node>,
+    output: (String, u32),
+}
+
+/// What one input's value is.
+enum Input<'a> {
+    Literal,
+    Link(&'a str, u32),
+    /// Shaped like a link (`[string, number]`) but the number is no output index.
+    BadLink(String),
+}
+
+fn classify(value: &Value) -> Input<'_> {
+    let Value::Array(items) = value else { return Input::Literal };
+    let [Value::String(from), Value::Number(index)] = items.as_slice() else { return Input::Literal };
+    match index.as_u64() {
+        Some(i) if i < u64::from(MAX_OUTPUT_INDEX) => Input::Link(from, i as u32),
+        Some(i) => Input::BadLink(format!("output index {i} is over the limit of {}", MAX_OUTPUT_INDEX - 1)),
+        None if index.is_i64() => Input::BadLink(format!("output index {index} is negative")),
+        None => Input::BadLink(format!("output index {index} is not an integer")),
+    }
+}
+
+/// Shortens user input for an error message, on a character boundary.
+fn shorten(s: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    match s.char_indices().nth(MAX_CHARS) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+fn invalid(node: Option<&str>, reason: impl Into<String>) -> Error {
+    Error::InvalidGraph { node: node.map(shorten), reason: reason.into() }
+}
+
+/// The order of node ids: ids of ASCII digits come first, by numeric value (of any
+/// length); the others follow, by their bytes. Equal values ("7", "07") fall back to bytes.
+pub(crate) fn cmp_ids(a: &str, b: &str) -> Ordering {
+    fn numeric(s: &str) -> Option<&str> {
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit())).then(|| s.trim_start_matches('0'))
+    }
+    match (numeric(a), numeric(b)) {
+        (Some(x), Some(y)) => x.len().cmp(&y.len()).then_with(|| x.cmp(y)).then_with(|| a.cmp(b)),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => a.cmp(b),
+    }
+}
+
+/// How deeply `value` nests arrays and objects, counted without recursion and given up
+/// past `limit` (the answer is then `limit + 1`).
+fn depth_beyond(value: &Value, limit: usize) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let depth = depth + 1;
+        match v {
+            Value::Array(items) => stack.extend(items.iter().map(|c| (c, depth))),
+            Value::Object(map) => stack.extend(map.values().map(|c| (c, depth))),
+            _ => continue,
+        }
+        deepest = deepest.max(depth);
+        if deepest > limit {
+            break;
+        }
+    }
+    deepest
+}
+
+impl WorkflowGraph {
+    /// Parses and validates a graph in the ComfyUI API format.
+    ///
+    /// The output is the graph's sink (the node no other node links to), output 0; with
+    /// several sinks, the greatest id (numeric ids by value and before the others, which
+    /// compare as strings). Choose another with [`WorkflowGraph::with_output`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidGraph`], naming the node at fault when there is one, for any rule of
+    /// the [crate] docs that the text breaks.
+    pub fn from_json(json: &str) -> Result<Self> {
+        if json.len() > MAX_GRAPH_BYTES {
+            return Err(invalid(
+                None,
+                format!("the graph is {} bytes, over the limit of {MAX_GRAPH_BYTES}", json.len()),
+            ));
+        }
+        // serde_json's recursion limit (128) stays on: hostile nesting is an error here,
+        // not a stack overflow.
+        let value: Value = serde_json::from_str(json).map_err(|e| invalid(None, format!("not valid JSON: {e}")))?;
+        Self::from_value(value)
+    }
+
+    /// Validates a graph already parsed into a JSON value; see [`WorkflowGraph::from_json`].
+    fn from_value(value: Value) -> Result<Self> {
+        let Value::Object(top) = value else {
+            return Err(invalid(None, "the graph must be a JSON object of node id to node"));
+        };
+        if top.is_empty() {
+            return Err(invalid(None, "the graph has no nodes"));
+        }
+        if top.len() > MAX_NODES {
+            return Err(invalid(None, format!("the graph has {} nodes, over the limit of {MAX_NODES}", top.len())));
+        }
+        let mut nodes = BTreeMap::new();
+        for (id, node) in top {
+            let node = parse_node(&id, node)?;
+            nodes.insert(id, node);
+        }
+        // Links: well-formed, to existing nodes, never to the node itself.
+        for (id, node) in &nodes {
+            for (input, value) in &node.inputs {
+                match classify(value) {
+                    Input::Literal => {
+                        let depth = depth_beyond(value, MAX_INPUT_DEPTH);
+                        if depth > MAX_INPUT_DEPTH {
+                            return Err(invalid(
+                                Some(id),
+                                format!("input {:?} nests deeper than {MAX_INPUT_DEPTH} levels", shorten(input)),
+                            ));
+                        }
+                    }
+                    Input::BadLink(why) => {
+                        return Err(invalid(
+                            Some(id),
+                            format!("input {:?} is a malformed link: {why}", shorten(input)),
+                        ));
+                    }
+                    Input::Link(from, _) if from == id => {
+                        return Err(invalid(Some(id), format!("input {:?} links to the node itself", shorten(input))));
+                    }
+                    Input::Link(from, _) if !nodes.contains_key(from) => {
+                        return Err(invalid(
+                            Some(id),
+                            format!(
+                                "input {:?} links to node {:?}, which does not exist",
+                                shorten(input),
+                                shorten(from)
+                            ),
+                        ));
+                    }
+                    Input::Link(..) => {}
+                }
+            }
+        }
+        let mut graph = WorkflowGraph { nodes, output: (String::new(), 0) };
+        let order = Order::new(&graph.nodes);
+        order.topological()?;
+        graph.output = (order.default_output().to_owned(), 0);
+        let canonical = graph.canonical_len();
+        if canonical > MAX_GRAPH_BYTES as u64 {
+            return Err(invalid(
+                None,
+                format!("the graph's canonical encoding is {canonical} bytes, over the limit of {MAX_GRAPH_BYTES}"),
+            ));
+        }
+        Ok(graph)
+    }
+
+    /// The graph in the API format: the nodes only (not the chosen output), compact, with
+    /// node ids and input names sorted by their bytes and no extra node keys (`_meta` is
+    /// dropped). [`WorkflowGraph::from_json`] reads it back to an equal graph once the
+    /// output is chosen again.
+    pub fn to_json(&self) -> String {
+        let mut out = Vec::new();
+        self.write_canonical(&mut out).expect("writing to a Vec cannot fail");
+        String::from_utf8(out).expect("serde_json writes UTF-8")
+    }
+
+    /// The nodes by id.
+    pub fn nodes(&self) -> &BTreeMap<String, Node> {
+        &self.nodes
+    }
+
+    /// The node and output index that give the value.
+    pub fn output(&self) -> (&str, u32) {
+        (&self.output.0, self.output.1)
+    }
+
+    /// Chooses the node and output index that give the value.
+    ///
+    /// # Errors
+    /// [`Error::InvalidGraph`] naming `node_id` if the graph has no such node, or if
+    /// `index` is 256 or more.
+    pub fn with_output(mut self, node_id: &str, index: u32) -> Result<Self> {
+        if !self.nodes.contains_key(node_id) {
+            return Err(invalid(Some(node_id), "no such node to take the output from"));
+        }
+        if index >= MAX_OUTPUT_INDEX {
+            return Err(invalid(
+                Some(node_id),
+                format!("output index {index} is over the limit of {}", MAX_OUTPUT_INDEX - 1),
+            ));
+        }
+        self.output = (node_id.to_owned(), index);
+        Ok(self)
+    }
+
+    /// A stable 128-bit hash of the graph and its chosen output.
+    ///
+    /// xxh3-128 over a fixed prefix, the canonical API JSON of [`WorkflowGraph::to_json`]
+    /// (sorted node ids, sorted input names, canonical literals), and the output. Equal in
+    /// every process, run and version of this crate for the same nodes and output, whatever
+    /// the key order, whitespace or `_meta` of the text it was parsed from. Costs one pass
+    /// over the graph; callers that need it often should keep it.
+    pub fn content_hash(&self) -> u128 {
+        let mut hasher = HashWriter(xxhash_rust::xxh3::Xxh3::new());
+        hasher.0.update(HASH_DOMAIN);
+        self.write_canonical(&mut hasher).expect("hashing cannot fail");
+        hasher.0.update(b"\0");
+        serde_json::to_writer(&mut hasher, &self.output.0).expect("hashing cannot fail");
+        hasher.0.update(&self.output.1.to_le_bytes());
+        hasher.0.digest128()
+    }
+
+    /// Every node id, dependencies before the nodes that link to them; among nodes ready
+    /// at the same time, the smallest id first (numeric ids by value and before the others,
+    /// which compare as strings). Deterministic.
+    pub fn topological_order(&self) -> Vec<&str> {
+        Order::new(&self.nodes).topological().expect("a parsed graph has no cycle")
+    }
+
+    /// The links of `node_id`'s inputs, by input name: `(input, from node, output index)`.
+    /// Empty if the node has no links or does not exist.
+    pub fn links(&self, node_id: &str) -> Vec<(&str, &str, u32)> {
+        let Some(node) = self.nodes.get(node_id) else { return Vec::new() };
+        let mut links: Vec<(&str, &str, u32)> = node
+            .inputs
+            .iter()
+            .filter_map(|(input, value)| match classify(value) {
+                Input::Link(from, index) => Some((input.as_str(), from, index)),
+                _ => None,
+            })
+            .collect();
+        links.sort_unstable();
+        links
+    }
+
+    fn canonical_len(&self) -> u64 {
+        let mut counter = CountWriter(0);
+        self.write_canonical(&mut counter).expect("counting cannot fail");
+        counter.0
+    }
+
+    /// Writes the canonical API JSON: compact, keys sorted by their bytes, scalars as
+    /// serde_json writes them.
+    fn write_canonical(&self, out: &mut dyn io::Write) -> io::Result<()> {
+        out.write_all(b"{")?;
+        for (i, (id, node)) in self.nodes.iter().enumerate() {
+            if i > 0 {
+                out.write_all(b",")?;
+            }
+            serde_json::to_writer(&mut *out, id)?;
+            out.write_all(b":{\"class_type\":")?;
+            serde_json::to_writer(&mut *out, &node.class_type)?;
+            out.write_all(b",\"inputs\":")?;
+            write_object(&node.inputs, out)?;
+            out.write_all(b"}")?;
+        }
+        out.write_all(b"}")
+    }
+}
+
+/// Writes a JSON object with its keys sorted by their bytes, whatever order `Map` keeps
+/// (serde_json's `preserve_order` feature may be on in the build).
+fn write_object(map: &Map<String, Value>, out: &mut dyn io::Write) -> io::Result<()> {
+    let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    out.write_all(b"{")?;
+    for (i, (key, value)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        serde_json::to_writer(&mut *out, key)?;
+        out.write_all(b":")?;
+        write_value(value, out)?;
+    }
+    out.write_all(b"}")
+}
+
+/// Writes a JSON value canonically. Recursion is bounded: inputs nest at most
+/// [`MAX_INPUT_DEPTH`] deep in a parsed graph.
+fn write_value(value: &Value, out: &mut dyn io::Write) -> io::Result<()> {
+    match value {
+        Value::Array(items) => {
+            out.write_all(b"[")?;
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.write_all(b",")?;
+                }
+                write_value(item, out)?;
+            }
+            out.write_all(b"]")
+        }
+        Value::Object(map) => write_object(map, out),
+        scalar => serde_json::to_writer(out, scalar).map_err(io::Error::other),
+    }
+}
+
+struct HashWriter(xxhash_rust::xxh3::Xxh3);
+
+impl io::Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct CountWriter(u64);
+
+impl io::Write for CountWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn parse_node(id: &str, node: Value) -> Result<Node> {
+    if id.is_empty() {
+        return Err(invalid(Some(id), "a node id must not be empty"));
+    }
+    if id.len() > MAX_NODE_ID_BYTES {
+        return Err(invalid(
+            Some(id),
+            format!("the node id is {} bytes, over the limit of {MAX_NODE_ID_BYTES}", id.len()),
+        ));
+    }
+    let Value::Object(mut fields) = node else {
+        return Err(invalid(Some(id), "a node must be a JSON object with \"class_type\" and \"inputs\""));
+    };
+    let class_type = match fields.remove("class_type") {
+        Some(Value::String(s)) if !s.is_empty() => s,
+        Some(Value::String(_)) => return Err(invalid(Some(id), "\"class_type\" is empty")),
+        Some(_) => return Err(invalid(Some(id), "\"class_type\" is not a string")),
+        None => return Err(invalid(Some(id), "\"class_type\" is missing")),
+    };
+    let inputs = match fields.remove("inputs") {
+        Some(Value::Object(inputs)) => inputs,
+        None => Map::new(),
+        Some(_) => return Err(invalid(Some(id), "\"inputs\" is not a JSON object")),
+    };
+    Ok(Node { class_type, inputs })
+}
+
+/// The dependency structure of a set of nodes, by position in id order.
+struct Order<'g> {
+    /// Node ids, sorted by [`cmp_ids`]; positions below are into this.
+    ids: Vec<&'g str>,
+    /// For each node, the nodes that link to it (one entry per link).
+    dependents: Vec<Vec<usize>>,
+    /// For each node, how many links it has (to other nodes).
+    dependencies: Vec<usize>,
+}
+
+impl<'g> Order<'g> {
+    /// Builds the structure; links to missing nodes are skipped (checked before).
+    fn new(nodes: &'g BTreeMap<String, Node>) -> Self {
+        let mut ids: Vec<&str> = nodes.keys().map(String::as_str).collect();
+        ids.sort_unstable_by(|a, b| cmp_ids(a, b));
+        let position: BTreeMap<&str, usize> = ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        let mut dependents = vec![Vec::new(); ids.len()];
+        let mut dependencies = vec![0; ids.len()];
+        for (i, id) in ids.iter().enumerate() {
+            for value in nodes[*id].inputs.values() {
+                if let Input::Link(from, _) = classify(value)
+                    && let Some(&j) = position.get(from)
+                {
+                    dependents[j].push(i);
+                    dependencies[i] += 1;
+                }
+            }
+        }
+        Order { ids, dependents, dependencies }
+    }
+
+    /// Kahn's algorithm with a heap of ready nodes, smallest id first.
+    fn topological(&self) -> Result<Vec<&'g str>> {
+        let mut waiting = self.dependencies.clone();
+        let mut ready: BinaryHeap<Reverse<usize>> =
+            (0..self.ids.len()).filter(|&i| waiting[i] == 0).map(Reverse).collect();
+        let mut order = Vec::with_capacity(self.ids.len());
+        while let Some(Reverse(i)) = ready.pop() {
+            order.push(self.ids[i]);
+            for &d in &self.dependents[i] {
+                waiting[d] -= 1;
+                if waiting[d] == 0 {
+                    ready.push(Reverse(d));
+                }
+            }
+        }
+        if order.len() == self.ids.len() {
+            return Ok(order);
+        }
+        Err(self.cycle_error(&waiting))
+    }
+
+    /// Names a node on a cycle. Every node Kahn's algorithm left waits on another one left;
+    /// following those from any of them must come back around.
+    fn cycle_error(&self, waiting: &[usize]) -> Error {
+        // For each node left, one node left that it links to.
+        let mut waits_on = vec![usize::MAX; self.ids.len()];
+        for (from, dependents) in self.dependents.iter().enumerate() {
+            if waiting[from] > 0 {
+                for &d in dependents {
+                    if waiting[d] > 0 {
+                        waits_on[d] = from;
+                    }
+                }
+            }
+        }
+        let start = (0..self.ids.len()).find(|&i| waiting[i] > 0).expect("a node is left");
+        let mut seen = vec![false; self.ids.len()];
+        let mut at = start;
+        while !seen[at] {
+            seen[at] = true;
+            at = waits_on[at];
+        }
+        // `at` is on the cycle: walk it once, and name its smallest node.
+        let mut cycle = vec![at];
+        let mut next = waits_on[at];
+        while next != at {
+            cycle.push(next);
+            next = waits_on[next];
+        }
+        let first = cycle.iter().enumerate().min_by_key(|&(_, &n)| n).map_or(0, |(k, _)| k);
+        cycle.rotate_left(first);
+        // Shown as the walk went: "a" → "b" reads "a" links to "b".
+        const SHOWN: usize = 8;
+        let mut path: Vec<String> = cycle.iter().take(SHOWN).map(|&n| format!("{:?}", shorten(self.ids[n]))).collect();
+        if cycle.len() > SHOWN {
+            path.push(format!("… ({} nodes)", cycle.len()));
+        }
+        path.push(format!("{:?}", shorten(self.ids[cycle[0]])));
+        invalid(Some(self.ids[cycle[0]]), format!("the node is on a cycle of links: {}", path.join(" → ")))
+    }
+
+    /// The greatest sink.
+    fn default_output(&self) -> &'g str {
+        let sink =
+            (0..self.ids.len()).rev().find(|&i| self.dependents[i].is_empty()).expect("an acyclic graph has a sink");
+        self.ids[sink]
+    }
+}
+
+impl fmt::Display for WorkflowGraph {
+    /// The canonical API JSON, as [`WorkflowGraph::to_json`].
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_json())
+    }
+}
+
+/// Human-readable serde form.
+#[derive(Serialize, Deserialize)]
+struct Readable<N> {
+    nodes: N,
+    output: (String, u32),
+}
+
+/// Binary serde form.
+#[derive(Serialize, Deserialize)]
+struct Compact {
+    api_json: String,
+    output: (String, u32),
+}
+
+struct NodesMap<'a>(&'a WorkflowGraph);
+
+impl Serialize for NodesMap<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.nodes.len()))?;
+        for (id, node) in &self.0.nodes {
+            map.serialize_entry(id, node)?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for WorkflowGraph {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            Readable { nodes: NodesMap(self), output: self.output.clone() }.serialize(serializer)
+        } else {
+            Compact { api_json: self.to_json(), output: self.output.clone() }.serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkflowGraph {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let (graph, (node, index)) = if deserializer.is_human_readable() {
+            let r = Readable::<Value>::deserialize(deserializer)?;
+            (WorkflowGraph::from_value(r.nodes), r.output)
+        } else {
+            let c = Compact::deserialize(deserializer)?;
+            (WorkflowGraph::from_json(&c.api_json), c.output)
+        };
+        graph.and_then(|g| g.with_output(&node, index)).map_err(de::Error::custom)
+    }
+}

@@ -1,0 +1,109 @@
+//! Values passed by reference: their recipes (workflow graphs) and the values rebuilt from
+//! them.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_lock::OnceCell;
+use context_core::{Error, PassBy, Result, SaveOptions, record};
+use context_tier_graph::{GraphRunner, WorkflowGraph};
+
+use crate::codec;
+use crate::context::{Pool, WorkflowContext};
+
+type Rebuilt = Arc<dyn Any + Send + Sync>;
+
+/// One handle's runner and the values it rebuilt, one per graph content hash.
+pub(crate) struct Refs {
+    runner: Option<Arc<dyn GraphRunner>>,
+    rebuilt: Mutex<HashMap<u128, Arc<OnceCell<Rebuilt>>>>,
+}
+
+impl Refs {
+    pub(crate) fn new(runner: Option<Arc<dyn GraphRunner>>) -> Self {
+        Refs { runner, rebuilt: Mutex::new(HashMap::new()) }
+    }
+
+    /// Drops every rebuilt value this handle holds.
+    pub(crate) fn clear(&self) {
+        self.rebuilt.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn cell(&self, hash: u128) -> Arc<OnceCell<Rebuilt>> {
+        let mut rebuilt = self.rebuilt.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(rebuilt.entry(hash).or_insert_with(|| Arc::new(OnceCell::new())))
+    }
+}
+
+impl WorkflowContext {
+    /// Saves a value by reference: stores the workflow graph that rebuilds it (its
+    /// recipe), not the value. Any attached process can read the recipe with
+    /// [`load_graph`](Self::load_graph) and rebuild the value with
+    /// [`load_ref`](Self::load_ref).
+    ///
+    /// The recipe lives in the "graph" tier, whatever the placement policy.
+    /// [`StorageInfo::pass_by`](crate::StorageInfo::pass_by) is [`PassBy::Ref`].
+    ///
+    /// ```
+    /// # fn main() -> workflow_context::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use workflow_context::{PassBy, WorkflowContext, WorkflowGraph};
+    /// let ctx = WorkflowContext::builder().contexts_dir(dir.path()).create()?;
+    /// let graph = WorkflowGraph::from_json(r#"{
+    ///     "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}}
+    /// }"#)?;
+    /// ctx.save_ref("model", &graph)?;
+    /// assert_eq!(ctx.storage_info("model")?.unwrap().pass_by, PassBy::Ref);
+    /// assert_eq!(ctx.load_graph("model")?, graph);
+    /// # Ok(()) }
+    /// ```
+    pub fn save_ref(&self, key: &str, graph: &WorkflowGraph) -> Result<()> {
+        let tier = self.recipe_tier.as_ref().expect("a build with tier-graph has a recipe tier");
+        self.save_typed(key, graph, SaveOptions::new(), PassBy::Ref, Pool::Recipes(tier))
+    }
+
+    /// The recipe of a value passed by reference, as [`save_ref`](Self::save_ref) stored
+    /// it, checked again on the way out.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`]; [`Error::ByValue`] if the key holds a value, not a recipe;
+    /// [`Error::Corrupt`] or [`Error::InvalidGraph`] if the stored recipe is damaged.
+    pub fn load_graph(&self, key: &str) -> Result<WorkflowGraph> {
+        let (entry, stored) = self.load_record(key)?;
+        if entry.pass_by != PassBy::Ref {
+            return Err(Error::ByValue { key: key.to_owned() });
+        }
+        codec::decode(record::payload(&stored), key)
+    }
+
+    /// Rebuilds a value passed by reference, running its recipe with the context's
+    /// [`GraphRunner`] the first time, and handing out the same value after that.
+    ///
+    /// This handle runs each recipe once per content hash
+    /// ([`WorkflowGraph::content_hash`]): the same graph saved under two keys is rebuilt
+    /// once, and concurrent first loads wait for one run. A failed run is not remembered:
+    /// the next load runs the graph again. [`shutdown`](Self::shutdown) drops every
+    /// rebuilt value.
+    ///
+    /// # Errors
+    /// Those of [`load_graph`](Self::load_graph); [`Error::NoRunner`] if the context was
+    /// built without [`graph_runner`](crate::ContextBuilder::graph_runner);
+    /// [`Error::Runner`] (keeping the runner's error as its source) if the run fails;
+    /// [`Error::WrongType`] if the runner's value is not a `T`.
+    pub async fn load_ref<T: Any + Send + Sync>(&self, key: &str) -> Result<Arc<T>> {
+        let graph = self.load_graph(key)?;
+        let Some(runner) = self.refs.runner.clone() else {
+            return Err(Error::NoRunner { key: key.to_owned() });
+        };
+        let cell = self.refs.cell(graph.content_hash());
+        let value = cell
+            .get_or_try_init(|| async {
+                runner.run(&graph).await.map_err(|e| Error::Runner { key: key.to_owned(), source: Box::new(e) })
+            })
+            .await?;
+        Arc::clone(value)
+            .downcast::<T>()
+            .map_err(|_| Error::WrongType { key: key.to_owned(), expected: std::any::type_name::<T>() })
+    }
+}

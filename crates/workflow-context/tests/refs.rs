@@ -1,0 +1,198 @@
+//! Pass-by-reference: recipes stored, rebuilt once, across processes.
+
+#![cfg(feature = "tier-graph")]
+
+mod common;
+#[allow(dead_code)]
+#[path = "../examples/graph_runner/toy.rs"]
+mod toy;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Barrier};
+
+use common::{assert_child_ok, base, builder, run_child};
+use futures::executor::block_on;
+use toy::{Image, ToyRunner};
+use workflow_context::{Error, PassBy, SaveOptions, StorageKind, WorkflowContext, WorkflowGraph};
+
+const SUM: &str = r#"{"1": {"class_type": "Constant", "inputs": {"value": 2}},
+                      "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 40}}}"#;
+const IMAGE: &str = r#"{"1": {"class_type": "SyntheticImage", "inputs": {"width": 8, "height": 4, "seed": 1}},
+                        "2": {"class_type": "Resize", "inputs": {"image": ["1", 0], "width": 16, "height": 8}}}"#;
+
+fn graph(json: &str) -> WorkflowGraph {
+    WorkflowGraph::from_json(json).unwrap()
+}
+
+#[test]
+#[ignore = "runs only as a child process started by the other tests"]
+fn child_main() {
+    let Ok(role) = std::env::var("WFCTX_CHILD_ROLE") else { return };
+    let runner = Arc::new(ToyRunner::default());
+    let ctx = WorkflowContext::builder()
+        .contexts_dir(std::env::var("WFCTX_BASE").unwrap())
+        .run_id(std::env::var("WFCTX_RUN").unwrap())
+        .graph_runner(runner.clone())
+        .open()
+        .unwrap();
+    match role.as_str() {
+        "save-recipe" => ctx.save_ref("image", &graph(IMAGE)).unwrap(),
+        "rebuild" => {
+            let sum: Arc<f64> = block_on(ctx.load_ref("sum")).unwrap();
+            assert_eq!(*sum, 42.0);
+            assert_eq!(runner.runs.load(Ordering::SeqCst), 1);
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+#[test]
+fn recipes_are_stored_by_reference() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    let info = ctx.storage_info("sum").unwrap().unwrap();
+    assert_eq!((info.pass_by, info.tier.as_str(), info.storage_type), (PassBy::Ref, "graph", StorageKind::Disk));
+    assert!(info.path.unwrap().starts_with(ctx.dir()));
+    assert_eq!(ctx.load_graph("sum").unwrap(), graph(SUM));
+    assert_eq!(ctx.list_keys().unwrap(), vec!["sum"]);
+    assert_eq!(ctx.usage().unwrap().temp_disk_usage_bytes, info.size);
+    // Overwrite with another recipe, then with a value: storage follows.
+    ctx.save_ref("sum", &graph(IMAGE)).unwrap();
+    assert_eq!(ctx.load_graph("sum").unwrap(), graph(IMAGE));
+    ctx.save("sum", &1u8).unwrap();
+    assert_eq!(ctx.storage_info("sum").unwrap().unwrap().pass_by, PassBy::Val);
+    assert!(ctx.remove("sum").unwrap());
+    let u = ctx.usage().unwrap();
+    assert_eq!((u.ram_usage_bytes, u.temp_disk_usage_bytes), (0, 0));
+}
+
+#[test]
+fn the_wrong_load_says_which_to_use() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save_ref("model", &graph(SUM)).unwrap();
+    ctx.save("prompt", "hi").unwrap();
+    assert!(matches!(ctx.load::<f64>("model"), Err(Error::ByReference { key }) if key == "model"));
+    assert!(matches!(ctx.load_bytes("model"), Err(Error::ByReference { .. })));
+    assert!(matches!(ctx.load_graph("prompt"), Err(Error::ByValue { key }) if key == "prompt"));
+    assert!(matches!(block_on(ctx.load_ref::<f64>("prompt")), Err(Error::ByValue { .. })));
+    assert!(matches!(ctx.load_graph("absent"), Err(Error::KeyNotFound { .. })));
+    let msg = ctx.load::<f64>("model").unwrap_err().to_string();
+    assert!(msg.contains("load_ref"), "{msg}");
+}
+
+#[test]
+fn a_recipe_cannot_be_exported_and_stays() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save_ref("model", &graph(SUM)).unwrap();
+    let dest = b.path().join("model.wfx");
+    assert!(matches!(ctx.export_data("model", &dest, false), Err(Error::NotExportable { .. })));
+    assert!(!dest.exists());
+    assert_eq!(ctx.load_graph("model").unwrap(), graph(SUM));
+}
+
+#[test]
+fn rebuilding_needs_a_runner_and_the_right_type() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    assert!(matches!(block_on(ctx.load_ref::<f64>("sum")), Err(Error::NoRunner { key }) if key == "sum"));
+    let with = builder(b.path()).run_id(ctx.run_id()).graph_runner(Arc::new(ToyRunner::default())).open().unwrap();
+    assert_eq!(*block_on(with.load_ref::<f64>("sum")).unwrap(), 42.0);
+    match block_on(with.load_ref::<String>("sum")) {
+        Err(Error::WrongType { key, expected }) => {
+            assert_eq!((key.as_str(), expected), ("sum", "alloc::string::String"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A failing run keeps the runner's error as its source, and is not remembered.
+    ctx.save_ref("bad", &graph(r#"{"1": {"class_type": "Teleport", "inputs": {}}}"#)).unwrap();
+    let err = block_on(with.load_ref::<f64>("bad")).unwrap_err();
+    assert!(matches!(err, Error::Runner { ref key, .. } if key == "bad"), "{err:?}");
+    let source = std::error::Error::source(&err).expect("the runner's error is the source").to_string();
+    assert!(source.contains("Teleport"), "{source}");
+    assert!(block_on(with.load_ref::<f64>("bad")).is_err());
+}
+
+#[test]
+fn each_recipe_runs_once_per_content() {
+    let b = base();
+    let runner = Arc::new(ToyRunner::default());
+    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
+    ctx.save_ref("a", &graph(IMAGE)).unwrap();
+    // The same graph, written differently, under another key.
+    ctx.save_ref("b", &graph(&IMAGE.replace([' ', '\n'], ""))).unwrap();
+    ctx.save_ref("c", &graph(SUM)).unwrap();
+    let a: Arc<Image> = block_on(ctx.load_ref("a")).unwrap();
+    let a2: Arc<Image> = block_on(ctx.load_ref("a")).unwrap();
+    let b2: Arc<Image> = block_on(ctx.load_ref("b")).unwrap();
+    assert!(Arc::ptr_eq(&a, &a2) && Arc::ptr_eq(&a, &b2));
+    assert_eq!((a.width, a.height, a.pixels.len()), (16, 8, 16 * 8 * 3));
+    assert_eq!(runner.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(*block_on(ctx.load_ref::<f64>("c")).unwrap(), 42.0);
+    assert_eq!(runner.runs.load(Ordering::SeqCst), 2);
+    // Shutdown drops what was rebuilt.
+    let weak = Arc::downgrade(&a);
+    drop((a, a2, b2));
+    assert!(weak.upgrade().is_some(), "the context still holds the value");
+    ctx.shutdown().unwrap();
+    assert!(weak.upgrade().is_none(), "shutdown dropped it");
+    assert!(matches!(block_on(ctx.load_ref::<Image>("a")), Err(Error::Closed { .. })));
+}
+
+#[test]
+fn concurrent_first_loads_run_the_graph_once() {
+    let b = base();
+    let runner = Arc::new(ToyRunner { delay_ms: 100, ..ToyRunner::default() });
+    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
+    ctx.save_ref("image", &graph(IMAGE)).unwrap();
+    let barrier = Barrier::new(8);
+    let values: Vec<Arc<Image>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    block_on(ctx.load_ref::<Image>("image")).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(runner.runs.load(Ordering::SeqCst), 1, "eight concurrent loads, one run");
+    assert!(values.iter().all(|v| Arc::ptr_eq(v, &values[0])));
+}
+
+#[test]
+fn a_recipe_saved_in_one_process_is_rebuilt_in_another() {
+    let b = base();
+    let runner = Arc::new(ToyRunner::default());
+    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
+    let env = [("WFCTX_BASE", b.path().to_str().unwrap()), ("WFCTX_RUN", ctx.run_id())];
+    // The child saves a recipe; this process rebuilds it.
+    assert_child_ok(&run_child("child_main", "save-recipe", &env));
+    let image: Arc<Image> = block_on(ctx.load_ref("image")).unwrap();
+    assert_eq!((image.width, image.height), (16, 8));
+    // This process saves one; the child rebuilds it with its own runner.
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    assert_child_ok(&run_child("child_main", "rebuild", &env));
+}
+
+#[test]
+fn a_damaged_recipe_is_refused() {
+    let b = base();
+    let ctx = builder(b.path()).graph_runner(Arc::new(ToyRunner::default())).create().unwrap();
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    let path = ctx.storage_info("sum").unwrap().unwrap().path.unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(matches!(ctx.load_graph("sum"), Err(Error::Corrupt { .. })));
+    assert!(matches!(block_on(ctx.load_ref::<f64>("sum")), Err(Error::Corrupt { .. })));
+    // Values saved by value are unaffected and the key can be saved again.
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    assert_eq!(*block_on(ctx.load_ref::<f64>("sum")).unwrap(), 42.0);
+    ctx.save_bytes("v", b"x", SaveOptions::new()).unwrap();
+}
