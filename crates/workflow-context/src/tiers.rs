@@ -8,12 +8,18 @@ use context_core::{Result, StorageTier};
 /// The directory, inside a context's directory, that holds disk-tier value files.
 pub(crate) const VALUES_DIR: &str = "values";
 
+/// The redb database of small disk values, inside a context's directory.
+#[cfg(feature = "tier-redb")]
+pub(crate) const REDB_FILE: &str = "values.redb";
+
 /// Builds the tiers of this build for the context `run_id` in `dir`, RAM tiers first.
 #[allow(unused_variables, unused_mut, clippy::vec_init_then_push)]
 pub(crate) fn build(run_id: &str, dir: &Path) -> Result<Vec<Arc<dyn StorageTier>>> {
     let mut tiers: Vec<Arc<dyn StorageTier>> = Vec::new();
     #[cfg(feature = "tier-shm")]
     tiers.push(Arc::new(context_tier_shm::ShmTier::new(context_tier_shm::ShmConfig::new(run_id))?));
+    #[cfg(feature = "tier-redb")]
+    tiers.push(Arc::new(context_tier_redb::RedbTier::new(context_tier_redb::RedbConfig::new(dir.join(REDB_FILE)))?));
     #[cfg(feature = "tier-mmap")]
     tiers.push(Arc::new(context_tier_mmap::MmapTier::new(context_tier_mmap::MmapConfig::new(dir.join(VALUES_DIR)))?));
     Ok(tiers)

@@ -42,3 +42,8 @@ mod shm {
 mod mmap {
     context_core::tier_conformance_tests!(|| super::context_tier("mmap"));
 }
+
+#[cfg(feature = "tier-redb")]
+mod redb {
+    context_core::tier_conformance_tests!(|| super::context_tier("redb"));
+}

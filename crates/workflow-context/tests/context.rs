@@ -113,7 +113,7 @@ fn keys_never_become_paths() {
     for p in tree(ctx.dir()) {
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         let hex = |s: &str| s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit());
-        let known = ["meta", "lock", "procs", "values"].contains(&name.as_str())
+        let known = ["meta", "lock", "procs", "values", "recipes", "values.redb"].contains(&name.as_str())
             || name.strip_prefix("journal.").is_some_and(|g| g.parse::<u16>().is_ok())
             || hex(&name)
             || name.strip_suffix(".val").is_some_and(hex);
@@ -286,12 +286,11 @@ fn export_accepts_relative_paths() {
 
 #[cfg(feature = "tier-mmap")]
 #[test]
-fn damaged_values_load_as_corrupt() {
+fn damaged_value_files_load_as_corrupt() {
     let b = base();
     let ctx = builder(b.path()).create().unwrap();
-    ctx.save_bytes("disk", &[7u8; 200_000], SaveOptions::new().use_ram(false)).unwrap();
-    ctx.save_bytes("small", &[7u8; 1000], SaveOptions::new().use_ram(false)).unwrap();
-    for key in ["disk", "small"] {
+    for (key, len) in [("disk", 200_000), ("packed", 70_000)] {
+        ctx.save_bytes(key, &vec![7u8; len], SaveOptions::new().use_ram(false)).unwrap();
         let path = ctx.storage_info(key).unwrap().unwrap().path.unwrap();
         let mut bytes = fs::read(&path).unwrap();
         bytes[500] ^= 1;
@@ -310,6 +309,32 @@ fn damaged_values_load_as_corrupt() {
         ctx.save_bytes(key, b"fresh", SaveOptions::new()).unwrap();
         assert_eq!(&*ctx.load_bytes(key).unwrap(), b"fresh");
     }
+}
+
+#[cfg(feature = "tier-redb")]
+#[test]
+fn damaged_values_in_the_database_load_as_corrupt() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    // Incompressible, so the database holds these very bytes.
+    let value = context_core::testing::pattern(42, 1000);
+    ctx.save_bytes("small", &value, SaveOptions::new().use_ram(false)).unwrap();
+    let info = ctx.storage_info("small").unwrap().unwrap();
+    assert_eq!(info.tier, "redb");
+    let path = info.path.unwrap();
+    let bytes = fs::read(&path).unwrap();
+    let at = bytes.windows(64).position(|w| w == &value[100..164]).expect("the value is in the file");
+    // Damage one byte in place, as a stray writer would.
+    let file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[bytes[at + 10] ^ 0x01], (at + 10) as u64).unwrap();
+    // A process that has not cached the page reads the damage, and refuses it.
+    let other = builder(b.path()).run_id(ctx.run_id()).open().unwrap();
+    match other.load_bytes("small") {
+        Err(Error::Corrupt { key: Some(k), .. }) => assert_eq!(k, "small"),
+        other => panic!("{other:?}"),
+    }
+    ctx.save_bytes("small", b"fresh", SaveOptions::new().use_ram(false)).unwrap();
+    assert_eq!(&*ctx.load_bytes("small").unwrap(), b"fresh");
 }
 
 #[cfg(feature = "tier-shm")]

@@ -88,6 +88,15 @@ fn child_main() {
             }
             other => panic!("a bad config file must be refused: {other:?}"),
         },
+        "disk-tiers" => {
+            let ctx = open_from_env();
+            assert_eq!(&*ctx.load_bytes("small").unwrap(), &vec![1u8; 1000][..]);
+            assert_eq!(&*ctx.load_bytes("large").unwrap(), &vec![2u8; 1 << 20][..]);
+            ctx.save_bytes("child-small", &vec![3u8; 2000], SaveOptions::new()).unwrap();
+            ctx.save_bytes("child-large", &vec![4u8; 2 << 20], SaveOptions::new()).unwrap();
+            // The parent still holds its database handle open while this process writes.
+            assert_eq!(ctx.storage_info("child-small").unwrap().unwrap().tier, "redb");
+        }
         "shutdown" => {
             let ctx = open_from_env();
             ctx.shutdown().unwrap();
@@ -321,4 +330,26 @@ fn another_process_can_shut_the_context_down() {
     assert!(!ctx.dir().exists());
     assert!(shm_segments(&run).is_empty(), "{:?}", shm_segments(&run));
     ctx.shutdown().unwrap();
+}
+
+#[cfg(all(feature = "tier-redb", feature = "tier-mmap"))]
+#[test]
+fn small_disk_values_go_to_redb_and_large_to_mmap_across_processes() {
+    let b = base();
+    // No RAM budget: everything goes to disk, placed by size.
+    let ctx = builder(b.path()).max_ram_bytes(0).create().unwrap();
+    ctx.save_bytes("small", &vec![1u8; 1000], SaveOptions::new()).unwrap();
+    ctx.save_bytes("large", &vec![2u8; 1 << 20], SaveOptions::new()).unwrap();
+    assert_eq!(ctx.storage_info("small").unwrap().unwrap().tier, "redb");
+    assert_eq!(ctx.storage_info("large").unwrap().unwrap().tier, "mmap");
+    let out =
+        run_child(ENTRY, "disk-tiers", &[("WFCTX_BASE", b.path().to_str().unwrap()), ("WFCTX_RUN", ctx.run_id())]);
+    assert_child_ok(&out);
+    assert_eq!(&*ctx.load_bytes("child-small").unwrap(), &vec![3u8; 2000][..]);
+    assert_eq!(&*ctx.load_bytes("child-large").unwrap(), &vec![4u8; 2 << 20][..]);
+    assert_eq!(ctx.storage_info("child-large").unwrap().unwrap().tier, "mmap");
+    let u = ctx.usage().unwrap();
+    assert_eq!((u.ram_usage_bytes, u.stored_keys_count), (0, 4));
+    // Compressible small values are held compressed.
+    assert!(ctx.storage_info("small").unwrap().unwrap().size < 1000);
 }

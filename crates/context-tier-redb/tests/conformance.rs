@@ -1,0 +1,29 @@
+//! The conformance kit of context-core, run against `RedbTier`.
+
+use std::ops::Deref;
+
+use context_tier_redb::{RedbConfig, RedbTier};
+
+/// A fresh tier over a new file in a temporary directory of its own, which goes when the
+/// tier does.
+struct Fresh {
+    tier: RedbTier,
+    _dir: tempfile::TempDir,
+}
+
+impl Deref for Fresh {
+    type Target = RedbTier;
+
+    fn deref(&self) -> &RedbTier {
+        &self.tier
+    }
+}
+
+fn fresh() -> Fresh {
+    let dir = tempfile::Builder::new().prefix("context-tier-redb-").tempdir().expect("create a temporary directory");
+    let tier = RedbTier::new(RedbConfig::new(dir.path().join("context.redb"))).expect("open a fresh redb tier");
+    Fresh { tier, _dir: dir }
+}
+
+// `Fresh` derefs to the tier, as the macro's `Box` would.
+context_core::tier_conformance_tests!(fresh);

@@ -1,0 +1,130 @@
+//! A full file system is `PutOutcome::NoSpace` with nothing left behind, and the tier goes
+//! on working for what fits.
+//!
+//! The outer test re-runs this test binary in a private mount namespace with a 1 MiB tmpfs
+//! holding the database file; it skips (and passes) where namespaces or mounts are not
+//! allowed.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use context_core::testing::pattern;
+use context_core::{NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier};
+use context_tier_redb::{RedbConfig, RedbTier};
+
+const DIR_VAR: &str = "CONTEXT_TIER_REDB_NOSPACE_DIR";
+const DONE: &str = "no-space checks ran";
+
+#[test]
+fn full_file_system_is_no_space() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let script = r#"mount -t tmpfs -o size=1m,mode=0700 tmpfs "$1" || exit 77; shift; exec "$@""#;
+    let attempts: [&[&str]; 2] = [
+        &["--mount", "--propagation", "private"],
+        &["--user", "--map-root-user", "--mount", "--propagation", "private"],
+    ];
+    let mut refusals = Vec::new();
+    for flags in attempts {
+        let output = Command::new("unshare")
+            .args(flags)
+            .args(["sh", "-c", script, "sh"])
+            .arg(&dir)
+            .arg(&exe)
+            .args(["--exact", "no_space_inner", "--ignored", "--nocapture", "--test-threads=1"])
+            .env(DIR_VAR, &dir)
+            .output();
+        let output = match output {
+            Ok(output) => output,
+            Err(e) => {
+                println!("SKIPPED full_file_system_is_no_space: cannot run unshare: {e}");
+                return;
+            }
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        match output.status.code() {
+            Some(0) => {
+                assert!(stdout.contains(DONE), "the inner test did not run:\n{stdout}\n{stderr}");
+                println!("ran inside `unshare {}`: {DONE}", flags.join(" "));
+                return;
+            }
+            // 77: the script's mount was refused; 1 with unshare's own message: unshare was.
+            Some(77) => refusals.push(format!("unshare {}: mount refused: {}", flags.join(" "), stderr.trim())),
+            Some(1) if stderr.starts_with("unshare:") => {
+                refusals.push(format!("unshare {}: {}", flags.join(" "), stderr.trim()));
+            }
+            _ => panic!("the inner test failed ({}):\n{stdout}\n{stderr}", output.status),
+        }
+    }
+    println!("SKIPPED full_file_system_is_no_space: no private tmpfs allowed here:\n{}", refusals.join("\n"));
+}
+
+fn put_parts(tier: &RedbTier, id: u64, bytes: &[u8]) -> PutOutcome {
+    let parts: [&[u8]; 1] = [bytes];
+    tier.put(NewObject { id: ObjectId(id), len: bytes.len() as u64, data: ObjectData::Parts(&parts) }).unwrap()
+}
+
+fn id_ref(id: u64) -> ObjectRef {
+    ObjectRef { id: ObjectId(id), len: 0, slot: ObjectRef::UNKNOWN_SLOT, held: 0 }
+}
+
+/// Runs inside the private mount namespace, with a 1 MiB tmpfs at `$CONTEXT_TIER_REDB_NOSPACE_DIR`.
+#[test]
+#[ignore = "run by full_file_system_is_no_space inside a private mount namespace"]
+fn no_space_inner() {
+    let Some(dir) = std::env::var_os(DIR_VAR).map(PathBuf::from) else {
+        println!("{DIR_VAR} is not set; nothing to check");
+        return;
+    };
+    let path = dir.join("context.redb");
+    let tier = RedbTier::new(RedbConfig::new(&path)).unwrap();
+    // A second instance, as another process attached to the context would have.
+    let peer = RedbTier::new(RedbConfig::new(&path)).unwrap();
+    let before = tier.usage().unwrap();
+    let small = pattern(1, 10_000);
+    let PutOutcome::Stored(first) = put_parts(&tier, 1, &small) else { panic!("10 KB did not fit in 1 MiB") };
+
+    let len = 4u64 << 20;
+    let big = pattern(2, len as usize);
+    let blocks = || std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap());
+    let blocks_before = blocks();
+    assert_eq!(put_parts(&tier, 2, &big), PutOutcome::NoSpace);
+    let mut fill = |out: &mut dyn std::io::Write| {
+        out.write_all(&pattern(3, len as usize)).map_err(|e| context_core::Error::io("test write", "value", e))
+    };
+    let outcome = tier.put(NewObject { id: ObjectId(3), len, data: ObjectData::Write(&mut fill) }).unwrap();
+    assert_eq!(outcome, PutOutcome::NoSpace);
+    assert_eq!(put_parts(&peer, 4, &pattern(4, 3 << 20)), PutOutcome::NoSpace);
+    // The failed transactions gave back the blocks they had filled.
+    assert!(blocks() <= blocks_before, "{} blocks held after NoSpace, {blocks_before} before", blocks());
+
+    for t in [&tier, &peer] {
+        for id in [2, 3, 4] {
+            assert!(t.get(&id_ref(id)).unwrap().is_none(), "object {id} left behind");
+        }
+        assert_eq!(t.usage().unwrap().objects, before.objects + 1);
+        assert_eq!(t.get(&first).unwrap().as_deref(), Some(&small[..]));
+    }
+
+    // The tier still works for what fits, from both instances: small values, and large ones
+    // that compress.
+    for (t, id) in [(&tier, 5), (&peer, 6), (&tier, 7)] {
+        let bytes = pattern(id, 20_000);
+        let PutOutcome::Stored(r) = put_parts(t, id, &bytes) else { panic!("20 KB did not fit after NoSpace") };
+        assert_eq!(tier.get(&r).unwrap().as_deref(), Some(&bytes[..]));
+        assert_eq!(peer.get(&r).unwrap().as_deref(), Some(&bytes[..]));
+    }
+    let zeros = vec![0u8; 8 << 20];
+    let PutOutcome::Stored(r) = put_parts(&tier, 8, &zeros) else { panic!("8 MiB of zeros did not compress to fit") };
+    assert!(peer.get(&r).unwrap().as_deref() == Some(&zeros[..]));
+    assert_eq!(tier.usage().unwrap(), peer.usage().unwrap());
+
+    peer.destroy().unwrap();
+    tier.destroy().unwrap();
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+    println!("{DONE}");
+}
