@@ -5,9 +5,12 @@ mod common;
 use std::sync::Arc;
 
 use common::{base, builder};
-use workflow_context::core::{Compressed, DiskOnly, Prefer, Rule, StorageTier};
+#[cfg(any(feature = "tier-mmap", feature = "tier-redb"))]
+use workflow_context::core::DiskOnly;
+use workflow_context::core::{Compressed, Prefer, Rule, StorageTier};
 use workflow_context::{Error, SaveOptions, StorageKind};
 
+#[cfg(any(feature = "tier-mmap", feature = "tier-redb"))]
 fn disk_tier_for(len: usize) -> &'static str {
     if cfg!(feature = "tier-redb") && (len as u64) + 40 < 64 << 10 {
         "redb"
