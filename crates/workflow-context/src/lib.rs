@@ -41,6 +41,27 @@ pub mod testing {
     }
 }
 
+/// Entry points into the decoders that read untrusted bytes, for fuzzing (feature
+/// `fuzzing`). Each must return an error, never panic, whatever its input.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parses configuration text as `ContextBuilder::config_path` would read it.
+    pub fn parse_config(text: &str) -> context_core::Result<()> {
+        crate::config::FileConfig::parse(text, "fuzz input").map(|_| ())
+    }
+
+    /// Decodes index journal frames; the number of records on success.
+    pub fn decode_journal(bytes: &[u8]) -> Result<usize, String> {
+        crate::index::decode_frames(bytes, 0).map(|recs| recs.len())
+    }
+
+    /// Decodes an export file; the payload length on success.
+    pub fn decode_export(bytes: &[u8]) -> context_core::Result<usize> {
+        crate::export::decode(bytes, std::path::Path::new("fuzz input")).map(|e| e.payload.len())
+    }
+}
+
 /// The building blocks for writing your own storage tier or placement policy.
 pub mod core {
     pub use context_core::*;
