@@ -28,9 +28,9 @@ const VIEW_CACHE_MIN: usize = 64 << 10;
 /// How many checked views one handle keeps at most.
 const VIEW_CACHE_MAX: usize = 4096;
 
-const META_FILE: &str = "meta";
-const LOCK_FILE: &str = "lock";
-const PROCS_DIR: &str = "procs";
+pub(crate) const META_FILE: &str = "meta";
+pub(crate) const LOCK_FILE: &str = "lock";
+pub(crate) const PROCS_DIR: &str = "procs";
 
 /// A scratch store for one workflow run, shared by every process that attaches to it.
 ///
@@ -98,6 +98,7 @@ pub struct ContextBuilder {
     max_disk: Option<u64>,
     run_id: Option<String>,
     contexts_dir: Option<PathBuf>,
+    sweep: bool,
     setup: Setup,
 }
 
@@ -130,6 +131,7 @@ impl ContextBuilder {
             max_disk: None,
             run_id: None,
             contexts_dir: None,
+            sweep: true,
             setup: Setup {
                 policy: Arc::new(RamFirst::default()),
                 extra_tiers: Vec::new(),
@@ -137,6 +139,14 @@ impl ContextBuilder {
                 runner: None,
             },
         }
+    }
+
+    /// Whether creating the context first removes the contexts that crashed processes left
+    /// in the same contexts directory ([`collect_orphans`](crate::collect_orphans)); on by
+    /// default. The sweep looks at every context there and touches only dead ones.
+    pub fn collect_orphans(mut self, yes: bool) -> Self {
+        self.sweep = yes;
+        self
     }
 
     /// The disk budget in bytes, shared like the RAM budget by every attached process.
@@ -157,9 +167,10 @@ impl ContextBuilder {
     /// use workflow_context::{StorageKind, WorkflowContext};
     /// use workflow_context::core::DiskOnly;
     /// let ctx = WorkflowContext::builder().contexts_dir(dir.path()).policy(DiskOnly::default()).create()?;
+    /// # #[cfg(any(feature = "tier-mmap", feature = "tier-redb"))] {
     /// ctx.save("seed", &7u32)?;
-    /// # #[cfg(any(feature = "tier-mmap", feature = "tier-redb"))]
     /// assert_eq!(ctx.storage_info("seed")?.unwrap().storage_type, StorageKind::Disk);
+    /// # }
     /// # Ok(()) }
     /// ```
     pub fn policy(mut self, policy: impl PlacementPolicy + 'static) -> Self {
@@ -265,6 +276,10 @@ impl ContextBuilder {
             None => format!("{:016x}{:016x}", random_u64(&base)?, random_u64(&base)?),
         };
         fsutil::ensure_private_dir(&base)?;
+        if self.sweep {
+            // Best effort: a failed sweep must not stop a run from starting.
+            let _ = crate::gc::collect_orphans(&base);
+        }
         WorkflowContext::create_in(&base, run_id, (ram_capacity, self.max_disk), self.setup)
     }
 
@@ -302,7 +317,7 @@ fn register_liveness(dir: &Path, token: u64) -> Result<(File, PathBuf)> {
 }
 
 /// Whether any handle, in any process, holds the context in `dir`.
-fn is_live(dir: &Path) -> bool {
+pub(crate) fn is_live(dir: &Path) -> bool {
     let Ok(entries) = fs::read_dir(dir.join(PROCS_DIR)) else { return false };
     entries.flatten().any(|e| holder_alive(&e.path()))
 }
@@ -414,7 +429,7 @@ impl WorkflowContext {
         let final_dir = base.join(&run_id);
         // Build the context in a private staging directory and move it into place in one
         // rename, so an opener never sees a half-made context.
-        let staging = base.join(format!(".staging-{run_id}-{token:016x}"));
+        let staging = base.join(format!("{}{run_id}-{token:016x}", crate::gc::STAGING_PREFIX));
         fsutil::create_dir(&staging, "create context staging directory")?;
         let built = (|| {
             let meta = Meta::create(&staging.join(META_FILE), capacity.0, capacity.1)?;
@@ -1131,7 +1146,7 @@ impl WorkflowContext {
 }
 
 /// Removes a context that no process holds: its segments, files and directory.
-fn remove_dead_context(run_id: &str, dir: &Path) -> Result<()> {
+pub(crate) fn remove_dead_context(run_id: &str, dir: &Path) -> Result<()> {
     if let Ok(meta) = Meta::open(&dir.join(META_FILE)) {
         meta.set_state(STATE_CLOSED);
     }

@@ -53,7 +53,7 @@ pub(crate) fn ensure_private_dir(path: &Path) -> Result<()> {
     }
 }
 
-fn check_private_dir(path: &Path) -> Result<()> {
+pub(crate) fn check_private_dir(path: &Path) -> Result<()> {
     let meta = fs::symlink_metadata(path).map_err(|e| Error::io("inspect contexts directory", path, e))?;
     let refuse = |why: &str| Error::io("use contexts directory", path, io::Error::other(why.to_owned()));
     if meta.file_type().is_symlink() {

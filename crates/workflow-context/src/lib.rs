@@ -5,6 +5,7 @@ mod config;
 mod context;
 mod export;
 mod fsutil;
+mod gc;
 mod index;
 #[cfg(feature = "tier-graph")]
 mod refs;
@@ -21,6 +22,7 @@ pub use context_core::{
 #[cfg(feature = "tier-graph")]
 pub use context_tier_graph::{GraphRunner, Node, WorkflowGraph};
 pub use export::{read_exported, read_exported_bytes};
+pub use gc::{GcReport, collect_orphans};
 
 /// Helpers for tests (feature `testing`): the tiers exactly as a context builds them.
 #[cfg(feature = "testing")]

@@ -353,3 +353,90 @@ fn small_disk_values_go_to_redb_and_large_to_mmap_across_processes() {
     // Compressible small values are held compressed.
     assert!(ctx.storage_info("small").unwrap().unwrap().size < 1000);
 }
+
+/// Starts a child that creates context `run` in `base`, saves a RAM, a disk and a small
+/// value, and waits; returns it once it is ready.
+fn creator_that_waits(base: &std::path::Path, run: &str) -> std::process::Child {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", ENTRY, "--ignored", "--nocapture", "--test-threads=1"])
+        .env("WFCTX_CHILD_ROLE", "create-and-wait")
+        .env("WFCTX_BASE", base)
+        .env("WFCTX_RUN", run)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().contains("READY")), "child never got ready");
+    child
+}
+
+#[test]
+fn orphans_are_collected_and_live_contexts_left_alone() {
+    let b = base();
+    let dead_run = run_id("dead");
+    let live_run = run_id("live");
+    let mut dead = creator_that_waits(b.path(), &dead_run);
+    let mut live = creator_that_waits(b.path(), &live_run);
+    dead.kill().unwrap();
+    dead.wait().unwrap();
+    // Things in the contexts directory that are not contexts are never touched.
+    std::fs::write(b.path().join("notes.txt"), b"mine").unwrap();
+    std::fs::create_dir(b.path().join("not-a-context")).unwrap();
+    std::os::unix::fs::symlink("/tmp", b.path().join("a-link")).unwrap();
+    // A half-made context whose creator died.
+    let staging = b.path().join(".staging-gone-00000000000000ff");
+    std::fs::create_dir_all(staging.join("procs")).unwrap();
+    std::fs::write(staging.join("procs/00000000000000ff"), b"").unwrap();
+    let had_segments = shm_segments(&dead_run).len();
+    assert!(had_segments >= 2, "the dead context left segments: {had_segments}");
+
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    println!("{report:?}");
+    assert_eq!(report.contexts_removed, 2, "the dead context and the half-made one");
+    assert_eq!(report.segments_removed, had_segments);
+    assert!(report.bytes_freed >= 400_000, "{report:?}");
+    assert_eq!(report.live_contexts, 1);
+    assert!(shm_segments(&dead_run).is_empty());
+    assert!(!b.path().join(&dead_run).exists() && !staging.exists());
+    for kept in ["notes.txt", "not-a-context", "a-link"] {
+        assert!(std::fs::symlink_metadata(b.path().join(kept)).is_ok(), "{kept} was touched");
+    }
+    // The live one is whole, and can still be opened and read.
+    let opened = builder(b.path()).run_id(&live_run).open().unwrap();
+    assert_eq!(opened.load::<String>("small").unwrap(), "value");
+    assert_eq!(&*opened.load_bytes("ram").unwrap(), &vec![1u8; 200_000][..]);
+    drop(opened);
+    // Once its creator dies too, it goes, and a second collection finds nothing more.
+    live.kill().unwrap();
+    live.wait().unwrap();
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    assert_eq!((report.contexts_removed, report.live_contexts), (1, 0));
+    assert!(shm_segments(&live_run).is_empty());
+    assert_eq!(workflow_context::collect_orphans(b.path()).unwrap().contexts_removed, 0);
+}
+
+#[test]
+fn creating_a_context_sweeps_its_directory_unless_told_not_to() {
+    let b = base();
+    let run = run_id("swept");
+    let mut child = creator_that_waits(b.path(), &run);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = builder(b.path()).collect_orphans(false).create().unwrap();
+    assert!(b.path().join(&run).exists(), "no sweep when switched off");
+    drop(kept);
+    let ctx = builder(b.path()).create().unwrap();
+    assert!(!b.path().join(&run).exists(), "the default sweep removed the dead context");
+    assert!(shm_segments(&run).is_empty());
+    drop(ctx);
+}
+
+#[test]
+fn collecting_refuses_an_unsafe_directory() {
+    let b = base();
+    let link = b.path().join("link");
+    std::os::unix::fs::symlink(b.path(), &link).unwrap();
+    assert!(matches!(workflow_context::collect_orphans(&link), Err(workflow_context::Error::Io { .. })));
+    let report = workflow_context::collect_orphans(b.path().join("missing")).unwrap();
+    assert_eq!(report, workflow_context::GcReport::default());
+}
