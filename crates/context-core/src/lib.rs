@@ -19,6 +19,8 @@ mod tier;
 mod types;
 
 #[cfg(any(test, feature = "testing"))]
+mod faults;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use error::{Error, Result};

@@ -14,6 +14,8 @@
 
 use std::collections::BTreeMap;
 
+pub use crate::faults::{Call, Fault, FaultyTier, MemoryTier};
+
 use crate::Error;
 use crate::payload::Payload;
 use crate::tier::{NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier, TierUsage};
@@ -336,4 +338,41 @@ macro_rules! tier_conformance_tests {
             }
         )*
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    crate::tier_conformance_tests!(|| Box::new(MemoryTier::default()));
+
+    mod faulty_without_faults {
+        use super::*;
+        crate::tier_conformance_tests!(|| Box::new(FaultyTier::new("faulty", Arc::new(MemoryTier::default()))));
+    }
+
+    #[test]
+    fn faults_hit_the_planned_calls() {
+        let tier = FaultyTier::new("faulty", Arc::new(MemoryTier::default()));
+        tier.fail(Call::Put, 2, Fault::Enospc).fail(Call::Get, 1, Fault::Eio);
+        let bytes = pattern(1, 100);
+        put_parts(&tier, 1, &bytes);
+        let parts: [&[u8]; 1] = [&bytes];
+        let err = tier.put(NewObject { id: ObjectId(2), len: 100, data: ObjectData::Parts(&parts) }).unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert!(tier.get(&ObjectRef { id: ObjectId(1), len: 100, slot: 0, held: 0 }).is_err());
+        assert_eq!(get(&tier, &ObjectRef { id: ObjectId(1), len: 100, slot: 0, held: 0 }).as_deref(), Some(&bytes[..]));
+        tier.fail(Call::Put, 1, Fault::ShortWrite);
+        assert!(tier.put(NewObject { id: ObjectId(3), len: 100, data: ObjectData::Parts(&parts) }).is_err());
+        assert_eq!(usage(&tier).objects, 1, "a short write leaves nothing");
+        tier.fail_from(Call::Put, 1, Fault::NoSpace);
+        for id in 4..7 {
+            let r = tier.put(NewObject { id: ObjectId(id), len: 100, data: ObjectData::Parts(&parts) }).unwrap();
+            assert_eq!(r, PutOutcome::NoSpace);
+        }
+        tier.heal();
+        put_parts(&tier, 7, &bytes);
+        assert_eq!(tier.injected(), 6);
+    }
 }

@@ -55,6 +55,8 @@ pub struct WorkflowContext {
     policy: Arc<dyn PlacementPolicy>,
     liveness: Mutex<Option<(File, PathBuf)>>,
     closed: AtomicBool,
+    /// Replaced or removed objects whose tier failed to delete them, to try again.
+    deferred: Mutex<Vec<Placed>>,
     #[cfg(feature = "tier-graph")]
     pub(crate) refs: crate::refs::Refs,
 }
@@ -514,6 +516,7 @@ impl WorkflowContext {
             policy: setup.policy,
             liveness: Mutex::new(Some(parts.liveness)),
             closed: AtomicBool::new(false),
+            deferred: Mutex::new(Vec::new()),
             #[cfg(feature = "tier-graph")]
             refs: crate::refs::Refs::new(setup.runner),
         })
@@ -587,6 +590,9 @@ impl WorkflowContext {
         // Checked again under the lock: shutdown sets the state while holding it.
         self.check_open()?;
         guard.replica.catch_up(&self.meta)?;
+        if !self.deferred.lock().unwrap_or_else(lock_poisoned).is_empty() {
+            self.retry_deferred(&mut guard)?;
+        }
         Ok(guard)
     }
 
@@ -626,16 +632,21 @@ impl WorkflowContext {
             g.replica.pending.values().filter(|p| dead.contains(&p.owner)).map(|p| p.at.clone()).collect();
         let mut gone = Vec::with_capacity(victims.len());
         for at in &victims {
-            if let Some(tier) = self.tier(&at.tier) {
-                tier.delete(&at.object_ref())?;
+            // Best effort: what cannot be deleted now stays pending for a later try.
+            if let Some(tier) = self.tier(&at.tier)
+                && tier.delete(&at.object_ref()).is_err()
+            {
+                continue;
             }
             gone.push(Rec::Gone { obj: at.obj });
         }
-        g.replica.append(&self.meta, &gone)?;
+        if !gone.is_empty() {
+            g.replica.append(&self.meta, &gone)?;
+        }
         for o in dead {
             let _ = fs::remove_file(self.dir.join(PROCS_DIR).join(format!("{o:016x}")));
         }
-        Ok(victims.len())
+        Ok(gone.len())
     }
 
     /// The tiers that may take a record of `len` bytes, best first, after the policy's
@@ -784,17 +795,35 @@ impl WorkflowContext {
         let old = g.replica.keys.get(key).map(|e| e.at.clone());
         g.replica.append(&self.meta, &[Rec::Put { key: key.to_owned(), at, pass_by, flags, owner: self.token }])?;
         if let Some(old) = old {
-            self.free(g, &old, key)?;
+            self.free(g, &old)?;
         }
         g.replica.maybe_compact(&self.meta)
     }
 
     /// Deletes a pending object this handle owns and records that it is gone.
-    fn free(&self, g: &mut WriteGuard<'_>, at: &Placed, key: &str) -> Result<()> {
-        if let Some(tier) = self.tier(&at.tier) {
-            tier.delete(&at.object_ref()).map_err(|e| e.with_key(key))?;
+    ///
+    /// The key's new state is already committed, so a tier that fails to delete does not
+    /// fail the operation: the object stays pending (and counted in usage) and this handle
+    /// tries again at its next write.
+    fn free(&self, g: &mut WriteGuard<'_>, at: &Placed) -> Result<()> {
+        if let Some(tier) = self.tier(&at.tier)
+            && tier.delete(&at.object_ref()).is_err()
+        {
+            self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
+            return Ok(());
         }
         g.replica.append(&self.meta, &[Rec::Gone { obj: at.obj }])
+    }
+
+    /// Deletes the objects an earlier free could not.
+    fn retry_deferred(&self, g: &mut WriteGuard<'_>) -> Result<()> {
+        let waiting = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(lock_poisoned));
+        for at in waiting {
+            if g.replica.pending.get(&at.obj).is_some_and(|p| p.owner == self.token) {
+                self.free(g, &at)?;
+            }
+        }
+        Ok(())
     }
 
     /// The error for a save that no tier could take.
@@ -1029,7 +1058,7 @@ impl WorkflowContext {
 
     fn remove_entry(&self, g: &mut WriteGuard<'_>, key: &str, entry: &Entry) -> Result<()> {
         g.replica.append(&self.meta, &[Rec::Remove { key: key.to_owned(), obj: entry.at.obj, owner: self.token }])?;
-        self.free(g, &entry.at, key)?;
+        self.free(g, &entry.at)?;
         g.replica.maybe_compact(&self.meta)
     }
 
