@@ -11,13 +11,21 @@
 //! header_len (4 KiB multiple)      the slots, slot_size bytes each, 256 KiB in all
 //! ```
 //!
-//! Protocol (lock-free, across processes):
-//! - allocate: set a clear bit with a compare-exchange, store the tag (id + 1) in the slot's
-//!   id word, release fence, write the bytes, store the tag again with release ordering;
+//! Protocol (lock-free, across processes). A slot belongs to whoever holds its id word; the
+//! bitmap is only a hint of which slots are taken, so that allocation need not scan the id
+//! words, and a process killed at any instruction leaves no slot that nobody can free:
+//! - allocate: pick a slot whose bit is clear, claim it with a compare-exchange of its id
+//!   word from 0 to the tag (id + 1), then set its bit; release fence, write the bytes, store
+//!   the tag again with release ordering. A claim that loses the race moves on;
 //! - read: load the id word (acquire), copy the bytes, acquire fence, load the id word
 //!   again; the copy counts only if both loads saw the tag. Tags are never reused, so a
 //!   slot freed and reused while it was copied is always noticed (a seqlock keyed by id);
-//! - free: compare-exchange the id word from the tag to 0, then clear the bit.
+//! - free: compare-exchange the id word from the tag to 0, then clear the bit;
+//! - count: the slots whose id word is not 0.
+//!
+//! A process killed after claiming a slot leaves its tag in the id word: the object can be
+//! found by id and freed. One killed between the two steps of a free leaves a set bit over
+//! an empty id word: that slot is not counted, and is skipped until the arena is destroyed.
 
 use std::io;
 use std::path::PathBuf;
@@ -261,13 +269,12 @@ impl Arena {
         if bytes.len() > self.layout.slot_size {
             return None;
         }
-        let slot = self.allocate()?;
+        let slot = self.claim(tag)?;
         let id = &self.ids()[slot];
-        // No other process writes this slot now: we own its bit. Stale readers of a former
-        // occupant may still be copying it; the release fence orders the tag store before
+        // No other process writes this slot now: we hold its id word. Stale readers of a
+        // former occupant may still be copying it; the release fence orders the claim before
         // the byte stores below, so a reader that sees any of our bytes also sees the tag
         // change and discards its copy.
-        id.store(tag, Ordering::Relaxed);
         fence(Ordering::Release);
         let words = self.slot_words(slot);
         for (word, chunk) in words.iter().zip(bytes.chunks(8)) {
@@ -280,20 +287,19 @@ impl Arena {
         Some(slot)
     }
 
-    fn allocate(&self) -> Option<usize> {
+    /// Claims a free slot for `tag`: its id word goes from 0 to `tag`, then its bit is set.
+    fn claim(&self, tag: u64) -> Option<usize> {
+        let ids = self.ids();
         for (i, word) in self.bitmap().iter().enumerate() {
-            let valid = self.valid_bits(i);
-            let mut current = word.load(Ordering::Relaxed);
-            loop {
-                let free = !current & valid;
-                if free == 0 {
-                    break;
-                }
+            let mut free = !word.load(Ordering::Relaxed) & self.valid_bits(i);
+            while free != 0 {
                 let bit = free.trailing_zeros() as usize;
-                match word.compare_exchange_weak(current, current | 1 << bit, Ordering::Acquire, Ordering::Relaxed) {
-                    Ok(_) => return Some(i * 64 + bit),
-                    Err(now) => current = now,
+                let slot = i * 64 + bit;
+                if ids[slot].compare_exchange(0, tag, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    word.fetch_or(1 << bit, Ordering::AcqRel);
+                    return Some(slot);
                 }
+                free &= !(1 << bit);
             }
         }
         None
@@ -338,13 +344,9 @@ impl Arena {
         self.ids().iter().position(|id| id.load(Ordering::Acquire) == tag)
     }
 
-    /// The number of allocated slots.
+    /// The number of slots that hold an object (or one being written).
     pub(crate) fn allocated(&self) -> u64 {
-        self.bitmap()
-            .iter()
-            .enumerate()
-            .map(|(i, word)| u64::from((word.load(Ordering::Relaxed) & self.valid_bits(i)).count_ones()))
-            .sum()
+        self.ids().iter().filter(|id| id.load(Ordering::Relaxed) != 0).count() as u64
     }
 }
 
