@@ -460,6 +460,14 @@ impl WorkflowContext {
             ) {
                 Ok(()) => break,
                 Err(e) if (e == rustix::io::Errno::EXIST || e == rustix::io::Errno::NOTEMPTY) && !replaced_stale => {
+                    // Only a real context directory may be replaced; a symlink, a file or a
+                    // foreign directory under this name is left alone.
+                    let is_context = fs::symlink_metadata(&final_dir).is_ok_and(|m| m.is_dir())
+                        && fs::symlink_metadata(final_dir.join(META_FILE)).is_ok_and(|m| m.is_file());
+                    if !is_context {
+                        let _ = fs::remove_dir_all(&staging);
+                        return Err(Error::AlreadyExists { what: "something that is not a context", path: final_dir });
+                    }
                     if is_live(&final_dir) {
                         let _ = fs::remove_dir_all(&staging);
                         return Err(Error::AlreadyExists { what: "live context", path: final_dir });

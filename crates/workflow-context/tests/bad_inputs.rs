@@ -1,0 +1,194 @@
+//! Bad inputs not covered elsewhere: planted files and links, damaged context files,
+//! unsafe directories, odd configuration files. Each is a clear error that loses nothing
+//! and touches nothing outside the context. `docs/bad-inputs.md` lists them all.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+
+use common::{base, builder};
+use workflow_context::{Error, SaveOptions, WorkflowContext};
+
+#[test]
+fn a_symlink_planted_where_the_context_dir_will_be_is_not_followed() {
+    let b = base();
+    let target = b.path().join("elsewhere");
+    fs::create_dir(&target).unwrap();
+    let contexts = b.path().join("contexts");
+    fs::create_dir(&contexts).unwrap();
+    fs::set_permissions(&contexts, fs::Permissions::from_mode(0o700)).unwrap();
+    symlink(&target, contexts.join("victim")).unwrap();
+    // Creating over it: the link is not a context, so creation refuses rather than follow it.
+    let err = builder(&contexts).run_id("victim").collect_orphans(false).create().unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. } | Error::Io { .. }), "{err}");
+    assert!(fs::read_dir(&target).unwrap().next().is_none(), "nothing was written through the link");
+    // Opening through it is refused too.
+    assert!(builder(&contexts).run_id("victim").open().is_err());
+    assert!(fs::read_dir(&target).unwrap().next().is_none());
+    assert!(fs::symlink_metadata(contexts.join("victim")).unwrap().file_type().is_symlink(), "the link is left alone");
+}
+
+#[test]
+fn a_symlink_planted_where_a_value_file_will_be_is_not_followed() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let outside = b.path().join("outside.txt");
+    fs::write(&outside, b"precious").unwrap();
+    // The next object ids are small numbers: plant links at the first few value paths.
+    for id in 1..64u64 {
+        let _ = symlink(&outside, ctx.dir().join("values").join(format!("{id:016x}.val")));
+    }
+    for i in 0..5 {
+        // Each save either lands elsewhere or fails cleanly; none writes through a link.
+        let _ = ctx.save_bytes(&format!("k{i}"), &vec![1u8; 100_000], SaveOptions::new().use_ram(false));
+    }
+    assert_eq!(fs::read(&outside).unwrap(), b"precious");
+}
+
+#[test]
+fn a_contexts_dir_owned_by_another_user_is_refused() {
+    let b = base();
+    let dir = b.path().join("theirs");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    // As root, hand the directory to "nobody"; elsewhere this check cannot be staged.
+    if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        match builder(&dir).create() {
+            Err(Error::Io { path, source, .. }) => {
+                assert_eq!(path, dir);
+                assert!(source.to_string().contains("another user"), "{source}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(workflow_context::collect_orphans(&dir), Err(Error::Io { .. })));
+    } else {
+        println!("SKIPPED: not root, cannot give a directory to another user");
+    }
+}
+
+#[test]
+fn a_contexts_path_that_is_a_file_is_refused() {
+    let b = base();
+    let file = b.path().join("file");
+    fs::write(&file, b"x").unwrap();
+    assert!(matches!(builder(&file).create(), Err(Error::Io { .. })));
+    assert_eq!(fs::read(&file).unwrap(), b"x");
+}
+
+#[test]
+fn damaged_context_files_are_corrupt_on_open_and_change_nothing() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save("k", "v").unwrap();
+    let meta = ctx.dir().join("meta");
+    let journal = ctx.dir().join("journal.0");
+    let good_meta = fs::read(&meta).unwrap();
+    let good_journal = fs::read(&journal).unwrap();
+    let open = || builder(b.path()).run_id(ctx.run_id()).open();
+
+    // A meta file with a foreign magic, a wrong size, or truncated to nothing.
+    for bad in [b"not a meta file at all".to_vec(), vec![0u8; 4096], good_meta[..100].to_vec()] {
+        fs::write(&meta, &bad).unwrap();
+        assert!(matches!(open(), Err(Error::Corrupt { .. })), "meta of {} bytes", bad.len());
+    }
+    fs::write(&meta, &good_meta).unwrap();
+
+    // A journal damaged in its committed part: refused, naming the journal.
+    let mut flipped = good_journal.clone();
+    flipped[good_journal.len() / 2] ^= 0xff;
+    fs::write(&journal, &flipped).unwrap();
+    match open() {
+        Err(Error::Corrupt { what, .. }) => assert!(what.contains("journal"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+    // Truncated below its committed length.
+    fs::write(&journal, &good_journal[..good_journal.len() - 3]).unwrap();
+    assert!(open().is_err());
+    // Restored, everything is as it was.
+    fs::write(&journal, &good_journal).unwrap();
+    assert_eq!(open().unwrap().load::<String>("k").unwrap(), "v");
+}
+
+#[test]
+fn foreign_files_planted_in_the_context_dir_are_ignored() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save("k", "v").unwrap();
+    fs::write(ctx.dir().join("values").join("00000000000abcde.val"), b"planted").unwrap();
+    fs::write(ctx.dir().join("notes.txt"), b"planted").unwrap();
+    fs::write(ctx.dir().join("procs").join("ffffffffffffffff"), b"").unwrap();
+    assert_eq!(ctx.list_keys().unwrap(), vec!["k"], "a planted value file is no key");
+    let opened = builder(b.path()).run_id(ctx.run_id()).open().unwrap();
+    assert_eq!(opened.load::<String>("k").unwrap(), "v");
+    drop(opened);
+    let dir = ctx.dir().to_owned();
+    drop(ctx);
+    assert!(!dir.exists(), "shutdown removes the planted files with the context");
+}
+
+#[test]
+fn odd_configuration_files_are_config_errors() {
+    let b = base();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a directory", Vec::new()),
+        ("not UTF-8", vec![0xff, 0xfe, b'{', b'}']),
+        ("over 1 MiB", format!("{{\"MAX_RAM_GB\": 1{}}}", " ".repeat(1 << 20)).into_bytes()),
+        ("a JSON string", b"\"MAX_RAM_GB\"".to_vec()),
+        ("null", b"null".to_vec()),
+        ("a nested object", br#"{"MAX_RAM_GB": {"value": 1}}"#.to_vec()),
+        ("an unterminated comment", b"{ /* forever }".to_vec()),
+    ];
+    for (what, bytes) in cases {
+        let path = b.path().join("cfg");
+        let _ = fs::remove_dir_all(&path);
+        let _ = fs::remove_file(&path);
+        if what == "a directory" {
+            fs::create_dir(&path).unwrap();
+        } else {
+            fs::write(&path, &bytes).unwrap();
+        }
+        match builder(b.path()).config_path(&path).create() {
+            Err(Error::Config { source_name, .. }) => assert_eq!(source_name, path.display().to_string(), "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    let left: Vec<_> = fs::read_dir(b.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec!["cfg"], "a refused configuration creates nothing");
+}
+
+#[test]
+fn a_zero_ram_budget_sends_everything_to_disk() {
+    let b = base();
+    let ctx = builder(b.path()).max_ram_bytes(0).create().unwrap();
+    let saved = ctx.save("k", "v");
+    if cfg!(any(feature = "tier-mmap", feature = "tier-redb")) {
+        saved.unwrap();
+        assert_eq!(ctx.usage().unwrap().ram_usage_bytes, 0);
+    } else {
+        assert!(matches!(saved, Err(Error::OutOfRam { .. })));
+    }
+    assert!(matches!(
+        ctx.save_with("r", &1u8, SaveOptions::new().ram_only(true)),
+        Err(Error::OutOfRam { .. } | Error::NoTier { .. })
+    ));
+}
+
+#[test]
+fn keys_and_values_at_the_edges() {
+    let b = base();
+    let ctx = WorkflowContext::builder().contexts_dir(b.path()).create().unwrap();
+    // Control characters, a lone NUL, right-to-left marks, and a key of exactly 4096 bytes.
+    let long = "é".repeat(2048);
+    for key in ["\u{202e}evil", "\n\t\r", "\0", "a\0b", long.as_str()] {
+        ctx.save(key, &key.len()).unwrap();
+        assert_eq!(ctx.load::<usize>(key).unwrap(), key.len());
+    }
+    // An empty value, and load of it.
+    ctx.save_bytes("empty", &[], SaveOptions::new()).unwrap();
+    assert!(ctx.load_bytes("empty").unwrap().is_empty());
+    // Loading raw bytes as a typed value of the wrong shape is a codec error.
+    ctx.save_bytes("raw", &[0xff; 3], SaveOptions::new()).unwrap();
+    assert!(matches!(ctx.load::<String>("raw"), Err(Error::Codec { .. })));
+}
