@@ -290,7 +290,7 @@ fn space_held_by_a_killed_writer_is_reclaimed() {
             assert_eq!(&*fresh.load_bytes("big").unwrap(), &vec![5u8; 3 << 20][..], "no torn value");
         }
         // The segments left are the live values' (plus the small-value arenas).
-        let large_segments = shm_segments(ctx.run_id()).iter().filter(|s| !s.contains(".a")).count();
+        let large_segments = common::large_segments(ctx.run_id()).len();
         let large_in_ram = fresh
             .list_keys()
             .unwrap()

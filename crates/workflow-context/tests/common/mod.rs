@@ -46,6 +46,13 @@ pub fn shm_segments(run_id: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The segments of `run_id` that hold one large value each (not the small-value arenas,
+/// named `wfctx.<run id>.a<slot size>.<n>`).
+pub fn large_segments(run_id: &str) -> Vec<String> {
+    let prefix = format!("wfctx.{run_id}.");
+    shm_segments(run_id).into_iter().filter(|s| !s[prefix.len()..].starts_with('a')).collect()
+}
+
 /// Every path below `dir`, relative.
 pub fn tree(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
