@@ -403,9 +403,8 @@ impl WorkflowContext {
     ///
     /// ```
     /// # fn main() -> workflow_context::Result<()> {
-    /// # let dir = tempfile::tempdir().unwrap();
-    /// # unsafe { std::env::set_var("TMPDIR", dir.path()) };
     /// use workflow_context::WorkflowContext;
+    /// // In the temp dir's `workflow_contexts` (or as the configuration file says).
     /// let ctx = WorkflowContext::new()?;
     /// ctx.save("prompt", "a lighthouse at dusk")?;
     /// assert_eq!(ctx.load::<String>("prompt")?, "a lighthouse at dusk");
