@@ -54,9 +54,10 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
-    /// Length of the whole record (header, payload and trailer).
+    /// Length of the whole record (header, payload and trailer); `u64::MAX` for a header
+    /// that claims more than can exist.
     pub fn record_len(&self) -> u64 {
-        OVERHEAD as u64 + self.payload_len
+        self.payload_len.saturating_add(OVERHEAD as u64)
     }
 
     /// Encodes the header.
@@ -200,11 +201,12 @@ pub fn check(record: &[u8], expected_id: ObjectId, verify_payload: bool) -> Resu
     if header.object_id != expected_id {
         return Err(format!("record belongs to object {} instead of {}", header.object_id.0, expected_id.0));
     }
+    // Compared as payload lengths, so a forged header cannot overflow the sum.
     let actual = record.len() as u64;
-    if actual != header.record_len() {
+    if actual < OVERHEAD as u64 || actual - OVERHEAD as u64 != header.payload_len {
         return Err(format!(
-            "record is {actual} bytes but its header says {} (truncated or extended)",
-            header.record_len()
+            "record is {actual} bytes but its header announces a {}-byte payload (truncated, extended or forged)",
+            header.payload_len
         ));
     }
     if verify_payload {
@@ -248,6 +250,21 @@ mod tests {
         let mut longer = rec.clone();
         longer.push(0);
         assert!(check(&longer, id, false).is_err());
+    }
+
+    #[test]
+    fn a_forged_payload_length_is_refused_not_overflowed() {
+        // Found by the `record` fuzz target: a valid header whose payload length makes
+        // header + payload + trailer wrap around to the record's real length.
+        for payload_len in [u64::MAX, u64::MAX - 7, u64::MAX - 39, u64::MAX - 40, 1 << 62] {
+            let header = RecordHeader { flags: 0, payload_len, object_id: ObjectId(7) }.encode();
+            assert!(check(&header, ObjectId(7), true).is_err(), "{payload_len}");
+            assert!(check(&header, ObjectId(7), false).is_err(), "{payload_len}");
+            let mut longer = header.to_vec();
+            longer.extend_from_slice(&[0u8; 8]);
+            assert!(check(&longer, ObjectId(7), true).is_err(), "{payload_len}");
+        }
+        assert_eq!(RecordHeader { flags: 0, payload_len: u64::MAX, object_id: ObjectId(1) }.record_len(), u64::MAX);
     }
 
     #[test]

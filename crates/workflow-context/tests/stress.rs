@@ -17,6 +17,9 @@ const ENTRY: &str = "child_main";
 const THREADS: usize = 4;
 const PROCESSES: usize = 4;
 
+/// What one thread left under each of its keys: the value's tag and length, or nothing.
+type Model = HashMap<String, Option<(u64, usize)>>;
+
 fn value(tag: u64, len: usize) -> Vec<u8> {
     let mut v = context_core::testing::pattern(tag, len.max(8));
     v[..8].copy_from_slice(&tag.to_le_bytes());
@@ -36,12 +39,12 @@ fn child_main() {
     let me: u64 = std::env::var("WFCTX_PROCESS").unwrap().parse().unwrap();
     let seconds: u64 = std::env::var("WFCTX_STRESS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let deadline = Instant::now() + Duration::from_secs(seconds);
-    let results: Vec<(HashMap<String, Option<(u64, usize)>>, u64)> = std::thread::scope(|s| {
+    let results: Vec<(Model, u64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS as u64)
             .map(|t| {
                 let ctx = &ctx;
                 s.spawn(move || {
-                    let mut model: HashMap<String, Option<(u64, usize)>> = HashMap::new();
+                    let mut model = Model::new();
                     let mut x = (me * 31 + t + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                     let mut ops = 0u64;
                     while Instant::now() < deadline {
@@ -108,7 +111,7 @@ fn processes_and_threads_lose_no_update() {
                 .unwrap()
         })
         .collect();
-    let mut expected: HashMap<String, Option<(u64, usize)>> = HashMap::new();
+    let mut expected = Model::new();
     let mut ops = 0u64;
     for child in children {
         let out = child.wait_with_output().unwrap();
