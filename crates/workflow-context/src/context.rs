@@ -992,7 +992,10 @@ impl WorkflowContext {
                 let Some(entry) = r.keys.get(key) else {
                     return Err(Error::KeyNotFound { key: key.to_owned() });
                 };
-                if let Some(view) = r.views.lock().unwrap_or_else(lock_poisoned).get(&entry.at.obj) {
+                // Only large records are kept as checked views.
+                if entry.at.len >= VIEW_CACHE_MIN as u64
+                    && let Some(view) = r.views.lock().unwrap_or_else(lock_poisoned).get(&entry.at.obj)
+                {
                     return Ok((entry.clone(), view.clone()));
                 }
                 entry.clone()

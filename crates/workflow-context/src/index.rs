@@ -302,7 +302,11 @@ pub(crate) struct Replica {
 }
 
 /// Journal size below which compaction never runs.
-const COMPACT_MIN: u64 = 1 << 20;
+const COMPACT_MIN: u64 = 64 << 10;
+/// Compaction runs when the journal is this many times the size of its live records, so
+/// the journal stays within a small multiple of the state (opening replays all of it) and
+/// compaction's cost, writing the live records once, is spread over as many new ones.
+const COMPACT_RATIO: u64 = 2;
 
 impl Replica {
     /// A replica of an empty index whose journal generation 0 is created in `dir`.
@@ -470,7 +474,7 @@ impl Replica {
     /// Rewrites the journal as the current state when dead records dominate it.
     /// The caller holds the write lock and has caught up.
     pub(crate) fn maybe_compact(&mut self, meta: &Meta) -> Result<()> {
-        if self.head.len < COMPACT_MIN || self.head.len < 4 * self.live_bytes.max(1) {
+        if self.head.len < COMPACT_MIN || self.head.len < COMPACT_RATIO * self.live_bytes.max(1) {
             return Ok(());
         }
         let generation = self.head.generation.wrapping_add(1);
