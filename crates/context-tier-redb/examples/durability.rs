@@ -177,7 +177,7 @@ fn throughput(dir: &Path) {
         file += 1;
         std::fs::write(dir.join(format!("plain-{file}")), &random).unwrap();
     });
-    println!("16 MiB incompressible (stored raw):");
+    println!("16 MiB incompressible (chunks stored raw):");
     println!("    plain file write, no fsync: {}", mbps(random.len(), plain));
     println!(
         "    tier put / get:           put      {}   get        {}",

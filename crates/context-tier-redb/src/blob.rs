@@ -1,5 +1,6 @@
-//! The stored form of an object (a "blob"): a header, then the object's bytes, raw or
-//! compressed with zstd. The format is described in the [crate] docs.
+//! The stored forms of an object, described in the [crate] docs: a small object is one blob
+//! (a header, then its bytes, raw or in one zstd frame); a large one is a manifest blob and a
+//! chunk blob per chunk, each chunk compressed on its own.
 
 use std::cell::Cell;
 use std::io;
@@ -10,27 +11,48 @@ use std::thread;
 use context_core::{Error, NewObject, ObjectData, WriteFailure};
 use zstd::bulk::{Compressor, Decompressor};
 
-/// Bytes before the body: the encoding, then the original length (u64 LE).
+/// Bytes before the body of a blob: the encoding, then the original length (u64 LE).
 pub(crate) const HEADER: usize = 9;
-/// Objects of this length and more are compressed in independent chunks, on two threads.
+/// Objects of this length and more are stored in chunks, in a table of their own.
 pub(crate) const CHUNKED_FROM: u64 = 4 << 20;
-/// The length of every chunk but the last.
-pub(crate) const CHUNK: usize = 1 << 20;
+/// The length of every chunk but the last: 1 MiB less 4 KiB, so that a chunk stored raw,
+/// with its blob header and redb's entry overhead (about 30 bytes), fits in a 1 MiB page of
+/// redb. A full 1 MiB would take a 2 MiB page, in memory while it is written and on disk.
+pub(crate) const CHUNK: usize = (1 << 20) - (4 << 10);
+/// A put commits the chunks it has compressed whenever they hold this many bytes: what a put
+/// holds besides the caller's bytes is about this, plus three chunk buffers, plus redb's
+/// cache.
+pub(crate) const COMMIT_EVERY: usize = 1 << 20;
+/// The longest chunk a manifest may name: the bound on what a damaged manifest can make a
+/// get allocate, per 4 bytes of manifest.
+const MAX_CHUNK: u32 = 1 << 20;
 
 /// The body is the object's bytes.
 const RAW: u8 = 0;
 /// The body is one zstd frame.
 const FRAME: u8 = 1;
-/// The body is the chunk size (u32 LE), the stored length of each chunk (u32 LE), then the
-/// chunks, each a zstd frame, or raw when its stored length equals its length.
-const CHUNKS: u8 = 2;
-/// Bytes of the encoding-2 header after [`HEADER`], before the chunk table.
-const CHUNK_SIZE_FIELD: usize = 4;
+/// The body is the chunk size (u32 LE), then the stored length of each chunk's blob (u32
+/// LE); the chunks are entries of the chunk table. (Encoding 2, chunks inside the blob, was
+/// written by earlier versions and is not read.)
+const MANIFEST: u8 = 3;
+/// Bytes of a manifest before its chunk table.
+const MANIFEST_FIXED: usize = HEADER + 4;
 
 /// zstd never decodes more than this many bytes per byte of a frame: a block holds at most
 /// 128 KiB and takes at least 4 bytes (an RLE block). Lengths in a blob that claim more are
 /// damage, caught before anything is allocated for them.
 const MAX_RATIO: u64 = 32 * 1024;
+
+/// The most bytes an object of `len` bytes is stored in: its length, a blob header, and for
+/// a chunked object the manifest's chunk table and a blob header per chunk (a chunk, like a
+/// small object, is stored raw when compressing does not shrink it).
+pub(crate) fn footprint(len: u64) -> u64 {
+    if len < CHUNKED_FROM {
+        return len.saturating_add(HEADER as u64);
+    }
+    let n = len.div_ceil(CHUNK as u64);
+    len.saturating_add(MANIFEST_FIXED as u64).saturating_add(n.saturating_mul(4 + HEADER as u64))
+}
 
 thread_local! {
     /// This thread's compressor and its level, taken out while in use (so that a nested put,
@@ -73,27 +95,7 @@ fn compress_into(compressor: Option<&mut Compressor<'static>>, raw: &[u8], out: 
     matches!(compressor.compress_to_buffer(raw, out), Ok(n) if n < raw.len())
 }
 
-/// One chunk of an encoding-2 blob.
-#[derive(Debug)]
-pub(crate) enum Piece {
-    /// A zstd frame, shorter than the chunk.
-    Zstd(Vec<u8>),
-    /// The chunk's bytes, held here (they were streamed in).
-    Raw(Vec<u8>),
-    /// The chunk's bytes, still in the caller's parts.
-    InParts,
-}
-
-impl Piece {
-    fn stored_len(&self, chunk_len: usize) -> usize {
-        match self {
-            Piece::Zstd(bytes) | Piece::Raw(bytes) => bytes.len(),
-            Piece::InParts => chunk_len,
-        }
-    }
-}
-
-/// An object encoded for the table: what [`Encoded::write_blob`] writes.
+/// A small object encoded for the table: what [`Encoded::write_blob`] writes.
 #[derive(Debug)]
 pub(crate) struct Encoded<'a> {
     len: u64,
@@ -108,9 +110,6 @@ enum Form<'a> {
     RawOwned(Vec<u8>),
     /// Encoding 1.
     Frame(Vec<u8>),
-    /// Encoding 2, or encoding 0 rebuilt from the chunks (`as_raw`) when compressing them
-    /// did not shrink the object as a whole.
-    Chunks { pieces: Vec<Piece>, parts: Option<&'a [&'a [u8]]>, as_raw: bool },
 }
 
 /// Why an object could not be encoded.
@@ -118,12 +117,12 @@ enum Form<'a> {
 pub(crate) enum EncodeError {
     /// The object's data failed or had the wrong length.
     Data(Error),
-    /// Compressing failed (a helper thread died).
+    /// Compressing failed (a helper thread died), or the object cannot be held.
     Compress(io::Error),
 }
 
-/// Encodes an object: raw if it does not shrink, else one zstd frame, or (from
-/// [`CHUNKED_FROM`] bytes on) chunks compressed on two threads.
+/// Encodes a small object (under [`CHUNKED_FROM`] bytes): raw if it does not shrink, else one
+/// zstd frame.
 pub(crate) fn encode<'a>(object: &mut NewObject<'a>, level: i32) -> Result<Encoded<'a>, EncodeError> {
     let len = object.len;
     let form = match object.data {
@@ -135,21 +134,13 @@ pub(crate) fn encode<'a>(object: &mut NewObject<'a>, level: i32) -> Result<Encod
                     format!("the data holds {total} bytes, the object is {len}"),
                 )));
             }
-            if len >= CHUNKED_FROM {
-                chunks_form(encode_parts_chunked(parts, len, level), Some(parts), len)
-            } else {
-                let mut nonempty = parts.iter().filter(|p| !p.is_empty());
-                let frame = match (nonempty.next(), nonempty.next()) {
-                    (None, _) => None,
-                    (Some(only), None) => compress_frame(only, level),
-                    (Some(_), Some(_)) => compress_frame(&parts.concat(), level),
-                };
-                frame.map_or(Form::RawParts(parts), Form::Frame)
-            }
-        }
-        ObjectData::Write(_) if len >= CHUNKED_FROM => {
-            let pieces = encode_streamed(object, level)?;
-            chunks_form(pieces, None, len)
+            let mut nonempty = parts.iter().filter(|p| !p.is_empty());
+            let frame = match (nonempty.next(), nonempty.next()) {
+                (None, _) => None,
+                (Some(only), None) => compress_frame(only, level),
+                (Some(_), Some(_)) => compress_frame(&parts.concat(), level),
+            };
+            frame.map_or(Form::RawParts(parts), Form::Frame)
         }
         ObjectData::Write(_) => {
             let capacity = usize::try_from(len).map_err(|_| too_long(len))?;
@@ -168,8 +159,8 @@ fn too_long(len: u64) -> EncodeError {
 fn from_write_failure(failure: WriteFailure) -> EncodeError {
     match failure {
         WriteFailure::Data(e) => EncodeError::Data(e),
-        // The sinks here are memory and never fail; report one that does as a failure to
-        // compress, which it is.
+        // The sinks here are memory and never fail by themselves; report one that does as a
+        // failure to compress, which it is.
         WriteFailure::Sink(e) => EncodeError::Compress(e),
     }
 }
@@ -186,22 +177,6 @@ fn compress_frame(raw: &[u8], level: i32) -> Option<Vec<u8>> {
         }
         Some(out)
     })
-}
-
-/// Chooses between encoding 2 and, when the chunks do not shrink the object as a whole,
-/// encoding 0.
-fn chunks_form<'a>(pieces: Vec<Piece>, parts: Option<&'a [&'a [u8]]>, len: u64) -> Form<'a> {
-    let stored: u64 =
-        pieces.iter().enumerate().map(|(i, piece)| piece.stored_len(chunk_len(len, CHUNK, i)) as u64).sum();
-    let chunked = (HEADER + CHUNK_SIZE_FIELD + 4 * pieces.len()) as u64 + stored;
-    let as_raw = chunked >= HEADER as u64 + len;
-    Form::Chunks { pieces, parts, as_raw }
-}
-
-/// The length of chunk `i` of an object of `len` bytes cut into chunks of `chunk` bytes.
-fn chunk_len(len: u64, chunk: usize, i: usize) -> usize {
-    let start = i as u64 * chunk as u64;
-    len.saturating_sub(start).min(chunk as u64) as usize
 }
 
 /// Bytes `start..start + dst.len()` of the concatenated `parts`, copied into `dst`.
@@ -222,117 +197,145 @@ fn copy_from_parts(parts: &[&[u8]], mut start: usize, mut dst: &mut [u8]) {
     }
 }
 
-/// Bytes `start..end` of the concatenated `parts`: borrowed when one part holds them all,
-/// else gathered into `gather`.
-fn slice_of_parts<'s>(parts: &[&'s [u8]], start: usize, end: usize, gather: &'s mut Vec<u8>) -> &'s [u8] {
-    let mut offset = 0;
-    for part in parts {
-        if start >= offset && end <= offset + part.len() {
-            return &part[start - offset..end - offset];
-        }
-        offset += part.len();
+impl Encoded<'_> {
+    /// The length of the blob: at most [`HEADER`] plus the object's length.
+    pub(crate) fn blob_len(&self) -> u64 {
+        let body = match &self.form {
+            Form::RawParts(_) | Form::RawOwned(_) => self.len,
+            Form::Frame(frame) => frame.len() as u64,
+        };
+        HEADER as u64 + body
     }
-    gather.clear();
-    gather.resize(end - start, 0);
-    copy_from_parts(parts, start, gather);
-    gather
+
+    /// Writes the blob into `dst`, which is [`Encoded::blob_len`] bytes long.
+    pub(crate) fn write_blob(&self, dst: &mut [u8]) {
+        debug_assert_eq!(dst.len() as u64, self.blob_len());
+        let (header, body) = dst.split_at_mut(HEADER);
+        header[1..].copy_from_slice(&self.len.to_le_bytes());
+        header[0] = match &self.form {
+            Form::RawParts(parts) => {
+                copy_from_parts(parts, 0, body);
+                RAW
+            }
+            Form::RawOwned(raw) => {
+                body.copy_from_slice(raw);
+                RAW
+            }
+            Form::Frame(frame) => {
+                body.copy_from_slice(frame);
+                FRAME
+            }
+        };
+    }
 }
 
-/// Compresses the chunks of an object given as parts: even chunks on this thread, odd ones on
-/// a helper thread, each straight from the parts where one part holds the whole chunk.
-fn encode_parts_chunked(parts: &[&[u8]], len: u64, level: i32) -> Vec<Piece> {
-    let len_usize = len as usize; // The parts are in memory, so their total fits.
-    let n = len_usize.div_ceil(CHUNK);
-    let work = |first: usize| -> Vec<(usize, Piece)> {
-        with_compressor(level, |mut compressor| {
-            let mut gather = Vec::new();
-            let mut scratch = Vec::new();
-            (first..n)
-                .step_by(2)
-                .map(|i| {
-                    let start = i * CHUNK;
-                    let raw = slice_of_parts(parts, start, (start + CHUNK).min(len_usize), &mut gather);
-                    let piece = if compress_into(compressor.as_deref_mut(), raw, &mut scratch) {
-                        Piece::Zstd(scratch.as_slice().to_vec())
-                    } else {
-                        Piece::InParts
-                    };
-                    (i, piece)
-                })
-                .collect()
-        })
-    };
-    let done: Vec<(usize, Piece)> = thread::scope(|s| {
-        let helper = thread::Builder::new().name("redb-zstd".into()).spawn_scoped(s, || work(1));
-        let mut done = work(0);
-        match helper {
-            Ok(helper) => done.extend(helper.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))),
-            // No thread to be had: do its share here.
-            Err(_) => done.extend(work(1)),
+/// One chunk of a large object, compressed (or not), ready to be stored as a chunk blob:
+/// the same format as a small object's blob, encoding 0 or 1.
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    /// Its index in the object.
+    pub(crate) index: u32,
+    /// Its original length.
+    len: usize,
+    body: Body,
+}
+
+#[derive(Debug)]
+enum Body {
+    /// A zstd frame, shorter than the chunk.
+    Zstd(Vec<u8>),
+    /// The chunk's own bytes.
+    Raw(Vec<u8>),
+}
+
+impl Chunk {
+    /// The length of its blob: at most [`HEADER`] plus its length.
+    pub(crate) fn blob_len(&self) -> usize {
+        match &self.body {
+            Body::Zstd(bytes) | Body::Raw(bytes) => HEADER + bytes.len(),
         }
-        done
-    });
-    in_order(done, n)
+    }
+
+    /// Writes its blob into `dst`, which is [`Chunk::blob_len`] bytes long.
+    pub(crate) fn write_blob(&self, dst: &mut [u8]) {
+        let (encoding, bytes) = match &self.body {
+            Body::Zstd(bytes) => (FRAME, bytes),
+            Body::Raw(bytes) => (RAW, bytes),
+        };
+        dst[0] = encoding;
+        dst[1..HEADER].copy_from_slice(&(self.len as u64).to_le_bytes());
+        dst[HEADER..].copy_from_slice(bytes);
+    }
 }
 
-/// Sorts `(index, piece)` pairs into the list of `n` pieces.
-fn in_order(mut done: Vec<(usize, Piece)>, n: usize) -> Vec<Piece> {
-    done.sort_unstable_by_key(|(i, _)| *i);
-    debug_assert!(done.len() == n && done.iter().enumerate().all(|(k, (i, _))| k == *i));
-    done.into_iter().map(|(_, piece)| piece).collect()
-}
-
-/// Compresses one streamed chunk; returns its piece and, if the chunk's buffer is free
-/// again, the buffer.
+/// Compresses one chunk; returns it and, if the chunk's buffer is free again, the buffer.
 fn encode_owned(
     compressor: Option<&mut Compressor<'static>>,
     scratch: &mut Vec<u8>,
+    index: u32,
     mut raw: Vec<u8>,
-) -> (Piece, Option<Vec<u8>>) {
+) -> (Chunk, Option<Vec<u8>>) {
+    let len = raw.len();
     if compress_into(compressor, &raw, scratch) {
         raw.clear();
-        (Piece::Zstd(scratch.as_slice().to_vec()), Some(raw))
+        (Chunk { index, len, body: Body::Zstd(scratch.as_slice().to_vec()) }, Some(raw))
     } else {
-        (Piece::Raw(raw), None)
+        (Chunk { index, len, body: Body::Raw(raw) }, None)
     }
 }
 
 /// A compressed chunk coming back from the helper thread, with its buffer for reuse.
-type Done = (usize, Piece, Option<Vec<u8>>);
+type Done = (Chunk, Option<Vec<u8>>);
 
-/// The helper thread of [`encode_streamed`]: compresses the chunks it is sent until the
+/// The helper thread of [`encode_chunked`]: compresses the chunks it is sent until the
 /// sender hangs up.
-fn helper(level: i32, chunks: Receiver<(usize, Vec<u8>)>, done: Sender<Done>) {
+fn helper(level: i32, chunks: Receiver<(u32, Vec<u8>)>, done: Sender<Done>) {
     let mut compressor = Compressor::new(level).ok();
     let mut scratch = Vec::new();
     for (i, raw) in chunks {
-        let (piece, free) = encode_owned(compressor.as_mut(), &mut scratch, raw);
-        if done.send((i, piece, free)).is_err() {
+        if done.send(encode_owned(compressor.as_mut(), &mut scratch, i, raw)).is_err() {
             break;
         }
     }
 }
 
+/// Stores a batch of chunks (in one write transaction); an error stops the put.
+pub(crate) type Store<'s, E> = &'s mut dyn FnMut(&[Chunk]) -> Result<(), E>;
+
 /// The sink an object streams into: cuts it into chunks and compresses each as soon as it is
-/// full, even chunks on this thread and odd ones on the helper thread, so that what is held
-/// at any time is the compressed output plus the chunk being filled, the one the helper is
-/// compressing, and one spare buffer.
-struct ChunkSink<'r> {
+/// full, even chunks on this thread and odd ones on the helper thread, and hands the
+/// compressed chunks to `store` whenever they hold [`COMMIT_EVERY`] bytes. What it holds at
+/// any time is those chunks, the chunk being filled, the one the helper is compressing, and
+/// one spare buffer.
+struct ChunkSink<'r, 's, E> {
     level: i32,
     filling: Vec<u8>,
     /// The index of the chunk being filled.
-    next: usize,
-    done: Vec<(usize, Piece)>,
-    to_helper: Option<SyncSender<(usize, Vec<u8>)>>,
+    next: u32,
+    to_helper: Option<SyncSender<(u32, Vec<u8>)>>,
     from_helper: &'r Receiver<Done>,
     spare: Vec<Vec<u8>>,
     scratch: Vec<u8>,
+    /// Chunks compressed and not stored yet, and the bytes of their blobs.
+    pending: Vec<Chunk>,
+    pending_bytes: usize,
+    /// The blob length of every chunk compressed so far, by index.
+    stored: Vec<u32>,
+    store: Store<'s, E>,
+    /// Why storing failed; nothing is stored or compressed after that.
+    failed: Option<E>,
 }
 
-impl ChunkSink<'_> {
-    /// Takes in what the helper has finished, keeping its freed buffers for reuse.
-    fn collect(&mut self, (i, piece, free): Done) {
-        self.done.push((i, piece));
+impl<E> ChunkSink<'_, '_, E> {
+    /// Takes in a compressed chunk, keeping its freed buffer for reuse.
+    fn collect(&mut self, (chunk, free): Done) {
+        let i = chunk.index as usize;
+        if self.stored.len() <= i {
+            self.stored.resize(i + 1, 0);
+        }
+        self.stored[i] = chunk.blob_len() as u32;
+        self.pending_bytes += chunk.blob_len();
+        self.pending.push(chunk);
         if let Some(buffer) = free
             && self.spare.is_empty()
         {
@@ -358,26 +361,53 @@ impl ChunkSink<'_> {
             },
             _ => raw,
         };
-        let (piece, free) = with_compressor(self.level, |c| encode_owned(c, &mut self.scratch, raw));
-        self.collect((i, piece, free));
+        let done = with_compressor(self.level, |c| encode_owned(c, &mut self.scratch, i, raw));
+        self.collect(done);
     }
 
-    /// Compresses the last chunk and waits for the helper's; returns every piece in order.
-    fn finish(mut self) -> Vec<Piece> {
-        if !self.filling.is_empty() {
+    /// Hands the pending chunks to `store`, and keeps a buffer of theirs for reuse.
+    fn store_pending(&mut self) -> io::Result<()> {
+        if self.failed.is_none()
+            && let Err(e) = (self.store)(&self.pending)
+        {
+            self.failed = Some(e);
+        }
+        self.pending_bytes = 0;
+        for chunk in self.pending.drain(..) {
+            if let Body::Raw(mut buffer) = chunk.body
+                && self.spare.is_empty()
+            {
+                buffer.clear();
+                self.spare.push(buffer);
+            }
+        }
+        self.check()
+    }
+
+    fn check(&self) -> io::Result<()> {
+        match self.failed {
+            Some(_) => Err(io::Error::other("storing the object's chunks failed")),
+            None => Ok(()),
+        }
+    }
+
+    /// Compresses the last chunk and waits for the helper's; returns the chunks not stored
+    /// yet, the blob length of every chunk, and the failure to store, if any.
+    fn finish(mut self) -> (Vec<Chunk>, Vec<u32>, Option<E>) {
+        if !self.filling.is_empty() && self.failed.is_none() {
             self.dispatch();
         }
         self.to_helper = None;
         while let Ok(done) = self.from_helper.recv() {
             self.collect(done);
         }
-        let n = self.next;
-        in_order(std::mem::take(&mut self.done), n)
+        (self.pending, self.stored, self.failed)
     }
 }
 
-impl io::Write for ChunkSink<'_> {
+impl<E> io::Write for ChunkSink<'_, '_, E> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.check()?;
         let mut rest = buf;
         while !rest.is_empty() {
             if self.filling.capacity() == 0 {
@@ -388,132 +418,165 @@ impl io::Write for ChunkSink<'_> {
             rest = &rest[take..];
             if self.filling.len() == CHUNK {
                 self.dispatch();
+                while let Ok(done) = self.from_helper.try_recv() {
+                    self.collect(done);
+                }
+                if self.pending_bytes >= COMMIT_EVERY {
+                    self.store_pending()?;
+                }
             }
         }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.check()
     }
 }
 
-/// Streams an object through a [`ChunkSink`].
-fn encode_streamed(object: &mut NewObject<'_>, level: i32) -> Result<Vec<Piece>, EncodeError> {
+/// A large object, compressed and partly stored by [`encode_chunked`].
+#[derive(Debug)]
+pub(crate) struct Chunked {
+    /// The chunks not stored yet: they go in the transaction that stores the manifest.
+    pub(crate) last: Vec<Chunk>,
+    /// The manifest blob.
+    pub(crate) manifest: Vec<u8>,
+    /// The bytes the object holds: the manifest and every chunk blob.
+    pub(crate) held: u64,
+}
+
+/// Why [`encode_chunked`] failed.
+#[derive(Debug)]
+pub(crate) enum ChunkedError<E> {
+    /// The object's data, or compressing it.
+    Encode(EncodeError),
+    /// Storing a batch of chunks.
+    Store(E),
+}
+
+/// Cuts a large object into chunks, compresses them on two threads as the object streams in,
+/// and hands them to `store` in batches of about [`COMMIT_EVERY`] bytes; returns the last
+/// batch and the manifest, for the caller to store together. On an error, some batches may
+/// have been stored: the caller removes them.
+pub(crate) fn encode_chunked<E>(
+    object: &mut NewObject<'_>,
+    level: i32,
+    store: Store<'_, E>,
+) -> Result<Chunked, ChunkedError<E>> {
+    let len = object.len;
+    if len.div_ceil(CHUNK as u64) > u64::from(u32::MAX) {
+        return Err(ChunkedError::Encode(too_long(len)));
+    }
     // A rendezvous channel: a chunk waits for the helper rather than queueing, so at most one
     // chunk is being compressed there while this thread fills and compresses the next.
-    let (to_helper, chunks) = mpsc::sync_channel::<(usize, Vec<u8>)>(0);
+    let (to_helper, chunks) = mpsc::sync_channel::<(u32, Vec<u8>)>(0);
     let (done, from_helper) = mpsc::channel::<Done>();
-    thread::scope(|s| {
+    let (last, stored, failed, written) = thread::scope(|s| {
         let helper =
             thread::Builder::new().name("redb-zstd".into()).spawn_scoped(s, move || helper(level, chunks, done));
         let mut sink = ChunkSink {
             level,
             filling: Vec::new(),
             next: 0,
-            done: Vec::new(),
             // Without a helper (no thread to be had), every chunk is compressed here.
             to_helper: helper.is_ok().then_some(to_helper),
             from_helper: &from_helper,
             spare: Vec::new(),
             scratch: Vec::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            stored: Vec::new(),
+            store,
+            failed: None,
         };
         let written = object.write_to(&mut sink);
-        let pieces = sink.finish();
+        let (last, stored, failed) = sink.finish();
         if let Ok(helper) = helper {
-            helper.join().map_err(|_| EncodeError::Compress(io::Error::other("the zstd helper thread panicked")))?;
+            helper.join().map_err(|_| {
+                ChunkedError::Encode(EncodeError::Compress(io::Error::other("the zstd helper thread panicked")))
+            })?;
         }
-        written.map_err(from_write_failure)?;
-        Ok(pieces)
-    })
+        Ok((last, stored, failed, written))
+    })?;
+    if let Some(e) = failed {
+        return Err(ChunkedError::Store(e));
+    }
+    written.map_err(|f| ChunkedError::Encode(from_write_failure(f)))?;
+    let manifest = manifest_blob(len, &stored);
+    let held = manifest.len() as u64 + stored.iter().map(|&n| u64::from(n)).sum::<u64>();
+    Ok(Chunked { last, manifest, held })
 }
 
-impl Encoded<'_> {
-    /// The length of the blob: at most [`HEADER`] plus the object's length.
-    pub(crate) fn blob_len(&self) -> u64 {
-        let body = match &self.form {
-            Form::RawParts(_) | Form::RawOwned(_) | Form::Chunks { as_raw: true, .. } => self.len,
-            Form::Frame(frame) => frame.len() as u64,
-            Form::Chunks { pieces, as_raw: false, .. } => {
-                let stored: u64 = pieces
-                    .iter()
-                    .enumerate()
-                    .map(|(i, piece)| piece.stored_len(chunk_len(self.len, CHUNK, i)) as u64)
-                    .sum();
-                (CHUNK_SIZE_FIELD + 4 * pieces.len()) as u64 + stored
-            }
-        };
-        HEADER as u64 + body
+/// The manifest of an object of `len` bytes whose chunk blobs are `stored` bytes long.
+fn manifest_blob(len: u64, stored: &[u32]) -> Vec<u8> {
+    debug_assert_eq!(len.div_ceil(CHUNK as u64), stored.len() as u64);
+    let mut blob = Vec::with_capacity(MANIFEST_FIXED + 4 * stored.len());
+    blob.push(MANIFEST);
+    blob.extend_from_slice(&len.to_le_bytes());
+    blob.extend_from_slice(&(CHUNK as u32).to_le_bytes());
+    for n in stored {
+        blob.extend_from_slice(&n.to_le_bytes());
     }
-
-    /// Writes the blob into `dst`, which is [`Encoded::blob_len`] bytes long.
-    pub(crate) fn write_blob(&self, dst: &mut [u8]) -> Result<(), String> {
-        debug_assert_eq!(dst.len() as u64, self.blob_len());
-        let (header, body) = dst.split_at_mut(HEADER);
-        header[1..].copy_from_slice(&self.len.to_le_bytes());
-        header[0] = match &self.form {
-            Form::RawParts(parts) => {
-                copy_from_parts(parts, 0, body);
-                RAW
-            }
-            Form::RawOwned(raw) => {
-                body.copy_from_slice(raw);
-                RAW
-            }
-            Form::Frame(frame) => {
-                body.copy_from_slice(frame);
-                FRAME
-            }
-            Form::Chunks { pieces, parts, as_raw: true } => {
-                for ((i, piece), out) in pieces.iter().enumerate().zip(body.chunks_mut(CHUNK)) {
-                    match (piece, parts) {
-                        (Piece::Raw(raw), _) => out.copy_from_slice(raw),
-                        (_, Some(parts)) => copy_from_parts(parts, i * CHUNK, out),
-                        (Piece::Zstd(frame), None) => with_decompressor(|d| decode_chunk(d, frame, out))?,
-                        (Piece::InParts, None) => return Err("a chunk refers to parts that are not there".into()),
-                    }
-                }
-                RAW
-            }
-            Form::Chunks { pieces, parts, as_raw: false } => {
-                let (size, rest) = body.split_at_mut(CHUNK_SIZE_FIELD);
-                size.copy_from_slice(&(CHUNK as u32).to_le_bytes());
-                let (table, mut data) = rest.split_at_mut(4 * pieces.len());
-                for ((i, piece), entry) in pieces.iter().enumerate().zip(table.chunks_exact_mut(4)) {
-                    let n = piece.stored_len(chunk_len(self.len, CHUNK, i));
-                    entry.copy_from_slice(&(n as u32).to_le_bytes());
-                    let (out, tail) = data.split_at_mut(n);
-                    match (piece, parts) {
-                        (Piece::Zstd(bytes) | Piece::Raw(bytes), _) => out.copy_from_slice(bytes),
-                        (Piece::InParts, Some(parts)) => copy_from_parts(parts, i * CHUNK, out),
-                        (Piece::InParts, None) => return Err("a chunk refers to parts that are not there".into()),
-                    }
-                    data = tail;
-                }
-                CHUNKS
-            }
-        };
-        Ok(())
-    }
+    blob
 }
 
-/// Decodes one chunk (or frame) into `out`, which is exactly as long as it must decode to:
-/// a chunk stored at its full length is raw.
-fn decode_chunk(decompressor: &mut Decompressor<'static>, stored: &[u8], out: &mut [u8]) -> Result<(), String> {
-    if stored.len() == out.len() {
-        out.copy_from_slice(stored);
-        return Ok(());
+/// Whether a blob of the object table is a manifest (of a chunked object).
+pub(crate) fn is_manifest(blob: &[u8]) -> bool {
+    blob.first() == Some(&MANIFEST)
+}
+
+/// A chunked object's manifest, checked.
+#[derive(Debug)]
+pub(crate) struct Manifest {
+    /// The object's length.
+    pub(crate) len: u64,
+    /// The length of every chunk but the last.
+    pub(crate) chunk: usize,
+    /// The length of each chunk's blob.
+    pub(crate) stored: Vec<u32>,
+}
+
+/// The length of chunk `i` of an object of `len` bytes cut into chunks of `chunk` bytes.
+fn chunk_len(len: u64, chunk: usize, i: usize) -> usize {
+    let start = i as u64 * chunk as u64;
+    len.saturating_sub(start).min(chunk as u64) as usize
+}
+
+/// Reads a manifest. Its own length bounds the object's (4 bytes of it per chunk of at most
+/// [`MAX_CHUNK`] bytes), and each chunk's stored length bounds what the chunk can decode to;
+/// anything else is damage (the detail is returned).
+pub(crate) fn parse_manifest(blob: &[u8]) -> Result<Manifest, String> {
+    let Some((fixed, table)) = blob.split_first_chunk::<MANIFEST_FIXED>() else {
+        return Err(format!("the manifest is {} bytes, shorter than its {MANIFEST_FIXED}-byte header", blob.len()));
+    };
+    if fixed[0] != MANIFEST {
+        return Err(format!("encoding {} is not a manifest", fixed[0]));
     }
-    if stored.len() > out.len() {
-        return Err(format!("a chunk of {} bytes is stored in {} bytes, more than raw", out.len(), stored.len()));
+    let len = u64::from_le_bytes(fixed[1..HEADER].try_into().expect("8 bytes"));
+    let chunk = u32::from_le_bytes(fixed[HEADER..].try_into().expect("4 bytes"));
+    if chunk == 0 || chunk > MAX_CHUNK {
+        return Err(format!("the chunk size {chunk} is not between 1 and {MAX_CHUNK}"));
     }
-    let n = decompressor
-        .decompress_to_buffer(stored, out)
-        .map_err(|e| format!("zstd cannot decode {} bytes into {}: {e}", stored.len(), out.len()))?;
-    if n != out.len() {
-        return Err(format!("a zstd frame decoded to {n} bytes, not {}", out.len()));
+    let chunk = chunk as usize;
+    let n = len.div_ceil(chunk as u64);
+    if n.checked_mul(4) != Some(table.len() as u64) {
+        return Err(format!(
+            "{len} bytes in chunks of {chunk} need {n} chunks, the manifest lists {} stored lengths in {} bytes",
+            table.len() / 4,
+            table.len()
+        ));
     }
-    Ok(())
+    let stored: Vec<u32> =
+        table.chunks_exact(4).map(|entry| u32::from_le_bytes(entry.try_into().expect("4 bytes"))).collect();
+    for (i, &m) in stored.iter().enumerate() {
+        let want = chunk_len(len, chunk, i);
+        let body = (m as usize).checked_sub(HEADER).ok_or_else(|| format!("chunk {i} is stored in {m} bytes"))?;
+        if body > want {
+            return Err(format!("chunk {i} of {want} bytes is stored in {body} bytes, more than raw"));
+        }
+        check_ratio(want as u64, body)?;
+    }
+    Ok(Manifest { len, chunk, stored })
 }
 
 /// Checks that `stored` bytes of zstd can decode to `len` bytes at all.
@@ -524,115 +587,117 @@ fn check_ratio(len: u64, stored: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Allocates the output buffer, failing rather than aborting if there is no memory for it.
-fn allocate(len: u64) -> Result<Vec<u8>, String> {
+/// A zero-filled buffer of `len` bytes, failing rather than aborting if there is no memory
+/// for it.
+pub(crate) fn allocate(len: u64) -> Result<Vec<u8>, String> {
     let fail = || format!("no memory for the {len} bytes the blob claims");
     let len = usize::try_from(len).map_err(|_| fail())?;
     let mut out = Vec::new();
     out.try_reserve_exact(len).map_err(|_| fail())?;
+    out.resize(len, 0);
     Ok(out)
 }
 
-/// Decodes a blob into the object's bytes. Every length is checked against the blob's own
-/// size before anything is allocated; a damaged blob is an error (its detail), never a
-/// panic.
-pub(crate) fn decode(blob: &[u8]) -> Result<Vec<u8>, String> {
+/// Splits a blob into its encoding, the length it claims, and its body.
+fn split_blob(blob: &[u8]) -> Result<(u8, u64, &[u8]), String> {
     let Some((header, body)) = blob.split_first_chunk::<HEADER>() else {
         return Err(format!("the blob is {} bytes, shorter than its {HEADER}-byte header", blob.len()));
     };
-    let mut len_bytes = [0; 8];
-    len_bytes.copy_from_slice(&header[1..]);
-    let len = u64::from_le_bytes(len_bytes);
-    match header[0] {
-        RAW => {
-            if body.len() as u64 != len {
-                return Err(format!("a raw blob of {len} bytes holds {}", body.len()));
-            }
-            Ok(body.to_vec())
+    Ok((header[0], u64::from_le_bytes(header[1..].try_into().expect("8 bytes")), body))
+}
+
+/// Decodes the body of a blob of encoding 0 or 1 into `out`, exactly `len` bytes long.
+fn decode_body(encoding: u8, body: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let len = out.len();
+    match encoding {
+        RAW if body.len() == len => {
+            out.copy_from_slice(body);
+            Ok(())
         }
+        RAW => Err(format!("a raw blob of {len} bytes holds {}", body.len())),
         FRAME => {
-            check_ratio(len, body.len())?;
+            check_ratio(len as u64, body.len())?;
             match zstd::zstd_safe::get_frame_content_size(body) {
-                Ok(Some(size)) if size == len => {}
+                Ok(Some(size)) if size == len as u64 => {}
                 Ok(Some(size)) => return Err(format!("the zstd frame holds {size} bytes, the blob claims {len}")),
                 Ok(None) | Err(_) => return Err("the zstd frame does not say its length".into()),
             }
-            let mut out = allocate(len)?;
             let n = with_decompressor(|d| {
-                d.decompress_to_buffer(body, &mut out).map_err(|e| format!("zstd cannot decode the frame: {e}"))
+                d.decompress_to_buffer(body, out).map_err(|e| format!("zstd cannot decode the frame: {e}"))
             })?;
-            if n as u64 != len {
+            if n != len {
                 return Err(format!("the zstd frame decoded to {n} bytes, not {len}"));
             }
-            Ok(out)
+            Ok(())
         }
-        CHUNKS => decode_chunks(len, body),
+        MANIFEST => Err("a manifest where a blob of bytes belongs".into()),
         other => Err(format!("unknown encoding {other}")),
     }
 }
 
-/// Decodes the body of an encoding-2 blob, on two threads.
-fn decode_chunks(len: u64, body: &[u8]) -> Result<Vec<u8>, String> {
-    let Some((size, rest)) = body.split_first_chunk::<CHUNK_SIZE_FIELD>() else {
-        return Err("the blob ends before its chunk size".into());
-    };
-    let chunk = u32::from_le_bytes(*size) as usize;
-    if chunk == 0 {
-        return Err("the chunk size is 0".into());
-    }
-    let n = len.div_ceil(chunk as u64);
-    let table_len = n.checked_mul(4).filter(|&t| t <= rest.len() as u64).ok_or_else(|| {
-        format!("{n} chunks of {chunk} bytes for {len} bytes do not fit in a body of {} bytes", body.len())
-    })? as usize;
-    let n = n as usize;
-    let (table, mut data) = rest.split_at(table_len);
-    let mut stored = Vec::with_capacity(n);
-    for (i, entry) in table.chunks_exact(4).enumerate() {
-        let m = u32::from_le_bytes(entry.try_into().expect("4 bytes")) as usize;
-        let want = chunk_len(len, chunk, i);
-        if m > data.len() {
-            return Err(format!("chunk {i} is stored in {m} bytes, past the end of the blob"));
+/// Decodes a small object's blob into the object's bytes. Every length is checked against
+/// the blob's own size before anything is allocated; a damaged blob is an error (its detail),
+/// never a panic.
+pub(crate) fn decode(blob: &[u8]) -> Result<Vec<u8>, String> {
+    let (encoding, len, body) = split_blob(blob)?;
+    match encoding {
+        RAW if body.len() as u64 != len => Err(format!("a raw blob of {len} bytes holds {}", body.len())),
+        RAW => Ok(body.to_vec()),
+        FRAME => {
+            check_ratio(len, body.len())?;
+            let mut out = allocate(len)?;
+            decode_body(FRAME, body, &mut out)?;
+            Ok(out)
         }
-        check_ratio(want as u64, m)?;
-        let (this, tail) = data.split_at(m);
-        stored.push(this);
-        data = tail;
+        other => decode_body(other, body, &mut []).map(|()| Vec::new()),
     }
-    if !data.is_empty() {
-        return Err(format!("{} bytes follow the last chunk", data.len()));
+}
+
+/// Decodes a chunk's blob into `out`, exactly as long as the chunk must be.
+pub(crate) fn decode_chunk(blob: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let (encoding, len, body) = split_blob(blob)?;
+    if len != out.len() as u64 {
+        return Err(format!("the chunk's blob claims {len} bytes, the manifest {}", out.len()));
     }
-    let mut out = allocate(len)?;
-    out.resize(len as usize, 0);
-    let mut jobs: [Vec<(&[u8], &mut [u8])>; 2] = [Vec::new(), Vec::new()];
-    for (i, pair) in stored.into_iter().zip(out.chunks_mut(chunk)).enumerate() {
-        jobs[i % 2].push(pair);
+    decode_body(encoding, body, out)
+}
+
+/// Fills `out`, cut into pieces of `chunk` bytes, with `work(i, piece)` for each piece `i`:
+/// even pieces on this thread, odd ones on a helper thread.
+pub(crate) fn on_two_threads<E: Send>(
+    out: &mut [u8],
+    chunk: usize,
+    work: impl Fn(usize, &mut [u8]) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    let mut jobs: [Vec<(usize, &mut [u8])>; 2] = [Vec::new(), Vec::new()];
+    for (i, piece) in out.chunks_mut(chunk).enumerate() {
+        jobs[i % 2].push((i, piece));
     }
     let [mine, theirs] = jobs;
-    let work = |jobs: Vec<(&[u8], &mut [u8])>| -> Result<(), String> {
-        with_decompressor(|d| jobs.into_iter().try_for_each(|(stored, out)| decode_chunk(d, stored, out)))
-    };
+    let run = |jobs: Vec<(usize, &mut [u8])>| jobs.into_iter().try_for_each(|(i, piece)| work(i, piece));
     // The helper takes its share from here; if no thread can be had, this thread does.
     let theirs = Mutex::new(Some(theirs));
     thread::scope(|s| {
         let helper = thread::Builder::new()
             .name("redb-zstd".into())
-            .spawn_scoped(s, || theirs.lock().map_or(Ok(()), |mut jobs| jobs.take().map_or(Ok(()), work)))
+            .spawn_scoped(s, || theirs.lock().map_or(Ok(()), |mut jobs| jobs.take().map_or(Ok(()), run)))
             .ok();
-        work(mine)?;
+        run(mine)?;
         let left = theirs.lock().ok().and_then(|mut jobs| if helper.is_none() { jobs.take() } else { None });
         if let Some(left) = left {
-            work(left)?;
+            run(left)?;
         }
         match helper {
             Some(helper) => helper.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
             None => Ok(()),
         }
-    })?;
-    Ok(out)
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use context_core::ObjectId;
 
@@ -641,19 +706,65 @@ mod tests {
         let mut object = NewObject { id: ObjectId(1), len, data: ObjectData::Parts(parts) };
         let encoded = encode(&mut object, level).unwrap();
         let mut blob = vec![0; encoded.blob_len() as usize];
-        encoded.write_blob(&mut blob).unwrap();
+        encoded.write_blob(&mut blob);
         blob
     }
 
-    fn encode_streamed_bytes(bytes: &[u8], piece: usize) -> Vec<u8> {
+    fn streamed(bytes: &[u8], piece: usize, f: impl FnOnce(&mut NewObject<'_>)) {
         let mut write = |out: &mut dyn io::Write| {
             bytes.chunks(piece).try_for_each(|p| out.write_all(p)).map_err(|e| Error::io("test write", "value", e))
         };
         let mut object = NewObject { id: ObjectId(2), len: bytes.len() as u64, data: ObjectData::Write(&mut write) };
-        let encoded = encode(&mut object, 1).unwrap();
-        let mut blob = vec![0; encoded.blob_len() as usize];
-        encoded.write_blob(&mut blob).unwrap();
+        f(&mut object);
+    }
+
+    fn encode_streamed_bytes(bytes: &[u8], piece: usize) -> Vec<u8> {
+        let mut blob = Vec::new();
+        streamed(bytes, piece, |object| {
+            let encoded = encode(object, 1).unwrap();
+            blob = vec![0; encoded.blob_len() as usize];
+            encoded.write_blob(&mut blob);
+        });
         blob
+    }
+
+    /// A chunked object as a table would hold it: the manifest, the chunk blobs by index,
+    /// and the size of every batch stored.
+    struct Table {
+        manifest: Vec<u8>,
+        chunks: BTreeMap<u32, Vec<u8>>,
+        batches: Vec<usize>,
+        held: u64,
+    }
+
+    fn chunked(object: &mut NewObject<'_>) -> Table {
+        let mut chunks = BTreeMap::new();
+        let mut batches = Vec::new();
+        let mut store = |batch: &[Chunk]| -> Result<(), ()> {
+            batches.push(batch.iter().map(Chunk::blob_len).sum());
+            for chunk in batch {
+                let mut blob = vec![0; chunk.blob_len()];
+                chunk.write_blob(&mut blob);
+                assert!(chunks.insert(chunk.index, blob).is_none());
+            }
+            Ok(())
+        };
+        let done = encode_chunked(object, 1, &mut store).unwrap();
+        store(&done.last).unwrap();
+        Table { manifest: done.manifest, chunks, batches, held: done.held }
+    }
+
+    fn read_chunked(table: &Table) -> Result<Vec<u8>, String> {
+        let m = parse_manifest(&table.manifest)?;
+        let mut out = allocate(m.len)?;
+        on_two_threads(&mut out, m.chunk, |i, piece| {
+            let blob = table.chunks.get(&(i as u32)).ok_or(format!("chunk {i} missing"))?;
+            if blob.len() != m.stored[i] as usize {
+                return Err(format!("chunk {i} is {} bytes", blob.len()));
+            }
+            decode_chunk(blob, piece)
+        })?;
+        Ok(out)
     }
 
     fn text(len: usize) -> Vec<u8> {
@@ -661,63 +772,82 @@ mod tests {
     }
 
     #[test]
-    fn encodings_round_trip() {
-        let random = context_core::testing::pattern(3, (9 << 20) + 5);
-        let compressible = text((9 << 20) + 5);
-        // Half random, half text: some chunks shrink, some are stored raw.
-        let mixed: Vec<u8> = random[..5 << 20].iter().chain(&compressible[..4 << 20]).copied().collect();
+    fn small_encodings_round_trip() {
+        let random = context_core::testing::pattern(3, (4 << 20) - 1);
+        let compressible = text((4 << 20) - 1);
         for (bytes, encoding) in [
             (&b""[..], RAW),
             (&b"x"[..], RAW),
             (&random[..100_000], RAW),
             (&compressible[..100_000], FRAME),
-            (&compressible[..(4 << 20) - 1], FRAME),
+            (&compressible[..], FRAME),
             (&random[..], RAW),
-            (&compressible[..], CHUNKS),
-            (&mixed[..], CHUNKS),
         ] {
             let (a, b) = bytes.split_at(bytes.len() / 3);
             for blob in [encode_parts(&[bytes], 1), encode_parts(&[a, b], 1), encode_streamed_bytes(bytes, 7777)] {
                 assert_eq!(blob[0], encoding, "{} bytes", bytes.len());
-                assert!(blob.len() <= HEADER + bytes.len());
+                assert!(blob.len() as u64 <= footprint(bytes.len() as u64));
                 assert!(decode(&blob).unwrap() == bytes, "{} bytes", bytes.len());
             }
         }
     }
 
     #[test]
-    fn chunks_that_barely_shrink_are_stored_raw() {
-        // Random bytes do not shrink: every chunk is stored raw, and so is the whole object.
-        let bytes = context_core::testing::pattern(5, 5 << 20);
-        for blob in [encode_parts(&[&bytes], 1), encode_streamed_bytes(&bytes, 1 << 16)] {
-            assert_eq!(blob[0], RAW);
-            assert_eq!(blob.len(), HEADER + bytes.len());
-            assert!(decode(&blob).unwrap() == bytes);
+    fn chunked_encoding_round_trips_in_bounded_batches() {
+        let random = context_core::testing::pattern(3, 9 * CHUNK + 5);
+        let compressible = text(20 * CHUNK + 5);
+        // Half random, half text: some chunks shrink, some are stored raw.
+        let mixed: Vec<u8> = random[..5 * CHUNK].iter().chain(&compressible[..4 * CHUNK + 3]).copied().collect();
+        for bytes in [&random[..4 << 20], &random[..], &compressible[..], &mixed[..]] {
+            let (a, b) = bytes.split_at(bytes.len() / 3);
+            let parts = [a, b];
+            let mut object = NewObject { id: ObjectId(1), len: bytes.len() as u64, data: ObjectData::Parts(&parts) };
+            let whole = chunked(&mut object);
+            let mut from_stream = None;
+            streamed(bytes, 7777, |object| from_stream = Some(chunked(object)));
+            let from_stream = from_stream.unwrap();
+            assert_eq!(whole.manifest, from_stream.manifest, "streamed and whole encode alike");
+            assert_eq!(whole.chunks, from_stream.chunks);
+            for table in [whole, from_stream] {
+                assert_eq!(table.manifest[0], MANIFEST);
+                assert!(table.held <= footprint(bytes.len() as u64), "{} bytes hold {}", bytes.len(), table.held);
+                let blobs: u64 = table.chunks.values().map(|c| c.len() as u64).sum();
+                assert_eq!(table.held, table.manifest.len() as u64 + blobs);
+                assert!(table.batches.iter().all(|&b| b < COMMIT_EVERY + 2 * (HEADER + CHUNK)), "{:?}", table.batches);
+                assert!(read_chunked(&table).unwrap() == bytes, "{} bytes", bytes.len());
+            }
         }
-        // A streamed object whose one compressed chunk saved less than the chunk table costs
-        // is stored raw too, its compressed chunk decoded back into place.
-        let mut bytes = context_core::testing::pattern(6, (2 << 20) + 10);
-        bytes[..CHUNK].fill(7);
-        let first = with_compressor(1, |c| {
-            let mut out = Vec::new();
-            assert!(compress_into(c, &bytes[..CHUNK], &mut out));
-            out
-        });
-        let pieces = vec![
-            Piece::Zstd(first),
-            Piece::Raw(bytes[CHUNK..2 * CHUNK].to_vec()),
-            Piece::Raw(bytes[2 * CHUNK..].to_vec()),
-        ];
-        let encoded = Encoded { len: bytes.len() as u64, form: Form::Chunks { pieces, parts: None, as_raw: true } };
-        let mut blob = vec![0; encoded.blob_len() as usize];
-        encoded.write_blob(&mut blob).unwrap();
-        assert_eq!(blob[0], RAW);
-        assert!(decode(&blob).unwrap() == bytes);
+        // Random chunks are stored raw, and each fits a 1 MiB page with room to spare.
+        let mut object = NewObject { id: ObjectId(1), len: random.len() as u64, data: ObjectData::Parts(&[&random]) };
+        let table = chunked(&mut object);
+        assert!(table.chunks.values().all(|c| c[0] == RAW && c.len() + 64 <= 1 << 20));
+    }
+
+    #[test]
+    fn a_failing_store_stops_the_put() {
+        let bytes = context_core::testing::pattern(4, 30 * CHUNK);
+        let mut calls = 0;
+        let mut store = |_: &[Chunk]| -> Result<(), &str> {
+            calls += 1;
+            Err("full")
+        };
+        let mut written = 0;
+        let mut write = |out: &mut dyn io::Write| {
+            for piece in bytes.chunks(1 << 16) {
+                out.write_all(piece).map_err(|e| Error::io("test write", "value", e))?;
+                written += piece.len();
+            }
+            Ok(())
+        };
+        let mut object = NewObject { id: ObjectId(2), len: bytes.len() as u64, data: ObjectData::Write(&mut write) };
+        assert!(matches!(encode_chunked(&mut object, 1, &mut store), Err(ChunkedError::Store("full"))));
+        assert_eq!(calls, 1);
+        assert!(written < 10 * CHUNK, "the writer went on after the store failed: {written} bytes");
     }
 
     #[test]
     fn damage_is_an_error() {
-        let compressible = text(5 << 20);
+        let compressible = text(1 << 20);
         for blob in [encode_parts(&[&compressible[..1000]], 1), encode_parts(&[&compressible], 1)] {
             assert!(decode(&blob[..blob.len() - 1]).is_err());
             assert!(decode(&blob[..5]).is_err());
@@ -734,15 +864,45 @@ mod tests {
                 flipped[byte] ^= 0x5a;
                 let _ = decode(&flipped); // Anything but a panic.
             }
-            let mut unknown = blob.clone();
-            unknown[0] = 9;
-            assert!(decode(&unknown).unwrap_err().contains("unknown encoding"));
+            for (encoding, says) in [(2, "unknown encoding"), (9, "unknown encoding"), (MANIFEST, "manifest")] {
+                let mut unknown = blob.clone();
+                unknown[0] = encoding;
+                assert!(decode(&unknown).unwrap_err().contains(says));
+            }
         }
-        let mut chunked = encode_parts(&[&compressible], 1);
-        chunked[9..13].copy_from_slice(&0u32.to_le_bytes());
-        assert!(decode(&chunked).is_err());
-        let mut chunked = encode_parts(&[&compressible], 1);
-        chunked[9..13].copy_from_slice(&1u32.to_le_bytes());
-        assert!(decode(&chunked).is_err());
+
+        let big = text(6 * CHUNK + 10);
+        let mut object = NewObject { id: ObjectId(1), len: big.len() as u64, data: ObjectData::Parts(&[&big]) };
+        let table = chunked(&mut object);
+        assert!(read_chunked(&table).unwrap() == big);
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut manifest = table.manifest.clone();
+            f(&mut manifest);
+            parse_manifest(&manifest)
+        };
+        assert!(with(&|m| m.truncate(m.len() - 1)).is_err());
+        assert!(with(&|m| m.truncate(12)).is_err());
+        assert!(with(&|m| m.push(0)).is_err());
+        assert!(with(&|m| m[0] = FRAME).is_err());
+        for chunk in [0u32, MAX_CHUNK + 1, u32::MAX, 1] {
+            assert!(with(&|m| m[9..13].copy_from_slice(&chunk.to_le_bytes())).is_err(), "chunk size {chunk}");
+        }
+        for len in [0u64, 1, 6 * CHUNK as u64, 8 * CHUNK as u64, u64::MAX, 1 << 40] {
+            assert!(with(&|m| m[1..9].copy_from_slice(&len.to_le_bytes())).is_err(), "claimed {len}");
+        }
+        for stored in [0u32, 8, CHUNK as u32 + 10, u32::MAX] {
+            assert!(with(&|m| m[13..17].copy_from_slice(&stored.to_le_bytes())).is_err(), "stored {stored}");
+        }
+        // A chunk's blob that is not what the manifest says.
+        let first = &table.chunks[&0];
+        let mut out = vec![0; CHUNK];
+        assert!(decode_chunk(&first[..first.len() - 1], &mut out).is_err());
+        assert!(decode_chunk(first, &mut out[..CHUNK - 1]).is_err());
+        let mut flipped = first.clone();
+        flipped[20] ^= 0xff;
+        let _ = decode_chunk(&flipped, &mut out); // Anything but a panic.
+        let mut wrong = first.clone();
+        wrong[0] = RAW;
+        assert!(decode_chunk(&wrong, &mut out).is_err());
     }
 }

@@ -15,25 +15,32 @@
 //!   plus a 9-byte header ([`StorageTier::footprint`]).
 //!
 //! # What it costs
-//! - A redb write transaction per put and per delete, committed in redb's multi-process mode
-//!   (`ConcurrencyMode::MultiWriter`): byte-range locks, three header writes and the
-//!   allocator state on each commit. That is about 75 µs for a small value, against 8 µs for
-//!   redb in one process without durability; a get is a read transaction, about 2 µs.
-//!   Commits are serialized across all processes.
+//! - A redb write transaction per put of a value under 4 MiB and per delete, committed in
+//!   redb's multi-process mode (`ConcurrencyMode::MultiWriter`): byte-range locks, three
+//!   header writes and the allocator state on each commit. That is about 75 µs for a small
+//!   value, against 8 µs for redb in one process without durability; a get is a read
+//!   transaction, about 2 µs. Commits are serialized across all processes.
+//! - A value of 4 MiB or more is stored in chunks (1 MiB less 4 KiB each), compressed on
+//!   two threads as it arrives, and committed in a transaction per 1 MiB of compressed
+//!   chunks: one commit per chunk that does not compress, one per several that do. Other
+//!   processes' commits can interleave; the value exists for them only once its last
+//!   transaction, which writes its manifest, commits.
 //! - zstd on every put and get: about 1.3 GB/s to put and 3.5 GB/s to get compressible
-//!   values of 1 MiB (80 to 100 % of zstd alone); values of 4 MiB or more are compressed and
-//!   decompressed in 1 MiB chunks on two threads, about 2.5 GB/s to put and 3 to 3.5 GB/s to
-//!   get, faster than zstd alone on one thread.
-//! - Large values that do not compress pay zstd's attempt and redb's copies for nothing:
-//!   about 0.5 GB/s to put and 0.8 to 0.9 GB/s to get at 16 MiB.
+//!   values of 1 MiB (80 to 100 % of zstd alone); chunked values about 1 GB/s to put and
+//!   1.3 to 2.3 GB/s to get, on two threads. Chunks that do not compress pay zstd's attempt
+//!   for nothing, and are stored raw: about 1 GB/s to put and 1.7 GB/s to get at 256 MiB.
 //! - A get copies: it returns an owned buffer, never a view of the file
 //!   ([`Capabilities::zero_copy`] is false).
-//! - Memory: a put holds the blob it stores (the compressed value, or the value itself if it
-//!   does not shrink), and redb holds a copy while it commits. A value of 4 MiB or more
-//!   streamed through [`ObjectData::Write`](context_core::ObjectData::Write) is compressed
-//!   chunk by chunk as it arrives, with at most three 1 MiB buffers of the original in
-//!   memory; smaller streamed values are gathered whole first. A get holds the value. Each
-//!   instance has its own redb page cache of up to 64 MiB.
+//! - Memory: a put under 4 MiB holds its blob (the compressed value, or the value itself if
+//!   it does not shrink; a streamed value is gathered whole first), and redb a copy while it
+//!   commits. A chunked put holds, besides the caller's bytes, at most 1 MiB of compressed
+//!   chunks waiting for their commit (plus the chunk that crossed it), three chunk buffers
+//!   of the original (the one being filled, the one the helper thread compresses, a spare),
+//!   and redb's cache: about 16 MiB at its peak whatever the value's size
+//!   (`examples/peak_memory.rs`: 12 MiB for 256 MiB of text, 15 MiB for 256 MiB of random
+//!   bytes, against 100 MiB and 768 MiB when a value was one entry). A get holds the value
+//!   and one chunk per thread, plus redb's cache. Each instance has its own redb page cache
+//!   of up to 8 MiB.
 //!
 //! ## Measurements
 //! `cargo run --release -p context-tier-redb --example durability` (one run; a 2-vCPU Xeon
@@ -46,11 +53,27 @@
 //! | (b) `MultiWriter`, redb's `FileBackend` (two `fsync`s a commit) | 430 µs | 2.0 µs |
 //! | (c) `MultiWriter`, this tier's backend without `fsync`, through [`RedbTier`] | 73 µs | 2.0 µs |
 //!
+//! (Measured again with chunked storage and the 8 MiB cache: (c) 80 µs and 2.1 µs, (a) 8.6
+//! µs and 0.5 µs; (b) 8 ms, the disk's `fsync` being far slower that day.)
+//!
 //! | Throughput | zstd -1 alone (one thread, in memory) | tier put | tier get |
 //! |---|---|---|---|
-//! | 1 MiB of log-like text (ratio 23.7, one frame) | 1.59 GB/s compress, 3.65 GB/s decompress | 1.30 GB/s | 3.50 GB/s |
-//! | 16 MiB of the same (ratio 25, chunks on 2 threads) | 1.48 GB/s compress, 1.87 GB/s decompress | 2.48 GB/s | 3.04 GB/s |
-//! | 16 MiB random (stored raw) | plain file write: 0.38 to 4.4 GB/s | 0.45 GB/s | 0.81 GB/s |
+//! | 1 MiB of log-like text (ratio 23.7, one frame) | 1.50 GB/s compress, 3.33 GB/s decompress | 1.23 GB/s | 3.12 GB/s |
+//! | 16 MiB of the same (ratio 25, chunks on 2 threads) | 0.94 to 1.02 GB/s compress, 1.33 GB/s decompress | 0.71 to 1.10 GB/s | 1.55 to 2.31 GB/s |
+//! | 16 MiB random (chunks stored raw) | plain file write: 0.25 to 3.8 GB/s | 0.58 to 1.00 GB/s | 3.19 to 3.25 GB/s |
+//!
+//! (The VM was noisier for these throughputs than for the latencies: zstd alone varied by a
+//! third from run to run. Before chunked storage, on the same VM at the same time, the tier
+//! put and got 16 MiB of text at 0.74 to 0.97 and 1.25 to 1.80 GB/s, and 16 MiB of random
+//! bytes at 0.13 to 0.28 and 0.55 to 0.56 GB/s.)
+//!
+//! `cargo run --release -p context-tier-redb --example peak_memory` measures the peak memory
+//! of a put and a get of 256 MiB in a fresh process (`VmHWM` above the value held):
+//!
+//! | 256 MiB, put streamed | held | put: peak above the value | get: peak above the value |
+//! |---|---|---|---|
+//! | log-like text (ratio 7.8) | 34.2 MB | 11.3 to 12.4 MiB (one entry: 100 MiB) | 5.8 to 7.1 MiB (one entry: 64 MiB) |
+//! | random bytes | 268.4 MB | 14.2 to 15.5 MiB (one entry: 768 MiB) | 5.8 to 8.8 MiB (one entry: 512 MiB) |
 //!
 //! Each get is the first through a new instance, as in another process (the file in the page
 //! cache, the instance's own cache empty). Option (a) cannot serve a context: it locks the
@@ -69,29 +92,39 @@
 //! many processes at once: every put and delete takes the one writer lock of the file.
 //!
 //! # Blob format
-//! Table `objects` maps the object id (`u64`) to a blob (`&[u8]`):
+//! Table `objects` maps the object id (`u64`) to a blob (`&[u8]`): the object itself if it is
+//! under 4 MiB, else its manifest. Table `chunks` maps (object id, chunk index) (`(u64,
+//! u32)`) to the blob of one chunk of a larger object, in the format of a small object's
+//! blob (encoding 0 or 1).
 //!
 //! | Bytes | Field |
 //! |---|---|
-//! | 0 | encoding: 0 raw, 1 zstd in one frame, 2 zstd in independent chunks |
-//! | 1..9 | the object's length, u64 little-endian |
-//! | encoding 0: 9.. | the object's bytes |
-//! | encoding 1: 9.. | one zstd frame (with its content size) |
-//! | encoding 2: 9..13 | the chunk size, u32 LE (1 MiB): every chunk but the last has it |
-//! | encoding 2: 13..13 + 4n | the stored length of each of the n chunks, u32 LE |
-//! | encoding 2: then | the chunks, in order: each a zstd frame, or the chunk's own bytes when its stored length equals its length |
+//! | 0 | encoding: 0 raw, 1 zstd in one frame, 3 manifest (2, chunks inside the blob, was written by earlier versions and is not read) |
+//! | 1..9 | the object's (or chunk's) length, u64 little-endian |
+//! | encoding 0: 9.. | the bytes |
+//! | encoding 1: 9.. | one zstd frame (with its content size), shorter than the bytes |
+//! | encoding 3: 9..13 | the chunk size, u32 LE (1 MiB less 4 KiB, so that a raw chunk fits a 1 MiB page of redb): every chunk but the last has it |
+//! | encoding 3: 13..13 + 4n | the length of each of the n chunks' blobs, u32 LE |
 //!
-//! Objects under 4 MiB are one frame, larger ones chunks; either way an object whose blob
-//! would not be shorter than its length plus 9 is stored raw. [`ObjectRef::held`] is the
-//! blob's length, and [`StorageTier::usage`] sums the blobs' lengths. A get checks every
-//! length in the blob against the blob's size before it allocates anything, and reports a
-//! damaged blob as [`Error::Corrupt`] naming the file and the object.
+//! A blob (of an object or a chunk) that would not be shorter than its length plus 9 is
+//! stored raw. [`ObjectRef::held`] is the blob's length, or the manifest's and its chunk
+//! blobs' lengths; [`StorageTier::usage`] sums the lengths of every blob in both tables, so
+//! it counts the chunks of a put in progress, and of a put whose process died part way until
+//! they are deleted (a delete by id, with [`ObjectRef::UNKNOWN_SLOT`], removes chunks that no
+//! manifest names). A get checks every length in a blob or manifest against the blob's size,
+//! and every chunk blob's length against its manifest, before it decodes anything: a manifest
+//! can claim at most 1 MiB of object per 4 bytes, and each chunk no more than its stored
+//! length can decode to. A damaged blob, manifest or chunk is [`Error::Corrupt`] naming the
+//! file and the object. A get reads a manifest and its chunks in one read transaction, so a
+//! delete meanwhile cannot tear the object: the get sees it whole, or not at all.
 //!
 //! # Full disks
 //! A full file system (`ENOSPC`, `EDQUOT`) anywhere in a put's transaction, commit included,
 //! is [`PutOutcome::NoSpace`]: the transaction is aborted, the blocks it had filled are given
 //! back (see below), and the instance opens a fresh redb handle, since redb refuses all
-//! further work on a handle after an I/O error. The file grows sparse; redb fills it as it
+//! further work on a handle after an I/O error. A chunked put that runs out of space (or
+//! fails otherwise) after some of its transactions committed removes their chunks in one
+//! more transaction, which frees their pages for later puts. The file grows sparse; redb fills it as it
 //! writes, so a transaction can run out of space part way. The tier's storage backend
 //! remembers what a write transaction wrote while it holds redb's writer lock, and punches
 //! holes over it if the transaction runs out of space before its commit goes live. Those
@@ -135,22 +168,28 @@ use context_core::{
 };
 use redb::{
     Builder, ConcurrencyMode, Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition, TableError,
+    TableHandle,
 };
 use rustix::fs::OFlags;
 
 use crate::backend::ScratchBackend;
-use crate::blob::{EncodeError, Encoded};
+use crate::blob::{Chunk, ChunkedError, EncodeError, Encoded};
 
 /// The tier's name, recorded in the index beside each object.
 const NAME: &str = "redb";
-/// The one table: object id → blob.
+/// Object id → blob: a small object's bytes, or a chunked object's manifest.
 const OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("objects");
+/// (object id, chunk index) → chunk blob, for chunked objects.
+const CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chunks");
 /// The zstd level unless configured otherwise.
 const DEFAULT_ZSTD_LEVEL: i32 = 1;
 /// redb's page cache, per process. redb's default (1 GiB) is meant for a database that owns
 /// the machine; this is one context among several processes, each with its own cache, and
-/// every commit by another process empties it anyway.
-const CACHE_BYTES: usize = 64 << 20;
+/// every commit by another process empties it anyway. redb keeps the pages a write
+/// transaction wrote in it, and those a read read, chunks of large values included: the cache
+/// is most of what a large put or get holds beyond the value, so it is kept small (with 64
+/// MiB, a put of 256 MiB peaked 55 MiB higher).
+const CACHE_BYTES: usize = 8 << 20;
 /// How long [`RedbTier::new`] retries while redb reports the file as open elsewhere in a
 /// mode that excludes this one (a handle of plain redb, say). Processes opening the tier at
 /// the same moment never meet this: redb serializes multi-writer opens itself, under its
@@ -285,13 +324,50 @@ impl RedbTier {
     /// object is not there.
     fn remove_leftover(&self, id: ObjectId) -> Result<()> {
         let present = self
-            .run(|db| read_object(db, id, |blob| blob.len()).map(|found| found.is_some()))
+            .run(|db| read_blob(db, id, |blob| blob.len()).map(|found| found.is_some()))
             .map_err(|f| self.error("look for a partly stored object in redb database", f.error))?;
         if present {
-            self.run(|db| remove_object(db, id))
+            self.run(|db| remove_object(db, id, false))
                 .map_err(|f| self.error("remove a partly stored object from redb database", f.error))?;
         }
         Ok(())
+    }
+
+    /// Puts an object of [`blob::CHUNKED_FROM`] bytes or more: its chunks in batches, each in
+    /// a write transaction of its own, the last one with the manifest. On any failure, removes
+    /// whatever it committed.
+    fn put_chunked(&self, mut object: NewObject<'_>) -> Result<PutOutcome> {
+        let (id, len) = (object.id, object.len);
+        let mut committed_any = false;
+        let mut store = |chunks: &[Chunk]| {
+            committed_any = true;
+            self.run(|db| write_chunks(db, id, chunks, None))
+        };
+        let failure = match blob::encode_chunked(&mut object, self.level, &mut store) {
+            Ok(done) => match self.run(|db| write_chunks(db, id, &done.last, Some(&done.manifest))) {
+                Ok(()) => return Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0, held: done.held })),
+                Err(failure) => Err(failure),
+            },
+            Err(ChunkedError::Store(failure)) => Err(failure),
+            Err(ChunkedError::Encode(e)) => Ok(e),
+        };
+        // Something may have been committed: a batch of chunks, or (if the last commit failed
+        // after all) the whole object.
+        let committed = committed_any || failure.as_ref().is_err_and(|f| f.committing);
+        let left = || {
+            self.run(|db| any_of_object(db, id))
+                .map_err(|f| self.error("look for a partly stored object in redb database", f.error))
+        };
+        if committed && left()? {
+            self.run(|db| remove_object(db, id, true))
+                .map_err(|f| self.error("remove a partly stored object from redb database", f.error))?;
+        }
+        match failure {
+            Err(failure) if failure.is_no_space() => Ok(PutOutcome::NoSpace),
+            Err(failure) => Err(self.error("write to redb database", failure.error)),
+            Ok(EncodeError::Data(e)) => Err(e),
+            Ok(EncodeError::Compress(e)) => Err(Error::io("compress object for redb database", &self.path, e)),
+        }
     }
 
     /// Removes the database file, if the path still names the file this tier opened.
@@ -401,15 +477,52 @@ fn write_object(db: &Database, id: ObjectId, encoded: &Encoded<'_>) -> Result<()
         let len = usize::try_from(encoded.blob_len())
             .map_err(|_| Failed::new(redb::StorageError::ValueTooLarge(usize::MAX)))?;
         let mut slot = table.insert_reserve(id.0, len).map_err(Failed::new)?;
-        // Only a compressed chunk of this process's own making can fail here (it is decoded
-        // again to store the object raw), which would be a bug; the transaction is dropped.
-        encoded.write_blob(slot.as_mut()).map_err(|detail| Failed::new(redb::StorageError::Corrupted(detail)))?;
+        encoded.write_blob(slot.as_mut());
     }
     txn.commit().map_err(Failed::in_commit)
 }
 
+/// Stores a batch of a chunked object's chunks in one write transaction, and with the last
+/// batch its manifest, which makes the object exist.
+fn write_chunks(db: &Database, id: ObjectId, chunks: &[Chunk], manifest: Option<&[u8]>) -> Result<(), Failed> {
+    let txn = db.begin_write().map_err(Failed::new)?;
+    {
+        let mut table = txn.open_table(CHUNKS).map_err(Failed::new)?;
+        for chunk in chunks {
+            let mut slot = table.insert_reserve((id.0, chunk.index), chunk.blob_len()).map_err(Failed::new)?;
+            chunk.write_blob(slot.as_mut());
+        }
+    }
+    if let Some(manifest) = manifest {
+        txn.open_table(OBJECTS).map_err(Failed::new)?.insert(id.0, manifest).map_err(Failed::new)?;
+    }
+    txn.commit().map_err(Failed::in_commit)
+}
+
+/// Whether anything of the object `id` is there: its blob or manifest, or a chunk.
+fn any_of_object(db: &Database, id: ObjectId) -> Result<bool, Failed> {
+    let txn = db.begin_read().map_err(Failed::new)?;
+    match txn.open_table(OBJECTS) {
+        Ok(table) if table.get(id.0).map_err(Failed::new)?.is_some() => return Ok(true),
+        Ok(_) | Err(TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(Failed::new(e)),
+    }
+    match txn.open_table(CHUNKS) {
+        Ok(table) => Ok(table.range((id.0, 0)..=(id.0, u32::MAX)).map_err(Failed::new)?.next().is_some()),
+        Err(TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(Failed::new(e)),
+    }
+}
+
+/// Why reading an object failed.
+enum ReadFailure {
+    Db(Failed),
+    /// The object is damaged (the detail).
+    Damaged(String),
+}
+
 /// Reads the blob under `id` in a read transaction and hands it to `f`.
-fn read_object<T>(db: &Database, id: ObjectId, f: impl FnOnce(&[u8]) -> T) -> Result<Option<T>, Failed> {
+fn read_blob<T>(db: &Database, id: ObjectId, f: impl FnOnce(&[u8]) -> T) -> Result<Option<T>, Failed> {
     let txn = db.begin_read().map_err(Failed::new)?;
     let table = match txn.open_table(OBJECTS) {
         Ok(table) => table,
@@ -421,13 +534,72 @@ fn read_object<T>(db: &Database, id: ObjectId, f: impl FnOnce(&[u8]) -> T) -> Re
     Ok(found.map(|blob| f(blob.value())))
 }
 
-/// Removes the blob under `id` in one write transaction; whether it was there.
-fn remove_object(db: &Database, id: ObjectId) -> Result<bool, Failed> {
-    let txn = db.begin_write().map_err(Failed::new)?;
-    let existed = {
-        let mut table = txn.open_table(OBJECTS).map_err(Failed::new)?;
-        table.remove(id.0).map_err(Failed::new)?.is_some()
+/// Reads and decodes the object `id` in one read transaction (so that a delete meanwhile
+/// cannot tear a chunked object): `Ok(None)` if it is not there, `Ok(Some(Err(detail)))` if
+/// it is damaged.
+fn read_object(db: &Database, id: ObjectId) -> Result<Option<Result<Vec<u8>, String>>, Failed> {
+    let txn = db.begin_read().map_err(Failed::new)?;
+    let objects = match txn.open_table(OBJECTS) {
+        Ok(table) => table,
+        // Nothing was ever stored, or the tier was destroyed.
+        Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(Failed::new(e)),
     };
+    let manifest = {
+        let Some(blob) = objects.get(id.0).map_err(Failed::new)? else { return Ok(None) };
+        if !blob::is_manifest(blob.value()) {
+            return Ok(Some(blob::decode(blob.value())));
+        }
+        match blob::parse_manifest(blob.value()) {
+            Ok(manifest) => manifest,
+            Err(detail) => return Ok(Some(Err(format!("its manifest: {detail}")))),
+        }
+    };
+    let chunks = match txn.open_table(CHUNKS) {
+        Ok(table) => table,
+        Err(TableError::TableDoesNotExist(_)) => return Ok(Some(Err("the chunk table is missing".into()))),
+        Err(e) => return Err(Failed::new(e)),
+    };
+    let mut out = match blob::allocate(manifest.len) {
+        Ok(out) => out,
+        Err(detail) => return Ok(Some(Err(detail))),
+    };
+    let decoded = blob::on_two_threads(&mut out, manifest.chunk, |i, piece| {
+        let found = chunks.get((id.0, i as u32)).map_err(|e| ReadFailure::Db(Failed::new(e)))?;
+        let blob = found.ok_or_else(|| ReadFailure::Damaged(format!("chunk {i} is missing")))?;
+        let blob = blob.value();
+        if blob.len() != manifest.stored[i] as usize {
+            let detail = format!("chunk {i} is {} bytes, its manifest says {}", blob.len(), manifest.stored[i]);
+            return Err(ReadFailure::Damaged(detail));
+        }
+        blob::decode_chunk(blob, piece).map_err(|detail| ReadFailure::Damaged(format!("chunk {i}: {detail}")))
+    });
+    match decoded {
+        Ok(()) => Ok(Some(Ok(out))),
+        Err(ReadFailure::Damaged(detail)) => Ok(Some(Err(detail))),
+        Err(ReadFailure::Db(failed)) => Err(failed),
+    }
+}
+
+/// Removes the object `id` in one write transaction: its blob or manifest, and a chunked
+/// object's chunks. With `orphans`, also chunks of `id` that no manifest names (left by a put
+/// that died part way). Answers whether the object (its blob or manifest) was there.
+fn remove_object(db: &Database, id: ObjectId, orphans: bool) -> Result<bool, Failed> {
+    let txn = db.begin_write().map_err(Failed::new)?;
+    let (existed, chunked) = {
+        let mut table = txn.open_table(OBJECTS).map_err(Failed::new)?;
+        let removed = table.remove(id.0).map_err(Failed::new)?;
+        (removed.is_some(), removed.is_some_and(|blob| blob::is_manifest(blob.value())))
+    };
+    // Opening the chunk table would create it: do not, for nothing, when it is missing.
+    let has_chunks = || -> Result<bool, Failed> {
+        let mut tables = txn.list_tables().map_err(Failed::new)?;
+        Ok(tables.any(|table| table.name() == CHUNKS.name()))
+    };
+    if chunked || (orphans && !existed && has_chunks()?) {
+        let mut table = txn.open_table(CHUNKS).map_err(Failed::new)?;
+        table.retain_in((id.0, 0)..=(id.0, u32::MAX), |_, _| false).map_err(Failed::new)?;
+    }
     txn.commit().map_err(Failed::in_commit)?;
     Ok(existed)
 }
@@ -445,16 +617,22 @@ impl StorageTier for RedbTier {
         Capabilities::new(false, true).with_compression(true)
     }
 
-    /// The length plus the 9-byte blob header: an object that does not shrink is stored raw,
-    /// so no blob is longer.
+    /// The length plus the 9-byte blob header under 4 MiB: an object that does not shrink is
+    /// stored raw, so no blob is longer. From 4 MiB on, also the manifest's 4 bytes and a
+    /// 9-byte header per chunk (of 1 MiB less 4 KiB): 13 bytes per chunk, plus 13.
     fn footprint(&self, len: u64) -> u64 {
-        len.saturating_add(blob::HEADER as u64)
+        blob::footprint(len)
     }
 
-    /// Compresses the object (on two threads from 4 MiB on; a streamed object chunk by chunk
-    /// as it arrives), then inserts the blob and commits in one write transaction. A full
-    /// file system anywhere in that is [`PutOutcome::NoSpace`], with the transaction aborted.
+    /// Under 4 MiB: compresses the object, then inserts the blob and commits in one write
+    /// transaction. From 4 MiB on: compresses chunks on two threads as the object arrives,
+    /// and stores them in a write transaction per 4 MiB of compressed chunks, the last one
+    /// with the manifest. A full file system anywhere in that is [`PutOutcome::NoSpace`]; on
+    /// that or any error, the chunks already committed are removed in one more transaction.
     fn put(&self, mut object: NewObject<'_>) -> Result<PutOutcome> {
+        if object.len >= blob::CHUNKED_FROM {
+            return self.put_chunked(object);
+        }
         let (id, len) = (object.id, object.len);
         let encoded = match blob::encode(&mut object, self.level) {
             Ok(encoded) => encoded,
@@ -476,11 +654,11 @@ impl StorageTier for RedbTier {
         }
     }
 
-    /// Reads the blob in a read transaction and decodes it (on two threads for a chunked
-    /// blob) into an owned payload.
+    /// Reads the blob, or the manifest and every chunk, in one read transaction, and decodes
+    /// it (a chunked object on two threads) into an owned payload.
     fn get(&self, object: &ObjectRef) -> Result<Option<Payload>> {
         let id = object.id;
-        match self.run(|db| read_object(db, id, blob::decode)) {
+        match self.run(|db| read_object(db, id)) {
             Ok(None) => Ok(None),
             Ok(Some(Ok(bytes))) => Ok(Some(Payload::from_vec(bytes))),
             Ok(Some(Err(detail))) => {
@@ -490,29 +668,46 @@ impl StorageTier for RedbTier {
         }
     }
 
-    /// Removes the object in one write transaction; the slot is not used.
+    /// Removes the object (its blob, or its manifest and chunks) in one write transaction.
+    /// With [`ObjectRef::UNKNOWN_SLOT`] and no object there, removes chunks of the id that no
+    /// manifest names, left by a put whose process died part way, and answers `false`.
     fn delete(&self, object: &ObjectRef) -> Result<bool> {
-        self.run(|db| remove_object(db, object.id)).map_err(|f| self.error("delete from redb database", f.error))
+        let orphans = object.slot == ObjectRef::UNKNOWN_SLOT;
+        self.run(|db| remove_object(db, object.id, orphans))
+            .map_err(|f| self.error("delete from redb database", f.error))
     }
 
     fn locate(&self, _object: &ObjectRef) -> Location {
         Location { shm_name: None, path: Some(self.path.clone()) }
     }
 
-    /// Reads every blob's length in one read transaction.
+    /// Reads every blob's and chunk's length in one read transaction. Objects are the small
+    /// ones and the manifests; bytes include the chunks of a put in progress, and of one that
+    /// died part way until they are deleted (by id, with [`ObjectRef::UNKNOWN_SLOT`]).
     fn usage(&self) -> Result<TierUsage> {
         let counted = self.run(|db| {
             let txn = db.begin_read().map_err(Failed::new)?;
-            let table = match txn.open_table(OBJECTS) {
-                Ok(table) => table,
-                Err(TableError::TableDoesNotExist(_)) => return Ok(TierUsage::default()),
-                Err(e) => return Err(Failed::new(e)),
-            };
             let mut usage = TierUsage::default();
-            for entry in table.iter().map_err(Failed::new)? {
-                let (_, blob) = entry.map_err(Failed::new)?;
-                usage.bytes += blob.value().len() as u64;
-                usage.objects += 1;
+            match txn.open_table(OBJECTS) {
+                Ok(table) => {
+                    for entry in table.iter().map_err(Failed::new)? {
+                        let (_, blob) = entry.map_err(Failed::new)?;
+                        usage.bytes += blob.value().len() as u64;
+                        usage.objects += 1;
+                    }
+                }
+                Err(TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(Failed::new(e)),
+            }
+            match txn.open_table(CHUNKS) {
+                Ok(table) => {
+                    for entry in table.iter().map_err(Failed::new)? {
+                        let (_, blob) = entry.map_err(Failed::new)?;
+                        usage.bytes += blob.value().len() as u64;
+                    }
+                }
+                Err(TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(Failed::new(e)),
             }
             Ok(usage)
         });
@@ -525,6 +720,7 @@ impl StorageTier for RedbTier {
         let cleared = self.run(|db| {
             let txn = db.begin_write().map_err(Failed::new)?;
             txn.delete_table(OBJECTS).map_err(Failed::new)?;
+            txn.delete_table(CHUNKS).map_err(Failed::new)?;
             txn.commit().map_err(Failed::in_commit)
         });
         // The file goes even if the objects could not be deleted: that frees the space.

@@ -28,6 +28,32 @@ fn raw_blob(path: &Path, id: u64) -> Option<Vec<u8>> {
     table.get(id).unwrap().map(|blob| blob.value().to_vec())
 }
 
+/// The chunk table, as a raw redb handle sees it.
+const CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("chunks");
+/// The length of every chunk but the last.
+const CHUNK: usize = (1 << 20) - (4 << 10);
+
+/// The chunk blobs stored under `id`, in order, read with plain redb.
+fn raw_chunks(path: &Path, id: u64) -> Vec<Vec<u8>> {
+    let db = raw_db(path);
+    let txn = db.begin_read().unwrap();
+    let Ok(table) = txn.open_table(CHUNKS) else { return Vec::new() };
+    table.range((id, 0)..=(id, u32::MAX)).unwrap().map(|entry| entry.unwrap().1.value().to_vec()).collect()
+}
+
+/// Stores chunk blobs under `id` with plain redb, as a put that died part way leaves them.
+fn write_raw_chunks(path: &Path, id: u64, chunks: &[(u32, &[u8])]) {
+    let db = raw_db(path);
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(CHUNKS).unwrap();
+        for (i, blob) in chunks {
+            table.insert((id, *i), *blob).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
 /// Stores `blob` under `id` with plain redb, bypassing the tier.
 fn write_raw_blob(path: &Path, id: u64, blob: &[u8]) {
     let db = raw_db(path);
@@ -112,12 +138,21 @@ fn compressible_values_are_held_in_fewer_bytes() {
 fn incompressible_values_are_stored_raw() {
     let scratch = tempfile::tempdir().unwrap();
     let tier = open(&db_path(&scratch));
-    for (i, len) in [0usize, 1, 50, 4096, 1 << 20, (6 << 20) + 1].into_iter().enumerate() {
+    for (i, len) in [0usize, 1, 50, 4096, 1 << 20, (4 << 20) - 1, (6 << 20) + 1].into_iter().enumerate() {
         let bytes = pattern(i as u64, len);
         let r = if i % 2 == 0 { put(&tier, i as u64, &bytes) } else { put_streamed(&tier, i as u64, &bytes) };
-        assert_eq!(r.held, len as u64 + 9, "{len} random bytes");
-        assert!(r.held <= tier.footprint(len as u64));
-        assert_eq!(raw_blob(tier.path(), i as u64).unwrap()[0], 0, "stored raw");
+        let blob = raw_blob(tier.path(), i as u64).unwrap();
+        if len < 4 << 20 {
+            assert_eq!(r.held, len as u64 + 9, "{len} random bytes");
+            assert_eq!(blob[0], 0, "stored raw");
+        } else {
+            // Chunked: every chunk stored raw, behind its 9-byte header, beside the manifest.
+            let n = len.div_ceil(CHUNK) as u64;
+            assert_eq!(blob[0], 3, "chunked");
+            assert_eq!(r.held, len as u64 + 13 + 13 * n, "{len} random bytes");
+            assert!(raw_chunks(tier.path(), i as u64).iter().all(|c| c[0] == 0), "chunks stored raw");
+        }
+        assert_eq!(r.held, tier.footprint(len as u64));
         assert_eq!(get(&tier, &r).as_deref(), Some(&bytes[..]));
     }
     tier.destroy().unwrap();
@@ -142,11 +177,13 @@ fn large_values_are_compressed_in_chunks() {
         (put_streamed(&tier, 5, &mixed), &mixed),
     ] {
         assert!(r.held < bytes.len() as u64, "object {} is held in {} bytes", r.id, r.held);
-        assert_eq!(raw_blob(tier.path(), r.id.0).unwrap()[0], 2, "object {} is chunked", r.id);
+        assert_eq!(raw_blob(tier.path(), r.id.0).unwrap()[0], 3, "object {} is chunked", r.id);
         assert!(get(&tier, &r).as_deref() == Some(&bytes[..]), "object {} read back different", r.id);
     }
     assert_eq!(raw_blob(tier.path(), 1), raw_blob(tier.path(), 2), "streamed and whole encode alike");
     assert_eq!(raw_blob(tier.path(), 1), raw_blob(tier.path(), 3), "split parts encode alike");
+    assert_eq!(raw_chunks(tier.path(), 1), raw_chunks(tier.path(), 2));
+    assert_eq!(tier.usage().unwrap().objects, 5);
     tier.destroy().unwrap();
 }
 
@@ -320,4 +357,209 @@ fn destroy_leaves_a_replacing_file_alone() {
     assert_eq!(get(&new, &r).as_deref(), Some(&b"new"[..]));
     new.destroy().unwrap();
     assert!(!path.exists());
+}
+
+fn id_ref(id: u64) -> ObjectRef {
+    ObjectRef { id: ObjectId(id), len: 0, slot: ObjectRef::UNKNOWN_SLOT, held: 0 }
+}
+
+#[test]
+fn chunked_objects_round_trip() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = open(&db_path(&scratch));
+    let threshold = 4usize << 20;
+    let mut id = 0;
+    let mut held = 0;
+    let sizes = [threshold - 1, threshold, 5 * CHUNK + 1];
+    let cases = sizes
+        .into_iter()
+        .flat_map(|len| [(len, true, false), (len, true, true), (len, false, false), (len, false, true)]);
+    // And 64 MiB (65 chunks), compressible and streamed.
+    for (len, compressible, streamed) in cases.chain([(64 << 20, true, true)]) {
+        {
+            let bytes = if compressible { text(len) } else { pattern(len as u64, len) };
+            {
+                id += 1;
+                let r = if streamed { put_streamed(&tier, id, &bytes) } else { put(&tier, id, &bytes) };
+                assert!(r.held <= tier.footprint(len as u64), "{len} bytes hold {}", r.held);
+                let chunks = raw_chunks(tier.path(), id);
+                let blob = raw_blob(tier.path(), id).unwrap();
+                if len < threshold {
+                    assert!(chunks.is_empty() && blob[0] <= 1, "{len} bytes are one blob");
+                } else {
+                    assert_eq!(blob[0], 3, "{len} bytes are chunked");
+                    assert_eq!(chunks.len(), len.div_ceil(CHUNK));
+                    let stored: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+                    assert_eq!(r.held, blob.len() as u64 + stored);
+                }
+                held += r.held;
+                assert!(get(&tier, &r).as_deref() == Some(&bytes[..]), "{len} bytes read back different");
+            }
+        }
+    }
+    let usage = tier.usage().unwrap();
+    assert_eq!((usage.objects, usage.bytes), (id, held));
+    // Deleting removes the manifest and every chunk.
+    for id in 1..=id {
+        assert!(tier.delete(&ObjectRef { id: ObjectId(id), len: 0, slot: 0, held: 0 }).unwrap());
+        assert!(raw_chunks(tier.path(), id).is_empty() && raw_blob(tier.path(), id).is_none());
+    }
+    assert_eq!(tier.usage().unwrap(), context_core::TierUsage::default());
+    tier.destroy().unwrap();
+}
+
+#[test]
+fn a_put_failing_part_way_leaves_nothing() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = open(&db_path(&scratch));
+    let kept = put(&tier, 1, &text(5 << 20));
+    let before = tier.usage().unwrap();
+    let bytes = pattern(2, 40 << 20);
+    for (id, fail_at) in [(2, 10 << 20), (3, (40 << 20) - 1), (4, 100)] {
+        // The writer errors after `fail_at` bytes: several batches of chunks are committed by then.
+        let mut write = |out: &mut dyn std::io::Write| {
+            out.write_all(&bytes[..fail_at]).map_err(|e| Error::io("test write", "value", e))?;
+            Err(Error::corrupt("test value", "the writer failed on purpose"))
+        };
+        let result =
+            tier.put(NewObject { id: ObjectId(id), len: bytes.len() as u64, data: ObjectData::Write(&mut write) });
+        assert!(matches!(result, Err(Error::Corrupt { .. })), "{result:?}");
+        assert!(raw_chunks(tier.path(), id).is_empty(), "chunks of object {id} left behind");
+        assert!(raw_blob(tier.path(), id).is_none());
+        assert!(tier.get(&id_ref(id)).unwrap().is_none());
+        assert!(!tier.delete(&id_ref(id)).unwrap());
+        assert_eq!(tier.usage().unwrap(), before);
+    }
+    // Parts that are not the declared length, found only at the end.
+    let short = pattern(5, 12 << 20);
+    let result = tier.put(NewObject { id: ObjectId(5), len: 13 << 20, data: ObjectData::Parts(&[&short]) });
+    assert!(result.is_err());
+    let mut write =
+        |out: &mut dyn std::io::Write| out.write_all(&short).map_err(|e| Error::io("test write", "value", e));
+    let result = tier.put(NewObject { id: ObjectId(6), len: 13 << 20, data: ObjectData::Write(&mut write) });
+    assert!(result.is_err());
+    assert!(raw_chunks(tier.path(), 6).is_empty());
+    assert_eq!(tier.usage().unwrap(), before);
+    assert!(get(&tier, &kept).as_deref() == Some(&text(5 << 20)[..]));
+    tier.destroy().unwrap();
+}
+
+#[test]
+fn delete_by_id_removes_orphan_chunks() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = open(&db_path(&scratch));
+    let kept = put(&tier, 1, &pattern(1, 6 << 20));
+    let before = tier.usage().unwrap();
+    // What a put whose process died after two batches leaves: chunks, no manifest.
+    let chunk = [&[0u8][..], &(CHUNK as u64).to_le_bytes(), &pattern(2, CHUNK)].concat();
+    write_raw_chunks(tier.path(), 2, &[(0, &chunk), (1, &chunk), (7, &chunk[..100])]);
+    assert!(tier.get(&id_ref(2)).unwrap().is_none(), "chunks without a manifest are no object");
+    let during = tier.usage().unwrap();
+    assert_eq!(during.objects, before.objects);
+    assert_eq!(during.bytes, before.bytes + 2 * chunk.len() as u64 + 100, "orphan chunks count until deleted");
+    // A delete with a known slot does not look for orphans; one by id does.
+    assert!(!tier.delete(&ObjectRef { id: ObjectId(2), len: 0, slot: 0, held: 0 }).unwrap());
+    assert!(!tier.delete(&id_ref(2)).unwrap());
+    assert!(raw_chunks(tier.path(), 2).is_empty());
+    assert_eq!(tier.usage().unwrap(), before);
+    // The neighbour's chunks are untouched.
+    assert_eq!(raw_chunks(tier.path(), 1).len(), (6usize << 20).div_ceil(CHUNK));
+    assert!(get(&tier, &kept).as_deref() == Some(&pattern(1, 6 << 20)[..]));
+    // An unknown id with no chunk table at all.
+    let fresh = tempfile::tempdir().unwrap();
+    let empty = open(&db_path(&fresh));
+    put(&empty, 1, b"small");
+    assert!(!empty.delete(&id_ref(9)).unwrap());
+    empty.destroy().unwrap();
+    tier.destroy().unwrap();
+}
+
+#[test]
+fn a_damaged_chunked_object_is_corrupt() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = open(&db_path(&scratch));
+    let bytes = text(6 << 20);
+    let good = put(&tier, 1, &bytes);
+    let manifest = raw_blob(tier.path(), 1).unwrap();
+    let chunks = raw_chunks(tier.path(), 1);
+    let copy = |id: u64, manifest: &[u8], chunks: &[Vec<u8>]| {
+        let indexed: Vec<(u32, &[u8])> = chunks.iter().enumerate().map(|(i, c)| (i as u32, &c[..])).collect();
+        write_raw_chunks(tier.path(), id, &indexed);
+        write_raw_blob(tier.path(), id, manifest);
+    };
+    // What is damaged, the manifest, the chunks.
+    type Case = (&'static str, Vec<u8>, Vec<Vec<u8>>);
+    let mut cases: Vec<Case> = Vec::new();
+    cases.push(("truncated manifest", manifest[..manifest.len() - 2].to_vec(), chunks.clone()));
+    let mut huge = manifest.clone();
+    huge[1..9].copy_from_slice(&(1u64 << 50).to_le_bytes());
+    cases.push(("manifest claims a huge length", huge, chunks.clone()));
+    let mut size = manifest.clone();
+    size[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
+    cases.push(("manifest claims huge chunks", size, chunks.clone()));
+    let mut stored = manifest.clone();
+    let first = u32::from_le_bytes(stored[13..17].try_into().unwrap());
+    stored[13..17].copy_from_slice(&(first + 1).to_le_bytes());
+    cases.push(("manifest's stored length off by one", stored, chunks.clone()));
+    cases.push(("a chunk missing", manifest.clone(), chunks[..chunks.len() - 1].to_vec()));
+    let mut short = chunks.clone();
+    short[2].pop();
+    cases.push(("a chunk truncated", manifest.clone(), short));
+    let mut garbage = chunks.clone();
+    let n = garbage[1].len();
+    garbage[1][9..].copy_from_slice(&vec![0x55; n - 9]);
+    cases.push(("a chunk of garbage", manifest.clone(), garbage));
+    let mut claims = chunks.clone();
+    claims[0][1..9].copy_from_slice(&1u64.to_le_bytes());
+    cases.push(("a chunk claims another length", manifest.clone(), claims));
+    for (i, (what, manifest, chunks)) in cases.iter().enumerate() {
+        let id = 100 + i as u64;
+        copy(id, manifest, chunks);
+        match tier.get(&id_ref(id)) {
+            Err(e @ Error::Corrupt { .. }) => {
+                let message = e.to_string();
+                assert!(message.contains(&*tier.path().to_string_lossy()), "{what}: {message}");
+                assert!(message.contains(&ObjectId(id).to_string()), "{what}: {message}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+        // A damaged object can still be deleted, chunks and all.
+        assert!(tier.delete(&id_ref(id)).unwrap(), "{what}");
+        assert!(raw_chunks(tier.path(), id).is_empty(), "{what}");
+    }
+    assert!(get(&tier, &good).as_deref() == Some(&bytes[..]));
+    tier.destroy().unwrap();
+}
+
+#[test]
+fn a_get_racing_a_delete_sees_all_or_nothing() {
+    let scratch = tempfile::tempdir().unwrap();
+    let writer = open(&db_path(&scratch));
+    let reader = open(&db_path(&scratch));
+    let bytes: Vec<u8> = text(3 << 20).into_iter().chain(pattern(9, 3 << 20)).collect();
+    let (mut whole, mut none) = (0, 0);
+    for round in 0..30u64 {
+        let r = put(&writer, round, &bytes);
+        std::thread::scope(|s| {
+            let deleter = s.spawn(|| assert!(writer.delete(&r).unwrap()));
+            loop {
+                match reader.get(&r) {
+                    Ok(Some(p)) => {
+                        assert!(*p == *bytes, "round {round}: a torn object");
+                        whole += 1;
+                    }
+                    Ok(None) => {
+                        none += 1;
+                        break;
+                    }
+                    Err(e) => panic!("round {round}: {e}"),
+                }
+            }
+            deleter.join().unwrap();
+        });
+    }
+    println!("whole {whole}, none {none}");
+    assert_eq!(none, 30);
+    assert_eq!(reader.usage().unwrap(), context_core::TierUsage::default());
+    writer.destroy().unwrap();
 }
