@@ -5,13 +5,23 @@
 //! - `cargo xtask ci`: everything CI checks, in order, stopping at the first failure: formatting, clippy (the whole
 //!   workspace, then the front crate `workflow-context` with every combination of its `tier-*` features), docs, tests
 //!   (nextest when installed, else `cargo test`; then doctests; then the front crate's tests for every partial tier
-//!   combination), and building the benchmarks when there are any.
+//!   combination), and, when there are benchmarks, building them and a smoke run of the benchmark harness
+//!   (`--quick`; it checks that every figure can be measured, not how fast: no timing is asserted).
 //! - `cargo xtask ci --quick`: the same without the per-combination clippy and test runs.
+//! - `cargo xtask bench [--quick] [ARGS]`: the benchmark harness (`benches/src/bin/harness/`) in release mode; its
+//!   arguments go to it. It prints the figures against their ceilings, floors and goals, and writes
+//!   `target/bench/report.md`, `report.json` and `throughput.svg` (`target/bench/quick/` with `--quick`, a smoke
+//!   run of under two minutes). The criterion benches are `cargo bench -p workflow-context-benches`.
+//! - `cargo xtask fuzz [--seconds N] [TARGET]...`: runs each cargo-fuzz target of `fuzz/` (or the ones named) for N
+//!   seconds on the stable toolchain, from a scratch copy of its seed corpus, and prints a summary (see `fuzz.rs`).
+//! - `cargo xtask crash [--kills N] [--stress-seconds S]`: the long crash harness and stress test (CI runs them short).
 //! - `cargo xtask help`: the usage.
 //!
 //! It uses only `std`, in the spirit of rust-analyzer's xtask; the pure parts (reading the tier features out of a
 //! manifest, building the combinations and the plan of steps) are unit-tested, and so is the rule that every tier crate
 //! has its `tier-<name>` feature on the front crate.
+
+mod fuzz;
 
 use std::env;
 use std::ffi::OsString;
@@ -28,9 +38,28 @@ Tasks:
   ci           run every CI check: fmt, clippy (workspace and every tier-feature combination
                of workflow-context), docs, tests (nextest if installed, then doctests, then
                each partial tier combination) and, if there are any, building the benches
+               and a smoke run of the benchmark harness (no timing asserted)
   ci --quick   the same, without the per-combination clippy and test runs
+  bench        run the benchmark harness in release mode: every figure beside its ceiling,
+               the floors and goals; writes target/bench/report.md, report.json and
+               throughput.svg (the criterion benches: cargo bench -p workflow-context-benches)
+  bench --quick
+               a smoke run of the harness, under two minutes (reports in target/bench/quick/);
+               further arguments go to the harness (--only SECTION,..., --out DIR, --help)
+  fuzz [--seconds N] [TARGET]...
+               run each fuzz target of fuzz/ (or those named) for N seconds (default 60)
+               with cargo-fuzz on stable, then print executions and coverage per target
+  crash [--kills N] [--stress-seconds S]
+               the long crash harness (writers SIGKILLed N times, default 200) and the
+               multi-process stress test (S seconds, default 30); CI runs both short
   help         print this message
 ";
+
+/// The crate that holds the benchmarks.
+const BENCH_CRATE: &str = "workflow-context-benches";
+
+/// The benchmark harness binary in [`BENCH_CRATE`].
+const HARNESS: &str = "harness";
 
 /// The front crate, whose `tier-*` features are checked in every combination.
 const FRONT_CRATE: &str = "workflow-context";
@@ -50,8 +79,11 @@ fn main() -> ExitCode {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        ["ci"] => ci(false),
-        ["ci", "--quick"] => ci(true),
+        ["ci"] => ci(false).map(|()| "ci passed"),
+        ["ci", "--quick"] => ci(true).map(|()| "ci passed"),
+        ["bench", harness_args @ ..] => bench(harness_args).map(|()| "bench done"),
+        ["fuzz", rest @ ..] => return fuzz::main(rest),
+        ["crash", rest @ ..] => crash(rest).map(|()| "crash harness passed"),
         _ => {
             if args.is_empty() {
                 eprintln!("xtask: no task given");
@@ -63,8 +95,8 @@ fn main() -> ExitCode {
         }
     };
     match result {
-        Ok(()) => {
-            println!("==> ci passed");
+        Ok(done) => {
+            println!("==> {done}");
             ExitCode::SUCCESS
         }
         Err(message) => {
@@ -97,6 +129,54 @@ fn ci(quick: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Runs `cargo xtask bench`: the harness in release mode, with `harness_args`.
+fn bench(harness_args: &[&str]) -> Result<(), String> {
+    run(&workspace_root(), &harness_step("bench harness", harness_args))
+}
+
+/// The step that runs the benchmark harness in release mode with `harness_args`.
+fn harness_step(name: &str, harness_args: &[&str]) -> Step {
+    let mut step = Step::new(name, &format!("run --release -p {BENCH_CRATE} --bin {HARNESS}"));
+    if !harness_args.is_empty() {
+        step.args.push("--".to_owned());
+        step.args.extend(harness_args.iter().map(|&a| a.to_owned()));
+    }
+    step
+}
+
+/// Runs `cargo xtask crash [--kills N] [--stress-seconds S]`: the long versions of the
+/// crash harness (writers SIGKILLed N times, default 200) and of the multi-process stress
+/// test (S seconds, default 30), which CI runs short.
+fn crash(args: &[&str]) -> Result<(), String> {
+    let (kills, seconds) = crash_args(args)?;
+    let root = workspace_root();
+    let test = |name: &str, var: &str, value: &str| {
+        Step::new(name, &format!("test --release -p {FRONT_CRATE} --features testing --test {name} -- --nocapture"))
+            .env(var, value)
+    };
+    run(&root, &test("crash", "WFCTX_CRASH_KILLS", &kills.to_string()))?;
+    run(&root, &test("stress", "WFCTX_STRESS_SECONDS", &seconds.to_string()))
+}
+
+/// The kills and stress seconds of `cargo xtask crash`.
+fn crash_args(args: &[&str]) -> Result<(u64, u64), String> {
+    let (mut kills, mut seconds) = (200, 30);
+    let mut rest = args.iter();
+    while let Some(&arg) = rest.next() {
+        let value = rest.next().and_then(|v| v.parse::<u64>().ok());
+        match (arg, value) {
+            ("--kills", Some(n)) if n > 0 => kills = n,
+            ("--stress-seconds", Some(n)) if n > 0 => seconds = n,
+            _ => {
+                return Err(format!(
+                    "crash: unexpected argument {arg:?}; usage: cargo xtask crash [--kills N] [--stress-seconds S]"
+                ));
+            }
+        }
+    }
+    Ok((kills, seconds))
 }
 
 /// Reads a file, with its path in the error.
@@ -227,11 +307,13 @@ fn plan(config: &Config, tiers: &[String]) -> Vec<Item> {
             &format!("test -p {FRONT_CRATE} --no-default-features --features {}", combo.join(",")),
         )));
     }
-    items.push(if config.has_benches {
-        Item::Step(Step::new("bench (build only)", "bench --workspace --no-run"))
+    if config.has_benches {
+        items.push(Item::Step(Step::new("bench (build only)", "bench --workspace --no-run")));
+        // A smoke test: every figure can be measured and reported. No timing is asserted.
+        items.push(Item::Step(harness_step("bench harness (smoke run, no timing asserted)", &["--quick"])));
     } else {
-        Item::Note("bench: skipped, benches/Cargo.toml has no [[bench]] target".to_owned())
-    });
+        items.push(Item::Note("bench: skipped, benches/Cargo.toml has no [[bench]] target".to_owned()));
+    }
     items
 }
 
@@ -371,8 +453,40 @@ tier-not-a-feature = "1"
             "cargo test -p workflow-context --no-default-features --features tier-shm",
             "cargo test -p workflow-context --no-default-features --features tier-mmap",
             "cargo bench --workspace --no-run",
+            "cargo run --release -p workflow-context-benches --bin harness -- --quick",
         ];
         assert_eq!(commands(config, &["tier-shm", "tier-mmap"]), expected);
+    }
+
+    #[test]
+    fn bench_runs_the_harness_with_its_arguments() {
+        assert_eq!(
+            harness_step("bench harness", &[]).to_string(),
+            "cargo run --release -p workflow-context-benches --bin harness"
+        );
+        assert_eq!(
+            harness_step("bench harness", &["--quick", "--only", "keys"]).to_string(),
+            "cargo run --release -p workflow-context-benches --bin harness -- --quick --only keys"
+        );
+    }
+
+    /// Tidy: the harness the bench task and CI run exists, and the benches manifest declares criterion benches.
+    #[test]
+    fn the_harness_and_the_benches_exist() {
+        let benches = workspace_root().join("benches");
+        assert!(benches.join("src/bin").join(HARNESS).join("main.rs").is_file(), "no harness binary in benches/");
+        let manifest = read(&benches.join("Cargo.toml")).unwrap();
+        assert!(manifest.contains(&format!("name = \"{BENCH_CRATE}\"")), "benches/ is not {BENCH_CRATE}");
+        assert!(manifest.lines().any(|line| line.trim() == "[[bench]]"), "benches/Cargo.toml has no [[bench]]");
+    }
+
+    #[test]
+    fn crash_arguments() {
+        assert_eq!(crash_args(&[]), Ok((200, 30)));
+        assert_eq!(crash_args(&["--kills", "500", "--stress-seconds", "5"]), Ok((500, 5)));
+        assert!(crash_args(&["--kills"]).is_err());
+        assert!(crash_args(&["--kills", "0"]).is_err());
+        assert!(crash_args(&["--bogus", "1"]).is_err());
     }
 
     #[test]
@@ -396,6 +510,19 @@ tier-not-a-feature = "1"
             "# bench: skipped, benches/Cargo.toml has no [[bench]] target",
         ];
         assert_eq!(commands(config, &["tier-shm", "tier-mmap"]), expected);
+    }
+
+    #[test]
+    fn quick_plan_with_benches_ends_in_the_harness_smoke_run() {
+        let config = Config { quick: true, nextest: true, has_benches: true };
+        let plan = commands(config, &["tier-shm", "tier-mmap"]);
+        assert_eq!(
+            plan[plan.len() - 2..],
+            [
+                "cargo bench --workspace --no-run",
+                "cargo run --release -p workflow-context-benches --bin harness -- --quick"
+            ]
+        );
     }
 
     /// Tidy: every `crates/context-tier-<name>` crate has its `tier-<name>` feature on the front crate.

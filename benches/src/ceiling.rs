@@ -1,0 +1,205 @@
+//! The ceilings every figure is set beside: what the machine does with the same bytes
+//! without workflow-context. Each function does `reps` operations and returns the seconds
+//! per operation, timing only the operation; files and segments it makes are removed
+//! afterwards, untimed.
+
+use std::fs::File;
+use std::hint::black_box;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rustix::fs::{FallocateFlags, Mode};
+use rustix::shm;
+
+/// Copies `src` into freshly allocated memory `reps` times: a new `Vec` below 1 MiB (as
+/// `malloc` hands it out), a new anonymous mapping from 1 MiB up, so every page is touched
+/// for the first time (`malloc` would hand back pages freed earlier once its threshold
+/// for mapping has grown).
+pub fn memcpy_fresh(src: &[u8], reps: usize) -> f64 {
+    if src.len() < 1 << 20 {
+        let mut keep: Vec<Vec<u8>> = Vec::with_capacity(reps);
+        let t = Instant::now();
+        for _ in 0..reps {
+            let mut fresh = Vec::<u8>::with_capacity(src.len());
+            fresh.extend_from_slice(src);
+            keep.push(black_box(fresh));
+        }
+        let secs = t.elapsed().as_secs_f64();
+        drop(keep);
+        return secs / reps as f64;
+    }
+    let mut keep = Vec::with_capacity(reps);
+    let t = Instant::now();
+    for _ in 0..reps {
+        let mut fresh = memmap2::MmapMut::map_anon(src.len()).expect("map anonymous memory");
+        fresh.copy_from_slice(src);
+        keep.push(black_box(fresh));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    drop(keep);
+    secs / reps as f64
+}
+
+/// Copies `src` into `dst`, memory already touched and of the same length, `reps` times.
+pub fn memcpy_warm(src: &[u8], dst: &mut [u8], reps: usize) -> f64 {
+    let t = Instant::now();
+    for _ in 0..reps {
+        dst.copy_from_slice(black_box(src));
+        black_box(&mut *dst);
+    }
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
+/// `fs::write` of `src` to `reps` new files in `dir`.
+pub fn fs_write(dir: &Path, src: &[u8], reps: usize) -> io::Result<f64> {
+    let paths: Vec<PathBuf> = (0..reps).map(|i| dir.join(format!("ceiling-write-{i}"))).collect();
+    let t = Instant::now();
+    for p in &paths {
+        std::fs::write(p, src)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    for p in &paths {
+        std::fs::remove_file(p)?;
+    }
+    Ok(secs / reps as f64)
+}
+
+/// A file in `dir` holding `bytes`, for [`fs_read`]; removed on drop.
+#[derive(Debug)]
+pub struct ReadFile(PathBuf);
+
+impl ReadFile {
+    /// Writes `bytes` to a new file in `dir`.
+    pub fn new(dir: &Path, bytes: &[u8]) -> io::Result<Self> {
+        let path = dir.join(format!("ceiling-read-{}", bytes.len()));
+        std::fs::write(&path, bytes)?;
+        Ok(ReadFile(path))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ReadFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `fs::read` of `file` (in the page cache: just written) `reps` times.
+pub fn fs_read(file: &ReadFile, reps: usize) -> io::Result<f64> {
+    let mut keep = Vec::with_capacity(reps);
+    let t = Instant::now();
+    for _ in 0..reps {
+        keep.push(black_box(std::fs::read(file.path())?));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    drop(keep);
+    Ok(secs / reps as f64)
+}
+
+/// zstd level-1 compression of `src` into a new buffer (one thread), `reps` times.
+pub fn zstd_compress(src: &[u8], reps: usize) -> io::Result<f64> {
+    let mut keep = Vec::with_capacity(reps);
+    let t = Instant::now();
+    for _ in 0..reps {
+        keep.push(black_box(zstd::bulk::compress(src, 1)?));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    drop(keep);
+    Ok(secs / reps as f64)
+}
+
+/// zstd decompression of `packed` (of `len` bytes before compression) into a new buffer,
+/// `reps` times.
+pub fn zstd_decompress(packed: &[u8], len: usize, reps: usize) -> io::Result<f64> {
+    let mut keep = Vec::with_capacity(reps);
+    let t = Instant::now();
+    for _ in 0..reps {
+        keep.push(black_box(zstd::bulk::decompress(packed, len)?));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    drop(keep);
+    Ok(secs / reps as f64)
+}
+
+/// Creates the shared-memory segment `/<name>` holding `src` the way the shm tier does:
+/// `shm_open`, `fallocate` of every page, `pwrite`. The segment is left in place.
+pub fn shm_create(name: &str, src: &[u8]) -> io::Result<()> {
+    let fd = shm::open(name, shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR, Mode::from_raw_mode(0o600))?;
+    if !src.is_empty() {
+        rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, src.len() as u64)?;
+    }
+    File::from(fd).write_all_at(src, 0)
+}
+
+/// Removes the shared-memory segment `/<name>`; a missing one is fine.
+pub fn shm_remove(name: &str) {
+    let _ = shm::unlink(name);
+}
+
+/// A bare `shm_open` + `fallocate` + `pwrite` of `src` into `reps` new segments (named
+/// after `prefix`), each unlinked afterwards, untimed.
+pub fn shm_write(prefix: &str, src: &[u8], reps: usize) -> io::Result<f64> {
+    let names: Vec<String> = (0..reps).map(|i| format!("/{prefix}.ceiling.{i}")).collect();
+    let t = Instant::now();
+    let mut result = Ok(());
+    for name in &names {
+        result = shm_create(name, src);
+        if result.is_err() {
+            break;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    for name in &names {
+        shm_remove(name);
+    }
+    result.map(|()| secs / reps as f64)
+}
+
+/// One small `pwrite` of `buf` at the end of `file`, `reps` times: the system call a save
+/// cannot avoid (the index append).
+pub fn small_pwrite(file: &File, buf: &[u8], reps: usize) -> io::Result<f64> {
+    let start = file.metadata()?.len();
+    let t = Instant::now();
+    for i in 0..reps {
+        file.write_all_at(buf, start + (i * buf.len()) as u64)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    file.set_len(start)?;
+    Ok(secs / reps as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceilings_run_and_clean_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = vec![5u8; 100_000];
+        assert!(memcpy_fresh(&src, 2) > 0.0);
+        assert!(memcpy_fresh(&vec![1u8; 1 << 20], 2) > 0.0);
+        let mut dst = vec![0u8; src.len()];
+        assert!(memcpy_warm(&src, &mut dst, 2) > 0.0);
+        assert_eq!(dst, src);
+        assert!(fs_write(dir.path(), &src, 3).unwrap() > 0.0);
+        let file = ReadFile::new(dir.path(), &src).unwrap();
+        assert!(fs_read(&file, 2).unwrap() > 0.0);
+        drop(file);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(zstd_compress(&src, 1).unwrap() > 0.0);
+        let packed = zstd::bulk::compress(&src, 1).unwrap();
+        assert!(zstd_decompress(&packed, src.len(), 1).unwrap() > 0.0);
+        let prefix = crate::workload::unique_run_id("ceiling-test");
+        assert!(shm_write(&prefix, &src, 2).unwrap() > 0.0);
+        assert!(!Path::new(&format!("/dev/shm/{prefix}.ceiling.0")).exists());
+        let log = File::create(dir.path().join("log")).unwrap();
+        assert!(small_pwrite(&log, &[1; 64], 10).unwrap() > 0.0);
+        assert_eq!(log.metadata().unwrap().len(), 0);
+    }
+}
