@@ -436,3 +436,14 @@ fn serde_round_trips_in_json_and_postcard() {
     let missing_output = r#"{"nodes": {"1": {"class_type": "A"}}, "output": ["2", 0]}"#;
     assert!(serde_json::from_str::<WorkflowGraph>(missing_output).is_err());
 }
+
+#[test]
+fn floats_round_trip_exactly_through_the_canonical_json() {
+    // Found by the graph fuzz target: without exact float parsing, a literal printed by
+    // to_json could parse back as a neighbouring float, changing the graph and its hash.
+    let json = r#"{"1": {"class_type": "K", "inputs": {"x": 9.999999999911e+41, "y": [0.1, 1e-300, 2.2250738585072014e-308]}}}"#;
+    let g = WorkflowGraph::from_json(json).unwrap();
+    let again = WorkflowGraph::from_json(&g.to_json()).unwrap();
+    assert_eq!(again, g);
+    assert_eq!(again.content_hash(), g.content_hash());
+}
