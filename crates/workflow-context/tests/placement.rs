@@ -81,12 +81,13 @@ fn a_policy_cannot_override_the_options() {
 #[cfg(any(feature = "tier-mmap", feature = "tier-redb"))]
 #[test]
 fn the_disk_budget_holds_and_nothing_half_written_stays() {
+    // Incompressible values, so a compressing tier holds what a plain one would.
     let b = base();
     let ctx = builder(b.path()).max_ram_bytes(0).max_disk_bytes(1 << 20).create().unwrap();
-    ctx.save_bytes("a", &vec![1u8; 600 << 10], SaveOptions::new()).unwrap();
+    ctx.save_bytes("a", &context_core::testing::pattern(1, 600 << 10), SaveOptions::new()).unwrap();
     let before = ctx.usage().unwrap();
     let files_before = common::tree(ctx.dir());
-    match ctx.save_bytes("b", &vec![2u8; 600 << 10], SaveOptions::new()) {
+    match ctx.save_bytes("b", &context_core::testing::pattern(2, 600 << 10), SaveOptions::new()) {
         Err(Error::OutOfDisk { key, needed, available }) => {
             assert_eq!(key, "b");
             assert!(needed >= 600 << 10);
@@ -99,13 +100,23 @@ fn the_disk_budget_holds_and_nothing_half_written_stays() {
     assert_eq!(common::tree(ctx.dir()), files_before, "no file left behind");
     // An overwrite needs room for the new value while the old one still exists: the
     // budget holds at every moment, and a reader can still load the old one meanwhile.
-    assert!(matches!(ctx.save_bytes("a", &vec![3u8; 600 << 10], SaveOptions::new()), Err(Error::OutOfDisk { .. })));
-    assert_eq!(&*ctx.load_bytes("a").unwrap(), &vec![1u8; 600 << 10][..], "a refused overwrite keeps the old value");
-    ctx.save_bytes("a", &vec![3u8; 400 << 10], SaveOptions::new()).unwrap();
-    assert_eq!(&*ctx.load_bytes("a").unwrap(), &vec![3u8; 400 << 10][..]);
+    assert!(matches!(
+        ctx.save_bytes("a", &context_core::testing::pattern(3, 600 << 10), SaveOptions::new()),
+        Err(Error::OutOfDisk { .. })
+    ));
+    assert_eq!(
+        &*ctx.load_bytes("a").unwrap(),
+        &context_core::testing::pattern(1, 600 << 10)[..],
+        "a refused overwrite keeps the old value"
+    );
+    ctx.save_bytes("a", &context_core::testing::pattern(3, 400 << 10), SaveOptions::new()).unwrap();
+    assert_eq!(&*ctx.load_bytes("a").unwrap(), &context_core::testing::pattern(3, 400 << 10)[..]);
     // An opener shares the budget: it belongs to the context.
     let other = builder(b.path()).run_id(ctx.run_id()).max_disk_bytes(u64::MAX).open().unwrap();
-    assert!(matches!(other.save_bytes("c", &vec![4u8; 700 << 10], SaveOptions::new()), Err(Error::OutOfDisk { .. })));
+    assert!(matches!(
+        other.save_bytes("c", &context_core::testing::pattern(4, 700 << 10), SaveOptions::new()),
+        Err(Error::OutOfDisk { .. })
+    ));
 }
 
 #[derive(Debug)]

@@ -388,7 +388,9 @@ fn orphans_are_collected_and_live_contexts_left_alone() {
     std::fs::create_dir_all(staging.join("procs")).unwrap();
     std::fs::write(staging.join("procs/00000000000000ff"), b"").unwrap();
     let had_segments = shm_segments(&dead_run).len();
-    assert!(had_segments >= 2, "the dead context left segments: {had_segments}");
+    if cfg!(feature = "tier-shm") {
+        assert!(had_segments >= 2, "the dead context left segments: {had_segments}");
+    }
 
     let report = workflow_context::collect_orphans(b.path()).unwrap();
     println!("{report:?}");
