@@ -28,7 +28,7 @@ fn child_main() {
         "open-and-save" => {
             let ctx = open_from_env();
             assert_eq!(ctx.load::<String>("from-parent").unwrap(), "hello child");
-            assert_eq!(&*ctx.load_bytes("frame").unwrap(), &vec![7u8; 300_000][..]);
+            assert_eq!(&*ctx.load_bytes("frame").unwrap(), &context_core::testing::pattern(7, 300_000)[..]);
             ctx.save("from-child", &vec![1u32, 2, 3]).unwrap();
             ctx.save_bytes("child-frame", &vec![9u8; 800_000], SaveOptions::new()).unwrap();
             // The budget is the context's: what the parent holds counts here too.
@@ -54,8 +54,8 @@ fn child_main() {
         "create-and-wait" => {
             let ctx =
                 WorkflowContext::builder().contexts_dir(env("WFCTX_BASE")).run_id(env("WFCTX_RUN")).create().unwrap();
-            ctx.save_bytes("ram", &vec![1u8; 200_000], SaveOptions::new()).unwrap();
-            ctx.save_bytes("disk", &vec![2u8; 200_000], common::to_disk()).unwrap();
+            ctx.save_bytes("ram", &context_core::testing::pattern(1, 200_000), SaveOptions::new()).unwrap();
+            ctx.save_bytes("disk", &context_core::testing::pattern(2, 200_000), common::to_disk()).unwrap();
             ctx.save("small", "value").unwrap();
             println!("READY");
             std::thread::sleep(std::time::Duration::from_secs(120));
@@ -127,7 +127,7 @@ fn a_child_process_sees_and_adds_values() {
     let b = base();
     let ctx = builder(b.path()).max_ram_bytes(budget(1 << 20)).create().unwrap();
     ctx.save("from-parent", "hello child").unwrap();
-    ctx.save_bytes("frame", &vec![7u8; 300_000], SaveOptions::new()).unwrap();
+    ctx.save_bytes("frame", &context_core::testing::pattern(7, 300_000), SaveOptions::new()).unwrap();
     let out =
         run_child(ENTRY, "open-and-save", &[("WFCTX_BASE", b.path().to_str().unwrap()), ("WFCTX_RUN", ctx.run_id())]);
     assert_child_ok(&out);
@@ -406,7 +406,7 @@ fn orphans_are_collected_and_live_contexts_left_alone() {
     // The live one is whole, and can still be opened and read.
     let opened = builder(b.path()).run_id(&live_run).open().unwrap();
     assert_eq!(opened.load::<String>("small").unwrap(), "value");
-    assert_eq!(&*opened.load_bytes("ram").unwrap(), &vec![1u8; 200_000][..]);
+    assert_eq!(&*opened.load_bytes("ram").unwrap(), &context_core::testing::pattern(1, 200_000)[..]);
     drop(opened);
     // Once its creator dies too, it goes, and a second collection finds nothing more.
     live.kill().unwrap();
