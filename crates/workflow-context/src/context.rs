@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 
 use crate::config::{self, CONFIG_ENV, FileConfig};
 use crate::index::{Entry, Meta, Placed, Rec, Replica, STATE_CLOSED};
+use crate::table::Lookup;
 use crate::{codec, export, fsutil, tiers};
 
 /// Records up to this size are written while holding the index lock (one critical
@@ -501,6 +502,17 @@ impl WorkflowContext {
         let mut tiers = tiers::build(&run_id, &dir)?;
         let recipe_tier = tiers::recipes(&dir)?;
         for extra in setup.extra_tiers {
+            if extra.name().len() > crate::table::TIER_NAME_MAX || extra.name().is_empty() {
+                return Err(Error::Config {
+                    source_name: "builder".into(),
+                    key: Some("tier".into()),
+                    message: format!(
+                        "the tier name {:?} must be 1 to {} bytes long",
+                        extra.name(),
+                        crate::table::TIER_NAME_MAX
+                    ),
+                });
+            }
             if tiers.iter().any(|t| t.name() == extra.name()) {
                 return Err(Error::Config {
                     source_name: "builder".into(),
@@ -589,6 +601,15 @@ impl WorkflowContext {
     }
 
     fn write_lock(&self) -> Result<WriteGuard<'_>> {
+        let mut guard = self.index_lock()?;
+        if !self.deferred.lock().unwrap_or_else(lock_poisoned).is_empty() {
+            self.retry_deferred(&mut guard)?;
+        }
+        Ok(guard)
+    }
+
+    /// Takes the index lock and brings this process's view up to date.
+    fn index_lock(&self) -> Result<WriteGuard<'_>> {
         self.check_open()?;
         let lock = self.lock_file.lock().unwrap_or_else(lock_poisoned);
         lock.lock().map_err(|e| Error::io("lock context index", self.dir.join(LOCK_FILE), e))?;
@@ -597,9 +618,8 @@ impl WorkflowContext {
         // Checked again under the lock: shutdown sets the state while holding it.
         self.check_open()?;
         guard.replica.catch_up(&self.meta)?;
-        if !self.deferred.lock().unwrap_or_else(lock_poisoned).is_empty() {
-            self.retry_deferred(&mut guard)?;
-        }
+        // A writer that died between committing and applying left the table behind.
+        guard.replica.repair_table(&self.meta)?;
         Ok(guard)
     }
 
@@ -614,6 +634,17 @@ impl WorkflowContext {
         }
         self.replica.write().unwrap_or_else(lock_poisoned).catch_up(&self.meta)?;
         Ok(self.replica.read().unwrap_or_else(lock_poisoned))
+    }
+
+    /// Looks `key` up without a lock, or under the index lock if a writer is in the middle
+    /// of changing its entry (or died there: taking the lock repairs it).
+    fn lookup(&self, key: &str) -> Result<Option<Entry>> {
+        let found = self.read_index()?.lookup(key)?;
+        match found {
+            Lookup::Found(e) => Ok(Some(e)),
+            Lookup::Missing => Ok(None),
+            Lookup::Busy => self.index_lock()?.replica.get_locked(key),
+        }
     }
 
     fn tier(&self, name: &str) -> Option<&Arc<dyn StorageTier>> {
@@ -660,7 +691,7 @@ impl WorkflowContext {
     /// ranking, the save options and the budgets. `own` is a pending object of this save
     /// whose reservation is about to be replaced (not counted against the budget).
     fn candidates(&self, pool: Pool<'_>, r: &Replica, len: u64, opts: SaveOptions, own: Option<u64>) -> Choice {
-        let mut used = r.used;
+        let mut used = r.used();
         if let Some(p) = own.and_then(|o| r.pending.get(&o)) {
             match p.at.kind {
                 StorageKind::Ram => used.ram -= p.at.footprint,
@@ -799,8 +830,9 @@ impl WorkflowContext {
 
     /// Points `key` at the stored object `at`, then deletes the object it replaces.
     fn commit(&self, g: &mut WriteGuard<'_>, key: &str, at: Placed, pass_by: PassBy, flags: u8) -> Result<()> {
-        let old = g.replica.keys.get(key).map(|e| e.at.clone());
-        g.replica.append(&self.meta, &[Rec::Put { key: key.to_owned(), at, pass_by, flags, owner: self.token }])?;
+        let old = g.replica.get_locked(key)?.map(|e| e.at);
+        let put = Rec::Put { key: key.to_owned(), at, old: old.clone(), pass_by, flags, owner: self.token };
+        g.replica.append(&self.meta, &[put])?;
         if let Some(old) = old {
             self.free(g, &old)?;
         }
@@ -987,19 +1019,16 @@ impl WorkflowContext {
         validate_key(key)?;
         let mut last_problem = String::new();
         for _attempt in 0..16 {
-            let entry = {
-                let r = self.read_index()?;
-                let Some(entry) = r.keys.get(key) else {
-                    return Err(Error::KeyNotFound { key: key.to_owned() });
-                };
-                // Only large records are kept as checked views.
-                if entry.at.len >= VIEW_CACHE_MIN as u64
-                    && let Some(view) = r.views.lock().unwrap_or_else(lock_poisoned).get(&entry.at.obj)
-                {
-                    return Ok((entry.clone(), view.clone()));
-                }
-                entry.clone()
+            let Some(entry) = self.lookup(key)? else {
+                return Err(Error::KeyNotFound { key: key.to_owned() });
             };
+            // Only large records are kept as checked views.
+            if entry.at.len >= VIEW_CACHE_MIN as u64 {
+                let view = self.read_index()?.views.lock().unwrap_or_else(lock_poisoned).get(&entry.at.obj).cloned();
+                if let Some(view) = view {
+                    return Ok((entry, view));
+                }
+            }
             let tier = self
                 .tier(&entry.at.tier)
                 .ok_or_else(|| Error::TierUnavailable { key: key.to_owned(), tier: entry.at.tier.clone() })?;
@@ -1017,8 +1046,7 @@ impl WorkflowContext {
             };
             // The object may have been replaced between reading the index and the tier:
             // if the key now points elsewhere, read again; if not, the damage is real.
-            let r = self.read_index()?;
-            match r.keys.get(key) {
+            match self.lookup(key)? {
                 Some(now) if now.at.obj == entry.at.obj => {
                     let loc = tier.locate(&entry.at.object_ref());
                     let what = loc
@@ -1041,7 +1069,7 @@ impl WorkflowContext {
     fn remember_view(&self, key: &str, entry: &Entry, rec: &Payload) -> Result<()> {
         // Under the read lock, so a concurrent catch-up cannot drop the object in between.
         let r = self.read_index()?;
-        if r.keys.get(key).is_some_and(|now| now.at.obj == entry.at.obj) {
+        if matches!(r.lookup(key)?, Lookup::Found(now) if now.at.obj == entry.at.obj) {
             let mut views = r.views.lock().unwrap_or_else(lock_poisoned);
             if views.len() >= VIEW_CACHE_MAX {
                 views.clear();
@@ -1054,20 +1082,21 @@ impl WorkflowContext {
     /// Whether a value is stored under `key`.
     pub fn contains(&self, key: &str) -> Result<bool> {
         validate_key(key)?;
-        Ok(self.read_index()?.keys.contains_key(key))
+        Ok(self.lookup(key)?.is_some())
     }
 
     /// Removes a value and frees its storage. Returns whether it existed.
     pub fn remove(&self, key: &str) -> Result<bool> {
         validate_key(key)?;
         let mut g = self.write_lock()?;
-        let Some(entry) = g.replica.keys.get(key).cloned() else { return Ok(false) };
+        let Some(entry) = g.replica.get_locked(key)? else { return Ok(false) };
         self.remove_entry(&mut g, key, &entry)?;
         Ok(true)
     }
 
     fn remove_entry(&self, g: &mut WriteGuard<'_>, key: &str, entry: &Entry) -> Result<()> {
-        g.replica.append(&self.meta, &[Rec::Remove { key: key.to_owned(), obj: entry.at.obj, owner: self.token }])?;
+        g.replica
+            .append(&self.meta, &[Rec::Remove { key: key.to_owned(), at: entry.at.clone(), owner: self.token }])?;
         self.free(g, &entry.at)?;
         g.replica.maybe_compact(&self.meta)
     }
@@ -1076,7 +1105,7 @@ impl WorkflowContext {
     /// original's `get_storage_info`).
     pub fn storage_info(&self, key: &str) -> Result<Option<StorageInfo>> {
         validate_key(key)?;
-        let Some(entry) = self.read_index()?.keys.get(key).cloned() else { return Ok(None) };
+        let Some(entry) = self.lookup(key)? else { return Ok(None) };
         let len = entry.at.len.saturating_sub(OVERHEAD as u64);
         let info = StorageInfo::new(entry.at.kind, entry.at.tier.clone(), entry.at.footprint, len, entry.pass_by);
         Ok(Some(match self.tier(&entry.at.tier) {
@@ -1090,7 +1119,7 @@ impl WorkflowContext {
 
     /// Every key, sorted.
     pub fn list_keys(&self) -> Result<Vec<String>> {
-        let mut keys: Vec<String> = self.read_index()?.keys.keys().cloned().collect();
+        let mut keys = self.read_index()?.keys()?;
         keys.sort_unstable();
         Ok(keys)
     }
@@ -1099,9 +1128,12 @@ impl WorkflowContext {
     /// original's `get_usage`). Values being written or replaced count too: their space is
     /// taken.
     pub fn usage(&self) -> Result<Usage> {
-        let r = self.read_index()?;
+        // Under the index lock: the table's counters and this process's pending objects
+        // must describe the same moment.
+        let g = self.index_lock()?;
+        let used = g.replica.used();
         let capacity = if self.has_ram_tier() { self.meta.ram_capacity() } else { 0 };
-        Ok(Usage::new(r.used.ram, capacity, r.used.disk, r.keys.len()))
+        Ok(Usage::new(used.ram, capacity, used.disk, g.replica.key_count() as usize))
     }
 
     /// Makes a value permanent: writes it to `dest` as a self-describing, checksummed file
@@ -1128,7 +1160,7 @@ impl WorkflowContext {
             .map_err(|e| e.with_key(key))?;
         // Remove the key only if it still holds what was exported: a concurrent overwrite wins.
         let mut g = self.write_lock()?;
-        if let Some(now) = g.replica.keys.get(key).cloned().filter(|now| now.at.obj == entry.at.obj) {
+        if let Some(now) = g.replica.get_locked(key)?.filter(|now| now.at.obj == entry.at.obj) {
             self.remove_entry(&mut g, key, &now)?;
         }
         Ok(())

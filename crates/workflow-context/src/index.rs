@@ -1,29 +1,34 @@
 //! The shared index: which key holds which object, seen alike by every attached process.
 //!
 //! # Design
-//! The index is an append-only journal file (`journal.<generation>`) in the context
-//! directory, plus a one-page `meta` file that every attached process maps. The meta page
-//! holds the *head*: the journal's generation and committed length, packed in one atomic
-//! word. Each process keeps a replica of the index in memory (a hash map from key to
-//! entry) and the journal offset it has applied.
+//! The index has three files in the context directory:
+//! - `meta`, one page every attached process maps. It holds the *head* (the journal's
+//!   generation and committed length, packed in one atomic word) and the generation of the
+//!   key table.
+//! - `journal.<generation>`, an append-only log of changes: the commit point of every
+//!   operation, and the record of *pending* objects (being written, or replaced and about
+//!   to be deleted).
+//! - `table.<generation>`, the key table ([`crate::table`]): a hash table in a mapped file,
+//!   which every process reads in place and writers change after the journal commits.
 //!
-//! - **Reading** costs one atomic load when nothing changed: if the head equals the
-//!   replica's offset, the replica is current. Otherwise the process reads the new tail of
-//!   the journal (`pread`) and applies it. Readers never take a lock.
+//! - **Reading** a key takes no lock and no copy of the index: one atomic load of the head
+//!   and a probe of the mapped table. A process follows the journal only for the pending
+//!   objects and to drop cached views of objects that left (`pread` of the new tail).
 //! - **Writing** happens under an exclusive `flock` on the `lock` file (plus a mutex for the
 //!   threads of one process): catch up, append the records with one `pwrite` at the
-//!   committed length, then publish the new length in the head. A record is committed the
-//!   moment the head covers it; bytes a writer wrote past the head before dying are
-//!   ignored and overwritten by the next writer.
-//! - **Cost** does not grow with the number of keys: a save appends a few dozen bytes and a
-//!   load is a hash lookup. When dead records outweigh live ones, a writer *compacts*:
-//!   writes the live state to `journal.<generation + 1>` and publishes the new generation;
-//!   readers that see it reload from the new file.
+//!   committed length, publish the new length in the head (the commit), apply the records
+//!   to the table, then mark the table applied up to the head. A writer that finds the
+//!   table behind the head (its predecessor died in between) applies the records again;
+//!   applying is idempotent.
+//! - **Cost** does not grow with the number of keys. A save appends a few dozen bytes and
+//!   changes one table entry; opening maps two files and reads a journal that compaction
+//!   keeps under a few dozen KiB: it rewrites only the pending objects, into
+//!   `journal.<generation + 1>`, since the keys are in the table.
 //!
-//! Space is accounted exactly from the journal: every object is either *live* (a key
-//! points to it) or *pending* (being written, or replaced and about to be deleted), and
-//! both count against the budgets. A pending object belongs to an owner (one attached
-//! handle); if its owner dies, the next writer that needs the space deletes the object.
+//! Space is accounted exactly: every object is either *live* (a key points to it; the
+//! table counts these bytes) or *pending* (in the journal), and both count against the
+//! budgets. A pending object belongs to an owner (one attached handle); if its owner dies,
+//! the next writer that needs the space deletes the object.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -37,17 +42,19 @@ use memmap2::MmapRaw;
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
+use crate::table::{Lookup, Table};
 
 /// Size of the meta file.
 pub(crate) const META_LEN: u64 = 4096;
 const META_MAGIC: u64 = u64::from_le_bytes(*b"WFCMETA1");
-const META_VERSION: u64 = 1;
+const META_VERSION: u64 = 2;
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_STATE: usize = 16;
 const OFF_HEAD: usize = 24;
 const OFF_RAM_CAP: usize = 32;
 const OFF_DISK_CAP: usize = 40;
+const OFF_TABLE: usize = 48;
 
 /// The context is open for business.
 pub(crate) const STATE_OPEN: u64 = 1;
@@ -65,10 +72,10 @@ pub(crate) struct Head {
 }
 
 impl Head {
-    fn pack(self) -> u64 {
+    pub(crate) fn pack(self) -> u64 {
         (u64::from(self.generation) << LEN_BITS) | (self.len & LEN_MASK)
     }
-    fn unpack(word: u64) -> Head {
+    pub(crate) fn unpack(word: u64) -> Head {
         Head { generation: (word >> LEN_BITS) as u16, len: word & LEN_MASK }
     }
 }
@@ -150,6 +157,15 @@ impl Meta {
         self.word(OFF_HEAD).store(head.pack(), Ordering::Release);
     }
 
+    /// The generation of the key table every process should map.
+    pub(crate) fn table_generation(&self) -> u32 {
+        self.word(OFF_TABLE).load(Ordering::Acquire) as u32
+    }
+
+    fn set_table_generation(&self, generation: u32) {
+        self.word(OFF_TABLE).store(u64::from(generation), Ordering::Release);
+    }
+
     pub(crate) fn ram_capacity(&self) -> u64 {
         self.word(OFF_RAM_CAP).load(Ordering::Relaxed)
     }
@@ -187,12 +203,12 @@ pub(crate) enum Rec {
     /// An object exists (or is about to) that no key points to: being written, or replaced
     /// and about to be deleted. `owner` cleans it up; if `owner` dies, anyone may.
     Pending { at: Placed, owner: u64 },
-    /// `key` now points to `at`. The object `key` pointed to before becomes pending,
-    /// owned by `owner`.
-    Put { key: String, at: Placed, pass_by: PassBy, flags: u8, owner: u64 },
-    /// `key` no longer exists if it pointed to object `obj`; that object becomes pending,
-    /// owned by `owner`.
-    Remove { key: String, obj: u64, owner: u64 },
+    /// `key` now points to `at`. The object `key` pointed to before, `old`, becomes
+    /// pending, owned by `owner`.
+    Put { key: String, at: Placed, old: Option<Placed>, pass_by: PassBy, flags: u8, owner: u64 },
+    /// `key`, which pointed to `at`, no longer exists; that object becomes pending, owned
+    /// by `owner`.
+    Remove { key: String, at: Placed, owner: u64 },
     /// Pending object `obj` is deleted.
     Gone { obj: u64 },
 }
@@ -203,8 +219,6 @@ pub(crate) struct Entry {
     pub(crate) at: Placed,
     pub(crate) pass_by: PassBy,
     pub(crate) flags: u8,
-    /// Journal bytes of the record that made this entry.
-    rec_bytes: u64,
 }
 
 /// A pending object.
@@ -284,57 +298,76 @@ pub(crate) fn decode_frames(bytes: &[u8], base: u64) -> std::result::Result<Vec<
     Ok(recs)
 }
 
-/// This process's copy of the index.
+/// This process's view of the index: the mapped key table, shared with every process,
+/// and the pending objects, which this process follows in the journal.
 #[derive(Debug)]
 pub(crate) struct Replica {
     dir: PathBuf,
     journal: File,
     head: Head,
-    pub(crate) keys: HashMap<String, Entry>,
+    table: Table,
     pub(crate) pending: HashMap<u64, Pending>,
-    pub(crate) next_obj: u64,
-    pub(crate) used: Used,
-    /// Bytes of journal records that still describe the current state (for compaction).
+    /// Bytes held by pending objects.
+    pending_used: Used,
+    /// Bytes of journal records that describe pending objects (for compaction).
     live_bytes: u64,
     /// Checked zero-copy views of large objects, dropped as soon as their object leaves
     /// the live set.
     pub(crate) views: Mutex<HashMap<u64, Payload>>,
 }
 
-/// Journal size below which compaction never runs.
-const COMPACT_MIN: u64 = 64 << 10;
-/// Compaction runs when the journal is this many times the size of its live records, so
-/// the journal stays within a small multiple of the state (opening replays all of it) and
-/// compaction's cost, writing the live records once, is spread over as many new ones.
-const COMPACT_RATIO: u64 = 2;
+/// Journal size below which compaction never runs. Compaction writes only the pending
+/// objects (the keys are in the table), so it is cheap and the journal stays short:
+/// opening a context replays at most this much.
+const COMPACT_MIN: u64 = 16 << 10;
+/// Compaction runs when the journal is this many times the size of its pending records.
+const COMPACT_RATIO: u64 = 4;
 
 impl Replica {
-    /// A replica of an empty index whose journal generation 0 is created in `dir`.
+    /// A replica of an empty index whose journal and table, generation 0, are created in
+    /// `dir`.
     pub(crate) fn create(dir: &Path) -> Result<Replica> {
         let path = journal_path(dir, 0);
         let journal = fsutil::create_new(&path, "create index journal")?;
-        Ok(Self::empty(dir, journal, Head { generation: 0, len: 0 }))
+        let table = Table::create(dir, 0, TABLE_START_SLOTS, TABLE_START_HEAP)?;
+        Ok(Self::empty(dir, journal, Head { generation: 0, len: 0 }, table))
     }
 
-    /// A replica loaded from the journal that `meta` points to.
+    /// Attaches to the index `meta` describes: maps its table and reads the journal.
     pub(crate) fn open(dir: &Path, meta: &Meta) -> Result<Replica> {
         let head = meta.head();
         let path = journal_path(dir, head.generation);
         let journal = fsutil::open_rw(&path, "open index journal")?;
-        let mut replica = Self::empty(dir, journal, Head { generation: head.generation, len: 0 });
+        let table = Self::map_table(dir, meta)?;
+        let mut replica = Self::empty(dir, journal, Head { generation: head.generation, len: 0 }, table);
         replica.catch_up(meta)?;
         Ok(replica)
     }
 
-    fn empty(dir: &Path, journal: File, head: Head) -> Replica {
+    /// Maps the table generation `meta` names (following it if it changes meanwhile).
+    fn map_table(dir: &Path, meta: &Meta) -> Result<Table> {
+        for _ in 0..64 {
+            let generation = meta.table_generation();
+            match Table::open(dir, generation) {
+                Err(Error::Io { ref source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && meta.table_generation() != generation =>
+                {
+                    continue;
+                }
+                other => return other,
+            }
+        }
+        Err(Error::corrupt(dir.display().to_string(), "the key table kept changing generation while being opened"))
+    }
+
+    fn empty(dir: &Path, journal: File, head: Head, table: Table) -> Replica {
         Replica {
             dir: dir.to_owned(),
             journal,
             head,
-            keys: HashMap::new(),
+            table,
             pending: HashMap::new(),
-            next_obj: 1,
-            used: Used::default(),
+            pending_used: Used::default(),
             live_bytes: 0,
             views: Mutex::new(HashMap::new()),
         }
@@ -343,15 +376,41 @@ impl Replica {
     /// Follows the context directory to where it was moved (after creation in staging).
     pub(crate) fn moved_to(&mut self, dir: &Path) {
         self.dir = dir.to_owned();
+        self.table.moved_to(dir);
     }
 
-    /// Whether the replica has applied everything committed.
+    /// Whether the replica has applied everything committed and maps the current table.
     pub(crate) fn is_current(&self, meta: &Meta) -> bool {
-        meta.head() == self.head
+        meta.head() == self.head && meta.table_generation() == self.table.generation()
     }
 
-    /// Applies every committed record this replica has not seen.
+    /// Looks a key up in the shared table, without a lock.
+    pub(crate) fn lookup(&self, key: &str) -> Result<Lookup> {
+        self.table.lookup(key)
+    }
+
+    /// Every key, in no order; weakly consistent without the index lock.
+    pub(crate) fn keys(&self) -> Result<Vec<String>> {
+        self.table.keys()
+    }
+
+    /// Bytes in use, live and pending. Exact under the index lock.
+    pub(crate) fn used(&self) -> Used {
+        let live = self.table.counters();
+        Used { ram: live.ram + self.pending_used.ram, disk: live.disk + self.pending_used.disk }
+    }
+
+    /// How many keys there are. Exact under the index lock.
+    pub(crate) fn key_count(&self) -> u64 {
+        self.table.counters().keys
+    }
+
+    /// Applies every committed record this replica has not seen and maps the current
+    /// table.
     pub(crate) fn catch_up(&mut self, meta: &Meta) -> Result<()> {
+        if meta.table_generation() != self.table.generation() {
+            self.table = Self::map_table(&self.dir, meta)?;
+        }
         for _ in 0..64 {
             let head = meta.head();
             if head == self.head {
@@ -362,9 +421,11 @@ impl Replica {
                 let path = journal_path(&self.dir, head.generation);
                 match fsutil::open_rw(&path, "open index journal") {
                     Ok(file) => {
-                        let fresh = Self::empty(&self.dir, file, Head { generation: head.generation, len: 0 });
-                        let old = std::mem::replace(self, fresh);
-                        drop(old);
+                        self.journal = file;
+                        self.head = Head { generation: head.generation, len: 0 };
+                        self.pending.clear();
+                        self.pending_used = Used::default();
+                        self.live_bytes = 0;
                     }
                     // Compacted again meanwhile: read the head anew.
                     Err(Error::Io { ref source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
@@ -373,18 +434,41 @@ impl Replica {
             }
             let from = self.head.len;
             let to = head.len;
-            if to < from {
-                return Err(self.corrupt(format!("committed length went back from {from} to {to}")));
-            }
-            let mut buf = vec![0u8; (to - from) as usize];
-            self.journal.read_exact_at(&mut buf, from).map_err(|e| Error::io("read index journal", self.path(), e))?;
-            let recs = decode_frames(&buf, from).map_err(|d| self.corrupt(d))?;
-            for (rec, frame_len) in recs {
+            for (rec, frame_len) in self.read_journal(from, to)? {
                 self.apply(rec, frame_len as u64);
             }
             self.head = Head { generation: head.generation, len: to };
         }
         Err(self.corrupt("the journal kept changing generation while being read".to_owned()))
+    }
+
+    fn read_journal(&self, from: u64, to: u64) -> Result<Vec<(Rec, usize)>> {
+        if to < from {
+            return Err(self.corrupt(format!("committed length went back from {from} to {to}")));
+        }
+        let mut buf = vec![0u8; (to - from) as usize];
+        self.journal.read_exact_at(&mut buf, from).map_err(|e| Error::io("read index journal", self.path(), e))?;
+        decode_frames(&buf, from).map_err(|d| self.corrupt(d))
+    }
+
+    /// Repairs the table after a writer died while changing it: applies again the
+    /// journal records it may have missed, then counts the counters anew. The caller
+    /// holds the write lock and has caught up. Returns whether anything needed repair.
+    pub(crate) fn repair_table(&mut self, meta: &Meta) -> Result<bool> {
+        let applied = Head::unpack(self.table.applied());
+        if applied == self.head {
+            return Ok(false);
+        }
+        // Records of another generation are all in the table already (compaction runs
+        // only on an applied table); this generation's are re-applied from its start.
+        let from =
+            if applied.generation == self.head.generation && applied.len <= self.head.len { applied.len } else { 0 };
+        for (rec, _) in self.read_journal(from, self.head.len)? {
+            self.apply_to_table(meta, &rec)?;
+        }
+        self.table.recount()?;
+        self.table.set_applied(self.head);
+        Ok(true)
     }
 
     fn path(&self) -> PathBuf {
@@ -399,58 +483,74 @@ impl Replica {
         self.views.lock().unwrap_or_else(|p| p.into_inner()).remove(&obj);
     }
 
-    /// Applies one record. Records come from the committed journal, so they are applied
-    /// as written; inconsistent ones (which no writer produces) are ignored, not trusted.
+    fn add_pending(&mut self, at: Placed, owner: u64, rec_bytes: u64) {
+        self.pending_used.add(at.kind, at.footprint);
+        self.live_bytes += rec_bytes;
+        if let Some(old) = self.pending.insert(at.obj, Pending { at, owner, rec_bytes }) {
+            self.pending_used.sub(old.at.kind, old.at.footprint);
+            self.live_bytes -= old.rec_bytes;
+        }
+    }
+
+    fn drop_pending(&mut self, obj: u64) {
+        if let Some(p) = self.pending.remove(&obj) {
+            self.pending_used.sub(p.at.kind, p.at.footprint);
+            self.live_bytes -= p.rec_bytes;
+        }
+    }
+
+    /// Applies one record to this process's pending objects. Records come from the
+    /// committed journal, so they are applied as written.
     fn apply(&mut self, rec: Rec, frame_len: u64) {
         match rec {
-            Rec::Pending { at, owner } => {
-                self.next_obj = self.next_obj.max(at.obj + 1);
-                self.used.add(at.kind, at.footprint);
-                self.live_bytes += frame_len;
-                if let Some(old) = self.pending.insert(at.obj, Pending { at, owner, rec_bytes: frame_len }) {
-                    self.used.sub(old.at.kind, old.at.footprint);
-                    self.live_bytes -= old.rec_bytes;
+            Rec::Pending { at, owner } => self.add_pending(at, owner, frame_len),
+            Rec::Put { at, old, owner, .. } => {
+                self.drop_pending(at.obj);
+                if let Some(old) = old.filter(|o| o.obj != at.obj) {
+                    self.forget_view(old.obj);
+                    // The old object stays counted: it is pending until deleted.
+                    self.add_pending(old, owner, 0);
                 }
             }
-            Rec::Put { key, at, pass_by, flags, owner } => {
-                self.next_obj = self.next_obj.max(at.obj + 1);
-                if let Some(p) = self.pending.remove(&at.obj) {
-                    self.used.sub(p.at.kind, p.at.footprint);
-                    self.live_bytes -= p.rec_bytes;
-                }
-                self.used.add(at.kind, at.footprint);
-                self.live_bytes += frame_len;
-                let obj = at.obj;
-                if let Some(old) = self.keys.insert(key, Entry { at, pass_by, flags, rec_bytes: frame_len }) {
-                    self.live_bytes -= old.rec_bytes;
-                    if old.at.obj != obj {
-                        self.forget_view(old.at.obj);
-                        // The old object stays counted: it is pending until deleted.
-                        self.pending.insert(old.at.obj, Pending { at: old.at, owner, rec_bytes: 0 });
-                    } else {
-                        self.used.sub(old.at.kind, old.at.footprint);
-                    }
-                }
-            }
-            Rec::Remove { key, obj, owner } => {
-                if self.keys.get(&key).is_some_and(|e| e.at.obj == obj) {
-                    let old = self.keys.remove(&key).expect("present");
-                    self.live_bytes -= old.rec_bytes;
-                    self.forget_view(obj);
-                    self.pending.insert(obj, Pending { at: old.at, owner, rec_bytes: 0 });
-                }
+            Rec::Remove { at, owner, .. } => {
+                self.forget_view(at.obj);
+                self.add_pending(at, owner, 0);
             }
             Rec::Gone { obj } => {
-                if let Some(p) = self.pending.remove(&obj) {
-                    self.used.sub(p.at.kind, p.at.footprint);
-                    self.live_bytes -= p.rec_bytes;
-                }
+                self.drop_pending(obj);
                 self.forget_view(obj);
             }
         }
     }
 
-    /// Appends records and publishes them. The caller holds the write lock and has caught up.
+    /// Applies one record to the shared table, growing it if needed. Idempotent.
+    fn apply_to_table(&mut self, meta: &Meta, rec: &Rec) -> Result<()> {
+        match rec {
+            Rec::Pending { at, .. } => {
+                if self.table.next_obj() <= at.obj {
+                    self.table.set_next_obj(at.obj + 1);
+                }
+            }
+            Rec::Put { key, at, pass_by, flags, .. } => {
+                if !self.table.put(key, at, *pass_by, *flags)? {
+                    let generation = self.table.generation().wrapping_add(1);
+                    let grown = self.table.grown(&self.dir, generation, key.len())?;
+                    if !grown.put(key, at, *pass_by, *flags)? {
+                        return Err(Error::corrupt(grown.path().display().to_string(), "a grown key table is full"));
+                    }
+                    meta.set_table_generation(generation);
+                    let old = std::mem::replace(&mut self.table, grown);
+                    let _ = std::fs::remove_file(old.path());
+                }
+            }
+            Rec::Remove { key, at, .. } => self.table.remove(key, at.obj)?,
+            Rec::Gone { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Appends records and publishes them, then applies them to the table. The caller
+    /// holds the write lock and has caught up.
     pub(crate) fn append(&mut self, meta: &Meta, recs: &[Rec]) -> Result<()> {
         debug_assert!(self.is_current(meta));
         let mut buf = Vec::with_capacity(128 * recs.len());
@@ -462,17 +562,19 @@ impl Replica {
         }
         self.journal.write_all_at(&buf, at).map_err(|e| Error::io("append to index journal", self.path(), e))?;
         let head = Head { generation: self.head.generation, len: end };
+        // Committed here: from now on every process sees these records.
         meta.set_head(head);
-        // Apply our own records exactly as a reader would.
+        self.head = head;
         for (rec, frame_len) in recs.iter().zip(frame_lens) {
+            self.apply_to_table(meta, rec)?;
             self.apply(rec.clone(), frame_len as u64);
         }
-        self.head = head;
+        self.table.set_applied(head);
         Ok(())
     }
 
-    /// Rewrites the journal as the current state when dead records dominate it.
-    /// The caller holds the write lock and has caught up.
+    /// Rewrites the journal as the pending objects when older records dominate it (the
+    /// keys live in the table). The caller holds the write lock and has caught up.
     pub(crate) fn maybe_compact(&mut self, meta: &Meta) -> Result<()> {
         if self.head.len < COMPACT_MIN || self.head.len < COMPACT_RATIO * self.live_bytes.max(1) {
             return Ok(());
@@ -482,28 +584,19 @@ impl Replica {
         // A leftover from a writer that died mid-compaction is garbage: nobody reads it.
         let _ = std::fs::remove_file(&path);
         let file = fsutil::create_new(&path, "create compacted index journal")?;
-        let mut recs: Vec<Rec> = Vec::with_capacity(self.keys.len() + self.pending.len());
-        for p in self.pending.values() {
-            recs.push(Rec::Pending { at: p.at.clone(), owner: p.owner });
-        }
-        for (key, e) in &self.keys {
-            recs.push(Rec::Put { key: key.clone(), at: e.at.clone(), pass_by: e.pass_by, flags: e.flags, owner: 0 });
-        }
+        let recs: Vec<Rec> = self.pending.values().map(|p| Rec::Pending { at: p.at.clone(), owner: p.owner }).collect();
         let mut buf = Vec::new();
         let frame_lens = encode_frames(&recs, &mut buf);
         file.write_all_at(&buf, 0).map_err(|e| Error::io("write compacted index journal", &path, e))?;
         let old_path = self.path();
         let head = Head { generation, len: buf.len() as u64 };
         meta.set_head(head);
+        self.table.set_applied(head);
         self.journal = file;
         self.head = head;
         // Account the rewritten records exactly as a replica loading this file would.
-        let mut lens = frame_lens.into_iter();
-        for p in self.pending.values_mut() {
-            p.rec_bytes = lens.next().expect("one frame per record") as u64;
-        }
-        for e in self.keys.values_mut() {
-            e.rec_bytes = lens.next().expect("one frame per record") as u64;
+        for (p, len) in self.pending.values_mut().zip(frame_lens) {
+            p.rec_bytes = len as u64;
         }
         self.live_bytes = buf.len() as u64;
         let _ = std::fs::remove_file(old_path);
@@ -513,11 +606,28 @@ impl Replica {
     /// A fresh object id. The caller holds the write lock and records a `Pending` for it
     /// before anyone else can allocate.
     pub(crate) fn allocate_id(&mut self) -> u64 {
-        let id = self.next_obj;
-        self.next_obj += 1;
+        let id = self.table.next_obj();
+        self.table.set_next_obj(id + 1);
         id
     }
+
+    /// Looks a key up holding the write lock (no writer can be in the middle).
+    pub(crate) fn get_locked(&self, key: &str) -> Result<Option<Entry>> {
+        match self.table.lookup(key)? {
+            Lookup::Found(e) => Ok(Some(e)),
+            Lookup::Missing => Ok(None),
+            Lookup::Busy => Err(Error::corrupt(
+                self.table.path().display().to_string(),
+                format!("the entry of key {key:?} stays locked after repair"),
+            )),
+        }
+    }
 }
+
+/// Slots of a new context's table.
+const TABLE_START_SLOTS: u64 = 256;
+/// Heap bytes of a new context's table.
+const TABLE_START_HEAP: u64 = 32 << 10;
 
 #[cfg(test)]
 mod tests {
@@ -534,11 +644,12 @@ mod tests {
             Rec::Put {
                 key: "k/../é".into(),
                 at: placed(1, StorageKind::Ram, 64),
+                old: Some(placed(0, StorageKind::Disk, 3)),
                 pass_by: PassBy::Val,
                 flags: 1,
                 owner: 9,
             },
-            Rec::Remove { key: "k".into(), obj: 1, owner: 9 },
+            Rec::Remove { key: "k".into(), at: placed(1, StorageKind::Ram, 64), owner: 9 },
             Rec::Gone { obj: 1 },
         ];
         let mut buf = Vec::new();
@@ -562,6 +673,14 @@ mod tests {
         assert_eq!(Head::unpack(h.pack()), h);
     }
 
+    fn put(key: &str, at: &Placed, old: Option<&Placed>) -> Rec {
+        Rec::Put { key: key.into(), at: at.clone(), old: old.cloned(), pass_by: PassBy::Val, flags: 0, owner: 1 }
+    }
+
+    fn entry(r: &Replica, key: &str) -> Option<Entry> {
+        r.get_locked(key).unwrap()
+    }
+
     #[test]
     fn accounting_follows_records() {
         let dir = tempfile::tempdir().unwrap();
@@ -569,29 +688,74 @@ mod tests {
         let mut r = Replica::create(dir.path()).unwrap();
         let a = placed(r.allocate_id(), StorageKind::Ram, 100);
         r.append(&meta, &[Rec::Pending { at: a.clone(), owner: 1 }]).unwrap();
-        assert_eq!(r.used, Used { ram: 100, disk: 0 });
-        r.append(&meta, &[Rec::Put { key: "k".into(), at: a.clone(), pass_by: PassBy::Val, flags: 0, owner: 1 }])
-            .unwrap();
-        assert_eq!(r.used, Used { ram: 100, disk: 0 });
+        assert_eq!(r.used(), Used { ram: 100, disk: 0 });
+        r.append(&meta, &[put("k", &a, None)]).unwrap();
+        assert_eq!(r.used(), Used { ram: 100, disk: 0 });
+        assert_eq!(r.key_count(), 1);
         let b = placed(r.allocate_id(), StorageKind::Disk, 300);
-        r.append(
-            &meta,
-            &[
-                Rec::Pending { at: b.clone(), owner: 1 },
-                Rec::Put { key: "k".into(), at: b.clone(), pass_by: PassBy::Val, flags: 0, owner: 1 },
-            ],
-        )
-        .unwrap();
-        assert_eq!(r.used, Used { ram: 100, disk: 300 }, "old object is pending until gone");
+        r.append(&meta, &[Rec::Pending { at: b.clone(), owner: 1 }, put("k", &b, Some(&a))]).unwrap();
+        assert_eq!(r.used(), Used { ram: 100, disk: 300 }, "old object is pending until gone");
         r.append(&meta, &[Rec::Gone { obj: a.obj }]).unwrap();
-        assert_eq!(r.used, Used { ram: 0, disk: 300 });
-        // Another replica replaying the journal agrees.
+        assert_eq!(r.used(), Used { ram: 0, disk: 300 });
+        // Another process attaching agrees.
         let r2 = Replica::open(dir.path(), &meta).unwrap();
-        assert_eq!(r2.used, r.used);
-        assert_eq!(r2.keys, r.keys);
-        assert_eq!(r2.next_obj, r.next_obj);
-        r.append(&meta, &[Rec::Remove { key: "k".into(), obj: b.obj, owner: 1 }, Rec::Gone { obj: b.obj }]).unwrap();
-        assert_eq!(r.used, Used::default());
-        assert!(r.keys.is_empty() && r.pending.is_empty());
+        assert_eq!(r2.used(), r.used());
+        assert_eq!(entry(&r2, "k"), entry(&r, "k"));
+        assert_eq!(r2.table.next_obj(), r.table.next_obj());
+        r.append(&meta, &[Rec::Remove { key: "k".into(), at: b.clone(), owner: 1 }, Rec::Gone { obj: b.obj }]).unwrap();
+        assert_eq!(r.used(), Used::default());
+        assert!(entry(&r, "k").is_none() && r.pending.is_empty());
+        assert_eq!(r.key_count(), 0);
+    }
+
+    #[test]
+    fn a_table_left_behind_the_journal_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::create(&dir.path().join("meta"), 1000, None).unwrap();
+        let mut r = Replica::create(dir.path()).unwrap();
+        let a = placed(r.allocate_id(), StorageKind::Ram, 10);
+        let b = placed(r.allocate_id(), StorageKind::Ram, 20);
+        r.append(&meta, &[Rec::Pending { at: a.clone(), owner: 1 }, put("x", &a, None)]).unwrap();
+        let applied = r.table.applied();
+        // A writer commits two records and dies before it applies them.
+        let recs = [Rec::Pending { at: b.clone(), owner: 1 }, put("y", &b, None)];
+        r.append(&meta, &recs).unwrap();
+        r.table.remove("y", b.obj).unwrap();
+        r.table.set_applied(Head::unpack(applied));
+        let mut fresh = Replica::open(dir.path(), &meta).unwrap();
+        assert!(entry(&fresh, "y").is_none(), "not applied yet");
+        assert!(fresh.repair_table(&meta).unwrap());
+        assert!(!fresh.repair_table(&meta).unwrap(), "repaired once");
+        assert_eq!(entry(&fresh, "y").unwrap().at, b);
+        assert_eq!(entry(&fresh, "x").unwrap().at, a);
+        assert_eq!(fresh.used(), Used { ram: 30, disk: 0 });
+        assert_eq!(fresh.key_count(), 2);
+    }
+
+    #[test]
+    fn compaction_keeps_pending_objects_and_opening_reads_little() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
+        let mut r = Replica::create(dir.path()).unwrap();
+        let stuck = placed(r.allocate_id(), StorageKind::Ram, 5);
+        r.append(&meta, &[Rec::Pending { at: stuck.clone(), owner: 7 }]).unwrap();
+        let mut current: Vec<Option<Placed>> = vec![None; 2_000];
+        for i in 0..5_000usize {
+            let at = placed(r.allocate_id(), StorageKind::Disk, 1);
+            let key = format!("key-{}", i % 2_000);
+            let old = current[i % 2_000].replace(at.clone());
+            let mut recs = vec![Rec::Pending { at: at.clone(), owner: 1 }, put(&key, &at, old.as_ref())];
+            recs.extend(old.map(|o| Rec::Gone { obj: o.obj }));
+            r.append(&meta, &recs).unwrap();
+            r.maybe_compact(&meta).unwrap();
+        }
+        assert_eq!(r.used(), Used { ram: 5, disk: 2_000 });
+        assert!(meta.head().generation > 0, "compacted");
+        assert!(meta.head().len < 2 * COMPACT_MIN, "the journal stays short: {}", meta.head().len);
+        let fresh = Replica::open(dir.path(), &meta).unwrap();
+        assert_eq!(fresh.pending.keys().copied().collect::<Vec<_>>(), vec![stuck.obj]);
+        assert_eq!(fresh.key_count(), 2_000);
+        assert_eq!(fresh.keys().unwrap().len(), 2_000);
+        assert_eq!(fresh.used(), r.used());
     }
 }

@@ -9,6 +9,7 @@ mod gc;
 mod index;
 #[cfg(feature = "tier-graph")]
 mod refs;
+mod table;
 mod tiers;
 
 /// The attribute for implementing [`GraphRunner`]: `#[workflow_context::async_trait]`.

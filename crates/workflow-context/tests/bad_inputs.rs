@@ -109,6 +109,35 @@ fn damaged_context_files_are_corrupt_on_open_and_change_nothing() {
     // Restored, everything is as it was.
     fs::write(&journal, &good_journal).unwrap();
     assert_eq!(open().unwrap().load::<String>("k").unwrap(), "v");
+
+    // The key table: a foreign file, a wrong size, a header that lies about its geometry,
+    // a slot pointing outside the table: refused or an error, naming the table; never a panic.
+    let table = ctx.dir().join("table.0");
+    let good_table = fs::read(&table).unwrap();
+    let mut lying = good_table.clone();
+    lying[16] ^= 0x40; // the slot count
+    let mut far_slot = good_table.clone();
+    for w in far_slot[4096..].chunks_mut(8).take(256) {
+        if w.iter().any(|&x| x != 0) {
+            // The same hash tag, an offset past the end.
+            w[..6].fill(0xff);
+        }
+    }
+    for (what, bad) in [
+        ("foreign", b"not a table".repeat(500)),
+        ("truncated", good_table[..good_table.len() - 8].to_vec()),
+        ("lying geometry", lying),
+        ("slot out of bounds", far_slot),
+    ] {
+        fs::write(&table, &bad).unwrap();
+        let result = open().and_then(|h| h.load::<String>("k"));
+        match result {
+            Err(Error::Corrupt { what: w, .. }) => assert!(w.contains("table"), "{what}: {w}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    fs::write(&table, &good_table).unwrap();
+    assert_eq!(open().unwrap().load::<String>("k").unwrap(), "v");
 }
 
 #[test]

@@ -115,6 +115,7 @@ fn keys_never_become_paths() {
         let hex = |s: &str| s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit());
         let known = ["meta", "lock", "procs", "values", "recipes", "values.redb"].contains(&name.as_str())
             || name.strip_prefix("journal.").is_some_and(|g| g.parse::<u16>().is_ok())
+            || name.strip_prefix("table.").is_some_and(|g| g.parse::<u32>().is_ok())
             || hex(&name)
             || name.strip_suffix(".val").is_some_and(hex);
         assert!(known, "unexpected file {}", p.display());
@@ -598,8 +599,41 @@ fn index_survives_compaction() {
         .collect();
     assert_eq!(journals.len(), 1, "old journals are removed: {journals:?}");
     assert_ne!(journals[0], "journal.0", "the journal was compacted");
-    assert!(fs::metadata(ctx.dir().join(&journals[0])).unwrap().len() < 4 << 20);
+    assert!(fs::metadata(ctx.dir().join(&journals[0])).unwrap().len() < 64 << 10, "the journal stays short");
     assert_eq!(other.usage().unwrap(), ctx.usage().unwrap());
+}
+
+#[test]
+fn the_key_table_grows_under_readers() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let other = builder(b.path()).run_id(ctx.run_id()).open().unwrap();
+    let key = |i: u32| format!("steps/{i}/{}", "k".repeat((i % 40) as usize));
+    for i in 0..6_000u32 {
+        ctx.save(&key(i), &i).unwrap();
+        if i % 3 == 0 {
+            assert!(ctx.remove(&key(i)).unwrap());
+        }
+        if i % 500 == 0 {
+            // The other handle follows the table to its new generations.
+            assert_eq!(other.contains(&key(i)).unwrap(), i % 3 != 0);
+        }
+    }
+    let tables: Vec<_> = fs::read_dir(ctx.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("table."))
+        .collect();
+    assert_eq!(tables.len(), 1, "old tables are removed: {tables:?}");
+    assert_ne!(tables[0], "table.0", "the table grew");
+    let late = builder(b.path()).run_id(ctx.run_id()).open().unwrap();
+    for h in [&ctx, &other, &late] {
+        assert_eq!(h.usage().unwrap().stored_keys_count, 4_000);
+        assert_eq!(h.list_keys().unwrap().len(), 4_000);
+        for i in (0..6_000u32).step_by(7) {
+            assert_eq!(h.load::<u32>(&key(i)).ok(), (i % 3 != 0).then_some(i), "{}", key(i));
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,771 @@
+//! The key table: a hash table in a mapped file that every attached process reads in place.
+//!
+//! # Why
+//! Opening a context and looking a key up must not cost more as the context grows. The
+//! journal ([`crate::index`]) says what changed; this table says what *is*, in a form a
+//! process uses where it lies: opening maps it (O(1)), a lookup probes it (O(1), no lock),
+//! and no process keeps a private copy of 100,000 keys.
+//!
+//! # Layout of `table.<generation>`
+//! - A 4 KiB header of 64-bit words: magic, version, geometry, the journal position the
+//!   table reflects (`applied`), counters (keys, bytes live in RAM and on disk, tombstones,
+//!   heap garbage), the next object id, and a registry of tier names (an entry names its
+//!   tier by index).
+//! - `capacity` slot words (a power of two), probed linearly from the key's hash: `0` is
+//!   empty, `1` a tombstone, anything else is a 16-bit hash tag over the 48-bit heap offset
+//!   of an entry.
+//! - The heap of entries, appended to: `[seq][obj][footprint][slot][len][misc][key words]`.
+//!   A key's bytes never change once its entry is published; its fields change in place
+//!   under the entry's sequence lock (`seq` odd while a writer is in the middle).
+//!
+//! Every word is accessed as an atomic: other processes write this memory.
+//!
+//! # Writers and readers
+//! Writers hold the context's index lock and change the table only after the journal
+//! records the change (a record is committed first, applied second), then advance
+//! `applied`. A writer that dies mid-change leaves `applied` behind the journal; the next
+//! writer re-applies the records from there (applying is idempotent), forces any torn
+//! sequence lock even and counts the counters again. Readers take no lock: a slot word is
+//! published with release ordering after its entry is complete, and fields are read under
+//! the sequence lock. A reader that finds a sequence lock held for long reports
+//! [`Lookup::Busy`] and its caller takes the index lock, which repairs whatever a dead
+//! writer left.
+//!
+//! When the table fills up (slots three quarters used, or the heap full), a writer builds
+//! the next generation with room for twice the live keys and publishes it in the meta page;
+//! processes map the new file at their next operation. Growth costs O(keys) once per
+//! doubling.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+
+use context_core::{Error, MAX_KEY_LEN, PassBy, Result, StorageKind};
+use memmap2::MmapRaw;
+
+use crate::fsutil;
+use crate::index::{Entry, Head, Placed};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"WFCTABL1");
+const VERSION: u64 = 1;
+const HEADER: usize = 4096;
+
+// Header words (byte offsets).
+const H_MAGIC: usize = 0;
+const H_VERSION: usize = 8;
+const H_CAPACITY: usize = 16;
+const H_HEAP_CAP: usize = 24;
+const H_HEAP_END: usize = 32;
+const H_APPLIED: usize = 40;
+const H_COUNT: usize = 48;
+const H_RAM: usize = 56;
+const H_DISK: usize = 64;
+const H_NEXT_OBJ: usize = 72;
+const H_TOMBS: usize = 80;
+const H_GARBAGE: usize = 88;
+const H_TIERS: usize = 96;
+/// Tier names: `MAX_TIERS` records of `[length word][name, up to TIER_NAME_MAX bytes]`.
+const H_TIER_NAMES: usize = 128;
+const TIER_RECORD: usize = 64;
+/// The longest tier name a context can record.
+pub(crate) const TIER_NAME_MAX: usize = TIER_RECORD - 8;
+const MAX_TIERS: usize = (HEADER - H_TIER_NAMES) / TIER_RECORD;
+
+const EMPTY: u64 = 0;
+const TOMBSTONE: u64 = 1;
+const OFFSET_BITS: u32 = 48;
+const OFFSET_MASK: u64 = (1 << OFFSET_BITS) - 1;
+
+/// Entry words before the key: seq, obj, footprint, slot, len, misc.
+const ENTRY_WORDS: usize = 6;
+const ENTRY_FIXED: usize = ENTRY_WORDS * 8;
+/// The heap's first entry starts here, so no entry has offset 0 or 1 (empty, tombstone).
+const HEAP_FIRST: u64 = 8;
+
+const MIN_CAPACITY: u64 = 256;
+const MIN_HEAP: u64 = 32 << 10;
+
+/// Spins on a held sequence lock before a reader calls the table [`Lookup::Busy`].
+const SPINS: u32 = 20_000;
+
+/// The path of table generation `g` in `dir`.
+pub(crate) fn table_path(dir: &Path, generation: u32) -> PathBuf {
+    dir.join(format!("table.{generation}"))
+}
+
+/// What a lock-free lookup found.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    Found(Entry),
+    Missing,
+    /// A writer holds the key's entry (or died holding it): ask again under the index lock.
+    Busy,
+}
+
+/// Counters a writer keeps in the header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counters {
+    pub(crate) keys: u64,
+    pub(crate) ram: u64,
+    pub(crate) disk: u64,
+}
+
+/// One generation of the key table, mapped.
+#[derive(Debug)]
+pub(crate) struct Table {
+    map: MmapRaw,
+    path: PathBuf,
+    generation: u32,
+    capacity: u64,
+    heap_cap: u64,
+}
+
+fn bytes_for(capacity: u64, heap_cap: u64) -> u64 {
+    HEADER as u64 + capacity * 8 + heap_cap
+}
+
+fn key_words(key_len: usize) -> usize {
+    key_len.div_ceil(8)
+}
+
+fn entry_size(key_len: usize) -> u64 {
+    (ENTRY_FIXED + key_words(key_len) * 8) as u64
+}
+
+fn hash(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key)
+}
+
+fn tag_of(h: u64) -> u64 {
+    // Never 0, so a slot word is never EMPTY or TOMBSTONE.
+    (h >> OFFSET_BITS) | 1
+}
+
+fn pack_misc(kind: StorageKind, pass_by: PassBy, flags: u8, tier: u8, key_len: usize) -> u64 {
+    let kind = match kind {
+        StorageKind::Ram => 0u64,
+        StorageKind::Disk => 1,
+    };
+    let pass_by = match pass_by {
+        PassBy::Val => 0u64,
+        PassBy::Ref => 1,
+    };
+    kind | pass_by << 8 | u64::from(flags) << 16 | u64::from(tier) << 24 | (key_len as u64) << 32
+}
+
+fn misc_key_len(misc: u64) -> usize {
+    (misc >> 32) as usize
+}
+
+/// Fields of an entry as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fields {
+    obj: u64,
+    footprint: u64,
+    slot: u64,
+    len: u64,
+    misc: u64,
+}
+
+impl Table {
+    /// Creates generation `generation` in `dir` (replacing a leftover of a writer that died
+    /// while building it) with room for `capacity` slots and `heap_cap` heap bytes.
+    pub(crate) fn create(dir: &Path, generation: u32, capacity: u64, heap_cap: u64) -> Result<Table> {
+        debug_assert!(capacity.is_power_of_two() && heap_cap.is_multiple_of(8));
+        let path = table_path(dir, generation);
+        // Nobody reads a generation before the meta page names it.
+        let _ = std::fs::remove_file(&path);
+        let file = fsutil::create_new(&path, "create key table")?;
+        file.set_len(bytes_for(capacity, heap_cap)).map_err(|e| Error::io("size key table", &path, e))?;
+        let map = MmapRaw::map_raw(&file).map_err(|e| Error::io("map key table", &path, e))?;
+        let table = Table { map, path, generation, capacity, heap_cap };
+        table.set(H_VERSION, VERSION);
+        table.set(H_CAPACITY, capacity);
+        table.set(H_HEAP_CAP, heap_cap);
+        table.set(H_HEAP_END, HEAP_FIRST);
+        table.set(H_NEXT_OBJ, 1);
+        table.word(H_MAGIC).store(MAGIC, Ordering::Release);
+        Ok(table)
+    }
+
+    /// Maps generation `generation` in `dir` and checks its header.
+    pub(crate) fn open(dir: &Path, generation: u32) -> Result<Table> {
+        let path = table_path(dir, generation);
+        let file = fsutil::open_rw(&path, "open key table")?;
+        let file_len = file.metadata().map_err(|e| Error::io("inspect key table", &path, e))?.len();
+        let corrupt = |detail: String| Error::corrupt(path.display().to_string(), detail);
+        if file_len < HEADER as u64 {
+            return Err(corrupt(format!("the key table is {file_len} bytes, shorter than its header")));
+        }
+        let map = MmapRaw::map_raw(&file).map_err(|e| Error::io("map key table", &path, e))?;
+        if (map.len() as u64) < file_len {
+            return Err(corrupt("the key table shrank while being mapped".to_owned()));
+        }
+        let mut table = Table { map, path: path.clone(), generation, capacity: 0, heap_cap: 0 };
+        let magic = table.get(H_MAGIC);
+        let version = table.get(H_VERSION);
+        if magic != MAGIC {
+            return Err(corrupt("not a workflow-context key table (bad magic)".to_owned()));
+        }
+        if version != VERSION {
+            return Err(corrupt(format!("unsupported key table version {version}")));
+        }
+        let capacity = table.get(H_CAPACITY);
+        let heap_cap = table.get(H_HEAP_CAP);
+        if !capacity.is_power_of_two()
+            || !heap_cap.is_multiple_of(8)
+            || capacity.checked_mul(8).and_then(|s| s.checked_add(heap_cap)).and_then(|s| s.checked_add(HEADER as u64))
+                != Some(file_len)
+            || heap_cap > OFFSET_MASK
+        {
+            return Err(corrupt(format!(
+                "the key table's geometry ({capacity} slots, {heap_cap} heap bytes) does not match its \
+                 {file_len} bytes"
+            )));
+        }
+        table.capacity = capacity;
+        table.heap_cap = heap_cap;
+        Ok(table)
+    }
+
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Follows the context directory to where it was moved (after creation in staging).
+    pub(crate) fn moved_to(&mut self, dir: &Path) {
+        self.path = table_path(dir, self.generation);
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn corrupt(&self, detail: String) -> Error {
+        Error::corrupt(self.path.display().to_string(), detail)
+    }
+
+    /// The word at byte offset `off`, which the caller has bounds-checked.
+    fn word(&self, off: usize) -> &AtomicU64 {
+        assert!(off.is_multiple_of(8) && off + 8 <= self.map.len(), "key table word {off} out of bounds");
+        // SAFETY: `off + 8` is within the mapping (asserted above), which is readable and
+        // writable (map_raw of a read-write descriptor) and lives as long as `self`, which
+        // the returned borrow cannot outlive. The mapping starts on a page boundary and
+        // `off` is a multiple of 8, so the word is aligned for `AtomicU64`. Every process
+        // touches table memory only through atomics, so shared mutation is sound.
+        unsafe { &*self.map.as_mut_ptr().add(off).cast::<AtomicU64>() }
+    }
+
+    fn get(&self, off: usize) -> u64 {
+        self.word(off).load(Ordering::Acquire)
+    }
+
+    fn set(&self, off: usize, v: u64) {
+        self.word(off).store(v, Ordering::Release);
+    }
+
+    fn slot(&self, i: u64) -> &AtomicU64 {
+        self.word(HEADER + (i as usize) * 8)
+    }
+
+    /// The byte offset in the file of heap offset `off`, if an entry with a key of up to
+    /// `key_len` bytes fits there.
+    fn entry_at(&self, off: u64, key_len: usize) -> Option<usize> {
+        let end = off.checked_add(entry_size(key_len))?;
+        (off >= HEAP_FIRST && off.is_multiple_of(8) && end <= self.heap_cap)
+            .then(|| HEADER + (self.capacity as usize) * 8 + off as usize)
+    }
+
+    /// The journal position this table reflects.
+    pub(crate) fn applied(&self) -> u64 {
+        self.get(H_APPLIED)
+    }
+
+    pub(crate) fn set_applied(&self, head: Head) {
+        self.set(H_APPLIED, head.pack());
+    }
+
+    pub(crate) fn next_obj(&self) -> u64 {
+        self.get(H_NEXT_OBJ)
+    }
+
+    pub(crate) fn set_next_obj(&self, next: u64) {
+        self.set(H_NEXT_OBJ, next);
+    }
+
+    pub(crate) fn counters(&self) -> Counters {
+        Counters { keys: self.get(H_COUNT), ram: self.get(H_RAM), disk: self.get(H_DISK) }
+    }
+
+    fn set_counters(&self, c: Counters) {
+        self.set(H_COUNT, c.keys);
+        self.set(H_RAM, c.ram);
+        self.set(H_DISK, c.disk);
+    }
+
+    fn tier_name(&self, i: usize) -> Option<String> {
+        if i >= (self.get(H_TIERS) as usize).min(MAX_TIERS) {
+            return None;
+        }
+        let base = H_TIER_NAMES + i * TIER_RECORD;
+        let len = self.get(base) as usize;
+        if len > TIER_NAME_MAX {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(len + 8);
+        for w in 0..key_words(len) {
+            bytes.extend_from_slice(&self.get(base + 8 + w * 8).to_le_bytes());
+        }
+        bytes.truncate(len);
+        String::from_utf8(bytes).ok()
+    }
+
+    /// The index of tier `name`, registering it if new. Writers only.
+    fn tier_index(&self, name: &str) -> Result<u8> {
+        let count = (self.get(H_TIERS) as usize).min(MAX_TIERS);
+        for i in 0..count {
+            if self.tier_name(i).as_deref() == Some(name) {
+                return Ok(i as u8);
+            }
+        }
+        if name.len() > TIER_NAME_MAX {
+            return Err(Error::Config {
+                source_name: "builder".into(),
+                key: Some("tier".into()),
+                message: format!("the tier name {name:?} is longer than {TIER_NAME_MAX} bytes"),
+            });
+        }
+        if count == MAX_TIERS {
+            return Err(self.corrupt(format!("more than {MAX_TIERS} distinct tier names were used in one context")));
+        }
+        let base = H_TIER_NAMES + count * TIER_RECORD;
+        for (w, chunk) in name.as_bytes().chunks(8).enumerate() {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.set(base + 8 + w * 8, u64::from_le_bytes(b));
+        }
+        self.set(base, name.len() as u64);
+        // Published last: readers see the name complete or not at all.
+        self.set(H_TIERS, count as u64 + 1);
+        Ok(count as u8)
+    }
+
+    fn key_matches(&self, at: usize, key: &[u8]) -> bool {
+        key.chunks(8).enumerate().all(|(w, chunk)| {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.word(at + ENTRY_FIXED + w * 8).load(Ordering::Relaxed) == u64::from_le_bytes(b)
+        })
+    }
+
+    fn read_key(&self, at: usize, key_len: usize) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(key_words(key_len) * 8);
+        for w in 0..key_words(key_len) {
+            bytes.extend_from_slice(&self.word(at + ENTRY_FIXED + w * 8).load(Ordering::Relaxed).to_le_bytes());
+        }
+        bytes.truncate(key_len);
+        bytes
+    }
+
+    /// Reads an entry's fields under its sequence lock; `None` if a writer holds it too long.
+    fn read_fields(&self, at: usize) -> Option<Fields> {
+        let seq = self.word(at);
+        for spin in 0..SPINS {
+            let s1 = seq.load(Ordering::Acquire);
+            if s1 & 1 == 0 {
+                let w = |i: usize| self.word(at + i * 8).load(Ordering::Relaxed);
+                let f = Fields { obj: w(1), footprint: w(2), slot: w(3), len: w(4), misc: w(5) };
+                fence(Ordering::Acquire);
+                if seq.load(Ordering::Relaxed) == s1 {
+                    return Some(f);
+                }
+            }
+            if spin < 256 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        None
+    }
+
+    /// Writes an entry's fields under its sequence lock (also repairs a lock a dead writer
+    /// left odd). Writers only.
+    fn write_fields(&self, at: usize, f: Fields) {
+        let seq = self.word(at);
+        let odd = seq.load(Ordering::Relaxed) | 1;
+        seq.store(odd, Ordering::Relaxed);
+        fence(Ordering::Release);
+        for (i, v) in [f.obj, f.footprint, f.slot, f.len, f.misc].into_iter().enumerate() {
+            self.word(at + (i + 1) * 8).store(v, Ordering::Relaxed);
+        }
+        seq.store(odd.wrapping_add(1), Ordering::Release);
+    }
+
+    fn to_entry(&self, f: Fields) -> Result<Entry> {
+        let kind = match f.misc & 0xff {
+            0 => StorageKind::Ram,
+            1 => StorageKind::Disk,
+            k => return Err(self.corrupt(format!("an entry of object {} has storage kind {k}", f.obj))),
+        };
+        let pass_by = match (f.misc >> 8) & 0xff {
+            0 => PassBy::Val,
+            1 => PassBy::Ref,
+            p => return Err(self.corrupt(format!("an entry of object {} is passed by {p}", f.obj))),
+        };
+        let tier_ix = ((f.misc >> 24) & 0xff) as usize;
+        let tier = self
+            .tier_name(tier_ix)
+            .ok_or_else(|| self.corrupt(format!("an entry of object {} names unknown tier {tier_ix}", f.obj)))?;
+        Ok(Entry {
+            at: Placed { obj: f.obj, tier, kind, footprint: f.footprint, slot: f.slot, len: f.len },
+            pass_by,
+            flags: ((f.misc >> 16) & 0xff) as u8,
+        })
+    }
+
+    /// Probes for `key`: the slot index and entry position, or the first free slot.
+    fn probe(&self, key: &[u8]) -> Result<Probe> {
+        let h = hash(key);
+        let tag = tag_of(h);
+        let mask = self.capacity - 1;
+        let mut free = None;
+        let mut i = h & mask;
+        for _ in 0..self.capacity {
+            let w = self.slot(i).load(Ordering::Acquire);
+            match w {
+                EMPTY => return Ok(Probe::Vacant(free.unwrap_or(i))),
+                TOMBSTONE => {
+                    free.get_or_insert(i);
+                }
+                _ if w >> OFFSET_BITS == tag => {
+                    let off = w & OFFSET_MASK;
+                    let at = self
+                        .entry_at(off, 0)
+                        .ok_or_else(|| self.corrupt(format!("slot {i} points outside the heap ({off})")))?;
+                    let key_len = misc_key_len(self.word(at + 40).load(Ordering::Relaxed));
+                    if key_len == key.len() {
+                        self.entry_at(off, key_len)
+                            .ok_or_else(|| self.corrupt(format!("the entry at {off} runs past the heap")))?;
+                        if self.key_matches(at, key) {
+                            return Ok(Probe::Occupied { slot: i, at });
+                        }
+                    }
+                }
+                _ => {}
+            }
+            i = (i + 1) & mask;
+        }
+        match free {
+            Some(i) => Ok(Probe::Vacant(i)),
+            None => Err(self.corrupt("the key table has no empty slot".to_owned())),
+        }
+    }
+
+    /// Looks `key` up without a lock.
+    pub(crate) fn lookup(&self, key: &str) -> Result<Lookup> {
+        match self.probe(key.as_bytes())? {
+            Probe::Vacant(_) => Ok(Lookup::Missing),
+            Probe::Occupied { at, .. } => match self.read_fields(at) {
+                Some(f) => self.to_entry(f).map(Lookup::Found),
+                None => Ok(Lookup::Busy),
+            },
+        }
+    }
+
+    /// Whether one more key of `key_len` bytes fits without growing.
+    fn has_room(&self, key_len: usize) -> bool {
+        let used = self.get(H_COUNT) + self.get(H_TOMBS) + 1;
+        used * 4 <= self.capacity * 3 && self.get(H_HEAP_END) + entry_size(key_len) <= self.heap_cap
+    }
+
+    /// Points `key` at `at`. Idempotent: applying the same record twice changes nothing.
+    /// Returns false, changing nothing, if a new key does not fit (the caller grows the
+    /// table and tries again). Writers only.
+    pub(crate) fn put(&self, key: &str, at: &Placed, pass_by: PassBy, flags: u8) -> Result<bool> {
+        let tier = self.tier_index(&at.tier)?;
+        let misc = pack_misc(at.kind, pass_by, flags, tier, key.len());
+        let fields = Fields { obj: at.obj, footprint: at.footprint, slot: at.slot, len: at.len, misc };
+        let mut c = self.counters();
+        match self.probe(key.as_bytes())? {
+            Probe::Occupied { at: pos, .. } => {
+                let old = self.writer_fields(pos)?;
+                if old != fields {
+                    self.write_fields(pos, fields);
+                }
+                if old.obj != fields.obj {
+                    let old_kind_ram = old.misc & 0xff == 0;
+                    sub_kind(&mut c, old_kind_ram, old.footprint);
+                    add_kind(&mut c, at.kind == StorageKind::Ram, at.footprint);
+                    self.set_counters(c);
+                }
+                Ok(true)
+            }
+            Probe::Vacant(slot) => {
+                if !self.has_room(key.len()) {
+                    return Ok(false);
+                }
+                let off = self.get(H_HEAP_END);
+                let pos = self.entry_at(off, key.len()).expect("has_room checked the heap");
+                self.word(pos).store(0, Ordering::Relaxed);
+                for (i, v) in
+                    [fields.obj, fields.footprint, fields.slot, fields.len, fields.misc].into_iter().enumerate()
+                {
+                    self.word(pos + (i + 1) * 8).store(v, Ordering::Relaxed);
+                }
+                for (w, chunk) in key.as_bytes().chunks(8).enumerate() {
+                    let mut b = [0u8; 8];
+                    b[..chunk.len()].copy_from_slice(chunk);
+                    self.word(pos + ENTRY_FIXED + w * 8).store(u64::from_le_bytes(b), Ordering::Relaxed);
+                }
+                self.set(H_HEAP_END, off + entry_size(key.len()));
+                if self.slot(slot).load(Ordering::Relaxed) == TOMBSTONE {
+                    self.set(H_TOMBS, self.get(H_TOMBS) - 1);
+                }
+                // Published last, with release ordering: readers see the entry complete.
+                self.slot(slot).store(tag_of(hash(key.as_bytes())) << OFFSET_BITS | off, Ordering::Release);
+                c.keys += 1;
+                add_kind(&mut c, at.kind == StorageKind::Ram, at.footprint);
+                self.set_counters(c);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Removes `key` if it points to object `obj`. Idempotent. Writers only.
+    pub(crate) fn remove(&self, key: &str, obj: u64) -> Result<()> {
+        if let Probe::Occupied { slot, at } = self.probe(key.as_bytes())? {
+            let f = self.writer_fields(at)?;
+            if f.obj == obj {
+                self.slot(slot).store(TOMBSTONE, Ordering::Release);
+                let mut c = self.counters();
+                c.keys -= 1;
+                sub_kind(&mut c, f.misc & 0xff == 0, f.footprint);
+                self.set_counters(c);
+                self.set(H_TOMBS, self.get(H_TOMBS) + 1);
+                self.set(H_GARBAGE, self.get(H_GARBAGE) + entry_size(key.len()));
+            }
+        }
+        Ok(())
+    }
+
+    /// An entry's fields as the writer (who holds the index lock) sees them.
+    fn writer_fields(&self, at: usize) -> Result<Fields> {
+        let w = |i: usize| self.word(at + i * 8).load(Ordering::Acquire);
+        Ok(Fields { obj: w(1), footprint: w(2), slot: w(3), len: w(4), misc: w(5) })
+    }
+
+    /// Every live entry: its key and its fields, for the writer or a weakly consistent
+    /// reader (keys added or removed meanwhile may or may not be seen).
+    fn live(&self) -> impl Iterator<Item = Result<(Vec<u8>, usize)>> + '_ {
+        (0..self.capacity).filter_map(move |i| {
+            let w = self.slot(i).load(Ordering::Acquire);
+            if w == EMPTY || w == TOMBSTONE {
+                return None;
+            }
+            let off = w & OFFSET_MASK;
+            let Some(at) = self.entry_at(off, 0) else {
+                return Some(Err(self.corrupt(format!("slot {i} points outside the heap ({off})"))));
+            };
+            let key_len = misc_key_len(self.word(at + 40).load(Ordering::Relaxed));
+            if key_len > MAX_KEY_LEN || self.entry_at(off, key_len).is_none() {
+                return Some(Err(self.corrupt(format!("the entry at {off} has a key of {key_len} bytes"))));
+            }
+            Some(Ok((self.read_key(at, key_len), at)))
+        })
+    }
+
+    /// Every key, in table order.
+    pub(crate) fn keys(&self) -> Result<Vec<String>> {
+        self.live()
+            .map(|r| {
+                let (key, at) = r?;
+                String::from_utf8(key).map_err(|_| self.corrupt(format!("the key of the entry at {at} is not UTF-8")))
+            })
+            .collect()
+    }
+
+    /// After a writer died mid-change: forces every sequence lock even and counts the
+    /// counters again from the entries. Writers only.
+    pub(crate) fn recount(&self) -> Result<()> {
+        let mut c = Counters::default();
+        let mut heap = 0;
+        let mut tombs = 0;
+        for i in 0..self.capacity {
+            if self.slot(i).load(Ordering::Relaxed) == TOMBSTONE {
+                tombs += 1;
+            }
+        }
+        for item in self.live() {
+            let (key, at) = item?;
+            let seq = self.word(at);
+            let s = seq.load(Ordering::Relaxed);
+            if s & 1 == 1 {
+                seq.store(s.wrapping_add(1), Ordering::Release);
+            }
+            let f = self.writer_fields(at)?;
+            c.keys += 1;
+            add_kind(&mut c, f.misc & 0xff == 0, f.footprint);
+            heap += entry_size(key.len());
+        }
+        self.set_counters(c);
+        self.set(H_TOMBS, tombs);
+        self.set(H_GARBAGE, (self.get(H_HEAP_END) - HEAP_FIRST).saturating_sub(heap));
+        Ok(())
+    }
+
+    /// Builds generation `generation` with room for the live keys, twice over, and one
+    /// more of `key_len` bytes. Writers only; the caller publishes it.
+    pub(crate) fn grown(&self, dir: &Path, generation: u32, key_len: usize) -> Result<Table> {
+        let keys = self.get(H_COUNT) + 1;
+        let capacity = (keys * 2).next_power_of_two().max(MIN_CAPACITY);
+        let live_heap = (self.get(H_HEAP_END) - HEAP_FIRST).saturating_sub(self.get(H_GARBAGE));
+        let heap_cap = ((live_heap + entry_size(key_len)) * 2 + HEAP_FIRST).next_multiple_of(4096).max(MIN_HEAP);
+        if heap_cap > OFFSET_MASK {
+            return Err(self.corrupt("the key table reached its maximum size".to_owned()));
+        }
+        let next = Table::create(dir, generation, capacity, heap_cap)?;
+        let count = (self.get(H_TIERS) as usize).min(MAX_TIERS);
+        for i in 0..count {
+            let name = self.tier_name(i).ok_or_else(|| self.corrupt(format!("tier name {i} is damaged")))?;
+            next.tier_index(&name)?;
+        }
+        for item in self.live() {
+            let (key, at) = item?;
+            let f = self.writer_fields(at)?;
+            let key = String::from_utf8(key).map_err(|_| self.corrupt(format!("the key at {at} is not UTF-8")))?;
+            let e = self.to_entry(f)?;
+            if !next.put(&key, &e.at, e.pass_by, e.flags)? {
+                return Err(self.corrupt("a grown key table is too small for the live keys".to_owned()));
+            }
+        }
+        next.set(H_NEXT_OBJ, self.next_obj());
+        next.set(H_APPLIED, self.applied());
+        Ok(next)
+    }
+}
+
+enum Probe {
+    Occupied { slot: u64, at: usize },
+    Vacant(u64),
+}
+
+fn add_kind(c: &mut Counters, ram: bool, n: u64) {
+    if ram {
+        c.ram += n;
+    } else {
+        c.disk += n;
+    }
+}
+
+fn sub_kind(c: &mut Counters, ram: bool, n: u64) {
+    if ram {
+        c.ram = c.ram.saturating_sub(n);
+    } else {
+        c.disk = c.disk.saturating_sub(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placed(obj: u64, tier: &str, kind: StorageKind, footprint: u64) -> Placed {
+        Placed { obj, tier: tier.into(), kind, footprint, slot: obj * 3, len: footprint + 1 }
+    }
+
+    fn found(t: &Table, key: &str) -> Option<Entry> {
+        match t.lookup(key).unwrap() {
+            Lookup::Found(e) => Some(e),
+            Lookup::Missing => None,
+            Lookup::Busy => panic!("busy without a writer"),
+        }
+    }
+
+    #[test]
+    fn put_lookup_remove_and_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Table::create(dir.path(), 0, MIN_CAPACITY, MIN_HEAP).unwrap();
+        let a = placed(1, "shm", StorageKind::Ram, 100);
+        assert!(t.put("a", &a, PassBy::Val, 1).unwrap());
+        assert!(t.put("a", &a, PassBy::Val, 1).unwrap(), "idempotent");
+        assert_eq!(t.counters(), Counters { keys: 1, ram: 100, disk: 0 });
+        let e = found(&t, "a").unwrap();
+        assert_eq!((e.at, e.pass_by, e.flags), (a, PassBy::Val, 1));
+        let b = placed(2, "a-longer-tier-name", StorageKind::Disk, 7);
+        t.put("a", &b, PassBy::Ref, 0).unwrap();
+        assert_eq!(t.counters(), Counters { keys: 1, ram: 0, disk: 7 });
+        assert_eq!(found(&t, "a").unwrap().at, b);
+        t.remove("a", 1).unwrap();
+        assert!(found(&t, "a").is_some(), "a stale remove leaves the key");
+        t.remove("a", 2).unwrap();
+        t.remove("a", 2).unwrap();
+        assert!(found(&t, "a").is_none());
+        assert_eq!(t.counters(), Counters::default());
+        // Reopened by another process: the same state.
+        let u = Table::open(dir.path(), 0).unwrap();
+        assert!(found(&u, "a").is_none());
+        assert_eq!(u.get(H_TOMBS), 1);
+    }
+
+    #[test]
+    fn grows_and_keeps_every_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Table::create(dir.path(), 0, MIN_CAPACITY, MIN_HEAP).unwrap();
+        let mut generation = 0;
+        for i in 0..5_000u64 {
+            let key = format!("k/{i}/{}", "x".repeat((i % 50) as usize));
+            let at = placed(i + 1, if i % 2 == 0 { "shm" } else { "mmap" }, StorageKind::Ram, i);
+            if !t.put(&key, &at, PassBy::Val, 0).unwrap() {
+                generation += 1;
+                t = t.grown(dir.path(), generation, key.len()).unwrap();
+                assert!(t.put(&key, &at, PassBy::Val, 0).unwrap());
+            }
+            if i % 3 == 0 {
+                t.remove(&key, i + 1).unwrap();
+            }
+        }
+        assert!(generation > 3, "grew {generation} times");
+        let mut live = 0;
+        for i in 0..5_000u64 {
+            let key = format!("k/{i}/{}", "x".repeat((i % 50) as usize));
+            let e = found(&t, &key);
+            assert_eq!(e.is_some(), i % 3 != 0, "{key}");
+            if let Some(e) = e {
+                assert_eq!(e.at.obj, i + 1);
+                live += 1;
+            }
+        }
+        let before = t.counters();
+        assert_eq!(before.keys, live);
+        t.recount().unwrap();
+        assert_eq!(t.counters(), before);
+        assert_eq!(t.keys().unwrap().len() as u64, live);
+    }
+
+    #[test]
+    fn a_torn_entry_is_busy_until_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Table::create(dir.path(), 0, MIN_CAPACITY, MIN_HEAP).unwrap();
+        t.put("k", &placed(1, "shm", StorageKind::Ram, 10), PassBy::Val, 0).unwrap();
+        let Probe::Occupied { at, .. } = t.probe(b"k").unwrap() else { panic!() };
+        // A writer died in the middle of changing the entry.
+        t.word(at).store(t.word(at).load(Ordering::Relaxed) | 1, Ordering::Release);
+        assert!(matches!(t.lookup("k").unwrap(), Lookup::Busy));
+        t.recount().unwrap();
+        assert!(found(&t, "k").is_some());
+    }
+
+    #[test]
+    fn damage_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Table::create(dir.path(), 0, MIN_CAPACITY, MIN_HEAP).unwrap();
+        t.put("k", &placed(1, "shm", StorageKind::Ram, 10), PassBy::Val, 0).unwrap();
+        let Probe::Occupied { slot, .. } = t.probe(b"k").unwrap() else { panic!() };
+        let w = t.slot(slot).load(Ordering::Relaxed);
+        t.slot(slot).store(w | OFFSET_MASK, Ordering::Relaxed);
+        assert!(matches!(t.lookup("k"), Err(Error::Corrupt { .. })));
+        assert!(t.keys().is_err());
+        std::fs::write(table_path(dir.path(), 1), b"short").unwrap();
+        assert!(matches!(Table::open(dir.path(), 1), Err(Error::Corrupt { .. })));
+    }
+}
