@@ -46,7 +46,7 @@ const MAGIC: u64 = u64::from_le_bytes(*b"wfctxAR1");
 /// mapped stop using it.
 const DESTROYED: u64 = u64::from_le_bytes(*b"wfctxDED");
 /// Bytes of slots in every arena.
-const DATA_BYTES: usize = 256 * 1024;
+pub(crate) const DATA_BYTES: usize = 256 * 1024;
 /// How long to wait for another process to finish creating an arena.
 const CREATE_WAIT: Duration = Duration::from_millis(200);
 const PAGE: usize = 4096;

@@ -121,7 +121,9 @@ enum Entry {
 /// The arenas of one slot size that this process has mapped.
 struct ClassState {
     arenas: Vec<Entry>,
-    /// The first arena that had a free slot when this process last looked.
+    /// Where to look for a free slot first: the arena of the slot this process last freed,
+    /// or where it last found room. Only a starting point: before creating an arena, a
+    /// store looks through every arena from the first.
     hint: usize,
 }
 
@@ -415,8 +417,10 @@ impl ShmTier {
         if !found.arena.free(found.slot, tag) {
             return false;
         }
-        let mut state = self.class(found.class);
-        state.hint = state.hint.min(found.n);
+        // Look there first next time: an overwrite frees the old value's slot right after
+        // claiming one, so the next save finds a slot at once instead of scanning every
+        // arena (which made a save O(arenas), that is O(keys)).
+        self.class(found.class).hint = found.n;
         true
     }
 
@@ -623,6 +627,34 @@ mod tests {
         assert_eq!(arena_slot_size(b"a64."), None);
         assert_eq!(arena_slot_size(b"00000000000000ff"), None);
         assert_eq!(ShmConfig::new("r").prefix(), "wfctx.r.");
+    }
+
+    #[test]
+    fn a_store_goes_where_the_last_slot_was_freed() {
+        use context_core::{NewObject, ObjectData};
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let tier = ShmTier::new(ShmConfig::new(&format!("hint-{}-{nanos}", std::process::id()))).unwrap();
+        let put =
+            |id: u64| match tier.put(NewObject { id: ObjectId(id), len: 40, data: ObjectData::Parts(&[&[7u8; 40]]) }) {
+                Ok(PutOutcome::Stored(r)) => r,
+                other => panic!("{other:?}"),
+            };
+        let arena_of = |r: &ObjectRef| decode_slot(r.slot).unwrap().1;
+        // Three full arenas of the smallest class and a fourth with room.
+        let per_arena = arena::DATA_BYTES / SLOT_SIZES[0];
+        let refs: Vec<ObjectRef> = (1..=(3 * per_arena + 1) as u64).map(put).collect();
+        assert_eq!(arena_of(refs.last().unwrap()), 3);
+        // Room in arena 1 and arena 0; a store takes arena 0's.
+        assert!(tier.delete(&refs[per_arena + 5]).unwrap());
+        assert!(tier.delete(&refs[3]).unwrap());
+        assert_eq!(decode_slot(put(1_000_000).slot), decode_slot(refs[3].slot));
+        // An overwrite frees a slot in arena 2: the next store goes straight there rather
+        // than scanning from the first arena with room.
+        assert!(tier.delete(&refs[2 * per_arena + 9]).unwrap());
+        assert_eq!(decode_slot(put(1_000_001).slot), decode_slot(refs[2 * per_arena + 9].slot));
+        // The next store goes on from there, to arena 3, which has room.
+        assert_eq!(arena_of(&put(1_000_002)), 3);
+        tier.destroy().unwrap();
     }
 
     #[test]
