@@ -623,12 +623,13 @@ impl WorkflowContext {
         Ok(guard)
     }
 
-    /// A current view of the index for reading.
+    /// A view of the index for reading: the current key table, and the journal followed
+    /// whenever this handle holds views that a change may have made stale.
     fn read_index(&self) -> Result<RwLockReadGuard<'_, Replica>> {
         self.check_open()?;
         {
             let r = self.replica.read().unwrap_or_else(lock_poisoned);
-            if r.is_current(&self.meta) {
+            if r.can_read(&self.meta) {
                 return Ok(r);
             }
         }

@@ -384,6 +384,15 @@ impl Replica {
         meta.head() == self.head && meta.table_generation() == self.table.generation()
     }
 
+    /// Whether a reader may use this replica as it is: it maps the current table (which
+    /// holds every key), and it has followed the journal if it keeps views that the
+    /// journal may retire. Lookups need nothing from the journal, so a process that holds
+    /// no views reads without following other processes' writes.
+    pub(crate) fn can_read(&self, meta: &Meta) -> bool {
+        meta.table_generation() == self.table.generation()
+            && (meta.head() == self.head || self.views.lock().unwrap_or_else(|p| p.into_inner()).is_empty())
+    }
+
     /// Looks a key up in the shared table, without a lock.
     pub(crate) fn lookup(&self, key: &str) -> Result<Lookup> {
         self.table.lookup(key)
