@@ -21,6 +21,8 @@ mod types;
 #[cfg(any(test, feature = "testing"))]
 mod faults;
 #[cfg(any(test, feature = "testing"))]
+mod sandbox;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use error::{Error, Result};

@@ -4,8 +4,8 @@
 //! as the value directory; it skips (and passes) where namespaces or mounts are not allowed.
 
 use std::path::PathBuf;
-use std::process::Command;
 
+use context_core::testing::{Sandboxed, in_private_tmpfs};
 use context_core::{NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier};
 use context_tier_mmap::{MmapConfig, MmapTier};
 
@@ -17,47 +17,10 @@ fn full_file_system_is_no_space() {
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().join("values");
     std::fs::create_dir(&dir).unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let script = r#"mount -t tmpfs -o size=1m,mode=0700 tmpfs "$1" || exit 77; shift; exec "$@""#;
-    let attempts: [&[&str]; 2] = [
-        &["--mount", "--propagation", "private"],
-        &["--user", "--map-root-user", "--mount", "--propagation", "private"],
-    ];
-    let mut refusals = Vec::new();
-    for flags in attempts {
-        let output = Command::new("unshare")
-            .args(flags)
-            .args(["sh", "-c", script, "sh"])
-            .arg(&dir)
-            .arg(&exe)
-            .args(["--exact", "no_space_inner", "--ignored", "--nocapture", "--test-threads=1"])
-            .env(DIR_VAR, &dir)
-            .output();
-        let output = match output {
-            Ok(output) => output,
-            Err(e) => {
-                println!("SKIPPED full_file_system_is_no_space: cannot run unshare: {e}");
-                return;
-            }
-        };
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        match output.status.code() {
-            Some(0) => {
-                assert!(stdout.contains(DONE), "the inner test did not run:\n{stdout}\n{stderr}");
-                println!("ran inside `unshare {}`: {DONE}", flags.join(" "));
-                return;
-            }
-            // 77: the script's mount was refused; 1 with unshare's own message: unshare was.
-            Some(77) => refusals.push(format!("unshare {}: mount refused: {}", flags.join(" "), stderr.trim())),
-            Some(1) if stderr.starts_with("unshare:") => {
-                refusals.push(format!("unshare {}: {}", flags.join(" "), stderr.trim()));
-            }
-            // A failed assertion, or a crash (SIGBUS is what this test guards against).
-            _ => panic!("the inner test failed ({}):\n{stdout}\n{stderr}", output.status),
-        }
+    match in_private_tmpfs("no_space_inner", &dir, "1m", &[(DIR_VAR, dir.as_os_str())]) {
+        Sandboxed::Ran(stdout) => assert!(stdout.contains(DONE), "the checks did not run:\n{stdout}"),
+        Sandboxed::Skipped(why) => println!("SKIPPED full_file_system_is_no_space: {why}"),
     }
-    println!("SKIPPED full_file_system_is_no_space: no private tmpfs allowed here:\n{}", refusals.join("\n"));
 }
 
 /// Runs inside the private mount namespace, with a 1 MiB tmpfs at `$CONTEXT_TIER_MMAP_NOSPACE_DIR`.

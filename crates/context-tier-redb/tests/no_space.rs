@@ -6,9 +6,8 @@
 //! allowed.
 
 use std::path::PathBuf;
-use std::process::Command;
 
-use context_core::testing::pattern;
+use context_core::testing::{self, Sandboxed, pattern};
 use context_core::{NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier};
 use context_tier_redb::{RedbConfig, RedbTier};
 
@@ -25,52 +24,15 @@ fn full_file_system_part_way_through_a_chunked_put_is_no_space() {
     in_private_tmpfs("no_space_chunked_inner", "12m");
 }
 
-/// Re-runs this binary's ignored test `inner` in a private mount namespace, with a tmpfs of
-/// `size` at `$CONTEXT_TIER_REDB_NOSPACE_DIR`.
+/// Runs this binary's ignored test `inner` with a tmpfs of `size` at `$CONTEXT_TIER_REDB_NOSPACE_DIR`.
 fn in_private_tmpfs(inner: &str, size: &str) {
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().join("mnt");
     std::fs::create_dir(&dir).unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let script = r#"mount -t tmpfs -o size=$1,mode=0700 tmpfs "$2" || exit 77; shift 2; exec "$@""#;
-    let attempts: [&[&str]; 2] = [
-        &["--mount", "--propagation", "private"],
-        &["--user", "--map-root-user", "--mount", "--propagation", "private"],
-    ];
-    let mut refusals = Vec::new();
-    for flags in attempts {
-        let output = Command::new("unshare")
-            .args(flags)
-            .args(["sh", "-c", script, "sh", size])
-            .arg(&dir)
-            .arg(&exe)
-            .args(["--exact", inner, "--ignored", "--nocapture", "--test-threads=1"])
-            .env(DIR_VAR, &dir)
-            .output();
-        let output = match output {
-            Ok(output) => output,
-            Err(e) => {
-                println!("SKIPPED {inner}: cannot run unshare: {e}");
-                return;
-            }
-        };
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        match output.status.code() {
-            Some(0) => {
-                assert!(stdout.contains(DONE), "the inner test did not run:\n{stdout}\n{stderr}");
-                println!("ran inside `unshare {}`: {DONE}", flags.join(" "));
-                return;
-            }
-            // 77: the script's mount was refused; 1 with unshare's own message: unshare was.
-            Some(77) => refusals.push(format!("unshare {}: mount refused: {}", flags.join(" "), stderr.trim())),
-            Some(1) if stderr.starts_with("unshare:") => {
-                refusals.push(format!("unshare {}: {}", flags.join(" "), stderr.trim()));
-            }
-            _ => panic!("the inner test failed ({}):\n{stdout}\n{stderr}", output.status),
-        }
+    match testing::in_private_tmpfs(inner, &dir, size, &[(DIR_VAR, dir.as_os_str())]) {
+        Sandboxed::Ran(stdout) => assert!(stdout.contains(DONE), "the checks did not run:\n{stdout}"),
+        Sandboxed::Skipped(why) => println!("SKIPPED {inner}: {why}"),
     }
-    println!("SKIPPED {inner}: no private tmpfs allowed here:\n{}", refusals.join("\n"));
 }
 
 fn put_parts(tier: &RedbTier, id: u64, bytes: &[u8]) -> PutOutcome {

@@ -2,12 +2,12 @@
 //! instances (as between processes), concurrency, stale reads, destroy and a full /dev/shm.
 
 use std::collections::HashSet;
-use std::process::Command;
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use context_core::testing::pattern;
+use context_core::testing::{Sandboxed, in_private_tmpfs, pattern};
 use context_core::{NewObject, ObjectData, ObjectId, ObjectRef, PutOutcome, StorageTier, TierUsage};
 use context_tier_shm::{ShmConfig, ShmTier};
 
@@ -278,37 +278,11 @@ const INNER_ENV: &str = "CONTEXT_TIER_SHM_TINY_SHM";
 
 #[test]
 fn full_shm_answers_no_space() {
-    let unshare = |script: &str, args: &[&std::ffi::OsStr]| {
-        Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c", script])
-            .args(args)
-            .env(INNER_ENV, "1")
-            .output()
-    };
-    let mount = "mount -t tmpfs -o size=1m tmpfs /dev/shm";
-    match unshare(mount, &[]) {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => {
-            println!(
-                "SKIPPED full_shm_answers_no_space: cannot mount a private /dev/shm (needs root): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return;
-        }
-        Err(e) => {
-            println!("SKIPPED full_shm_answers_no_space: cannot run unshare: {e}");
-            return;
-        }
+    let tiny = [(INNER_ENV, std::ffi::OsStr::new("1"))];
+    match in_private_tmpfs("inner_no_space_in_tiny_shm", Path::new("/dev/shm"), "1m", &tiny) {
+        Sandboxed::Ran(stdout) => stdout.lines().filter(|l| l.contains("fit in")).for_each(|l| println!("{l}")),
+        Sandboxed::Skipped(why) => println!("SKIPPED full_shm_answers_no_space: {why}"),
     }
-    let exe = std::env::current_exe().unwrap();
-    let script =
-        format!("{mount} && exec \"$0\" --exact inner_no_space_in_tiny_shm --ignored --nocapture --test-threads 1");
-    let out = unshare(&script, &[exe.as_os_str()]).unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "inner test failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("1 passed"), "inner test did not run:\n{stdout}\n{stderr}");
-    stdout.lines().filter(|l| l.contains("fit in")).for_each(|l| println!("{l}"));
 }
 
 #[test]

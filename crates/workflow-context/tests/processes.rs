@@ -226,34 +226,18 @@ fn a_context_left_by_a_killed_creator_can_be_replaced() {
 #[cfg(all(feature = "tier-shm", feature = "tier-mmap"))]
 #[test]
 fn a_small_dev_shm_spills_to_disk_without_sigbus() {
+    use context_core::testing::{Sandboxed, in_private_tmpfs};
     let b = base();
-    let probe = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o size=16m tmpfs /dev/shm"])
-        .output();
-    match probe {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => {
-            println!("SKIPPED: cannot mount a private /dev/shm here: {}", String::from_utf8_lossy(&out.stderr).trim());
-            return;
+    let envs = [("WFCTX_CHILD_ROLE", std::ffi::OsStr::new("small-shm")), ("WFCTX_BASE", b.path().as_os_str())];
+    match in_private_tmpfs(ENTRY, std::path::Path::new("/dev/shm"), "16m", &envs) {
+        Sandboxed::Ran(_) => {
+            assert!(
+                std::fs::read_dir(b.path()).unwrap().next().is_none(),
+                "the child's context was cleaned up when it ended"
+            );
         }
-        Err(e) => {
-            println!("SKIPPED: cannot run unshare: {e}");
-            return;
-        }
+        Sandboxed::Skipped(why) => println!("SKIPPED a_small_dev_shm_spills_to_disk_without_sigbus: {why}"),
     }
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(format!(
-            "mount -t tmpfs -o size=16m tmpfs /dev/shm && exec \"$0\" --exact {ENTRY} --ignored --nocapture --test-threads=1"
-        ))
-        .arg(exe)
-        .env("WFCTX_CHILD_ROLE", "small-shm")
-        .env("WFCTX_BASE", b.path())
-        .output()
-        .unwrap();
-    assert_child_ok(&out);
-    assert!(std::fs::read_dir(b.path()).unwrap().next().is_none(), "the child's context was cleaned up when it ended");
 }
 
 #[test]
