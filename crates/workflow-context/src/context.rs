@@ -832,8 +832,17 @@ impl WorkflowContext {
     /// Points `key` at the stored object `at`, then deletes the object it replaces.
     fn commit(&self, g: &mut WriteGuard<'_>, key: &str, at: Placed, pass_by: PassBy, flags: u8) -> Result<()> {
         let old = g.replica.get_locked(key)?.map(|e| e.at);
-        let put = Rec::Put { key: key.to_owned(), at, old: old.clone(), pass_by, flags, owner: self.token };
-        g.replica.append(&self.meta, &[put])?;
+        let obj = at.obj;
+        let put = Rec::Put { key: key.to_owned(), at: at.clone(), old: old.clone(), pass_by, flags, owner: self.token };
+        if let Err(e) = g.replica.append(&self.meta, &[put]) {
+            // Not committed (no room for the index to grow, say): the new object goes
+            // back, and the key keeps its old value. If the key does point to it (the
+            // failure came after the commit), it stays.
+            if g.replica.get_locked(key).is_ok_and(|now| now.is_none_or(|now| now.at.obj != obj)) {
+                let _ = self.free(g, &at);
+            }
+            return Err(e.with_key(key));
+        }
         if let Some(old) = old {
             self.free(g, &old)?;
         }

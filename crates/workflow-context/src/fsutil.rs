@@ -70,3 +70,24 @@ pub(crate) fn check_private_dir(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Allocates the blocks of `file`'s first `len` bytes (and sets its length), so that writes
+/// through a mapping of it cannot fail for want of space. Uses `fallocate`, or writes zeros
+/// where the file system has no `fallocate`.
+pub(crate) fn reserve(file: &fs::File, len: u64) -> io::Result<()> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            use std::os::unix::fs::FileExt;
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < len {
+                let n = zeros.len().min((len - at) as usize);
+                file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}

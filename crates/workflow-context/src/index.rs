@@ -542,14 +542,14 @@ impl Replica {
             }
             Rec::Put { key, at, pass_by, flags, .. } => {
                 if !self.table.put(key, at, *pass_by, *flags)? {
-                    let generation = self.table.generation().wrapping_add(1);
-                    let grown = self.table.grown(&self.dir, generation, key.len())?;
-                    if !grown.put(key, at, *pass_by, *flags)? {
-                        return Err(Error::corrupt(grown.path().display().to_string(), "a grown key table is full"));
+                    // Only when repairing (`append` grows first): grow and apply again.
+                    self.grow(meta, key.len())?;
+                    if !self.table.put(key, at, *pass_by, *flags)? {
+                        return Err(Error::corrupt(
+                            self.table.path().display().to_string(),
+                            "a grown key table is full",
+                        ));
                     }
-                    meta.set_table_generation(generation);
-                    let old = std::mem::replace(&mut self.table, grown);
-                    let _ = std::fs::remove_file(old.path());
                 }
             }
             Rec::Remove { key, at, .. } => self.table.remove(key, at.obj)?,
@@ -558,10 +558,32 @@ impl Replica {
         Ok(())
     }
 
+    /// Replaces the table by a bigger generation with room for a new key of `key_len`
+    /// bytes, and publishes it. The caller holds the write lock.
+    fn grow(&mut self, meta: &Meta, key_len: usize) -> Result<()> {
+        let generation = self.table.generation().wrapping_add(1);
+        let grown = self.table.grown(&self.dir, generation, key_len)?;
+        meta.set_table_generation(generation);
+        let old = std::mem::replace(&mut self.table, grown);
+        let _ = std::fs::remove_file(old.path());
+        Ok(())
+    }
+
     /// Appends records and publishes them, then applies them to the table. The caller
     /// holds the write lock and has caught up.
     pub(crate) fn append(&mut self, meta: &Meta, recs: &[Rec]) -> Result<()> {
         debug_assert!(self.is_current(meta));
+        // Make room in the table before committing: a change that is committed must be
+        // applied, so what can fail (disk space for a bigger table, the tier registry) fails
+        // first, with nothing committed.
+        for rec in recs {
+            if let Rec::Put { key, at, .. } = rec {
+                self.table.tier_index(&at.tier)?;
+                if self.table.needs_room_for(key)? {
+                    self.grow(meta, key.len())?;
+                }
+            }
+        }
         let mut buf = Vec::with_capacity(128 * recs.len());
         let frame_lens = encode_frames(recs, &mut buf);
         let at = self.head.len;

@@ -175,7 +175,13 @@ impl Table {
         // Nobody reads a generation before the meta page names it.
         let _ = std::fs::remove_file(&path);
         let file = fsutil::create_new(&path, "create key table")?;
-        file.set_len(bytes_for(capacity, heap_cap)).map_err(|e| Error::io("size key table", &path, e))?;
+        let len = bytes_for(capacity, heap_cap);
+        // Every block is allocated before the file is mapped: a write through the mapping
+        // into a hole on a full disk would be a SIGBUS; this way it is an error, now.
+        if let Err(e) = fsutil::reserve(&file, len) {
+            let _ = std::fs::remove_file(&path);
+            return Err(Error::io("reserve space for key table", &path, e));
+        }
         let map = MmapRaw::map_raw(&file).map_err(|e| Error::io("map key table", &path, e))?;
         let table = Table { map, path, generation, capacity, heap_cap };
         table.set(H_VERSION, VERSION);
@@ -320,7 +326,7 @@ impl Table {
     }
 
     /// The index of tier `name`, registering it if new. Writers only.
-    fn tier_index(&self, name: &str) -> Result<u8> {
+    pub(crate) fn tier_index(&self, name: &str) -> Result<u8> {
         let count = (self.get(H_TIERS) as usize).min(MAX_TIERS);
         for i in 0..count {
             if self.tier_name(i).as_deref() == Some(name) {
@@ -470,6 +476,15 @@ impl Table {
                 None => Ok(Lookup::Busy),
             },
         }
+    }
+
+    /// Whether pointing `key` at an object needs a bigger table (a new key that does not
+    /// fit). Writers only.
+    pub(crate) fn needs_room_for(&self, key: &str) -> Result<bool> {
+        Ok(match self.probe(key.as_bytes())? {
+            Probe::Occupied { .. } => false,
+            Probe::Vacant(_) => !self.has_room(key.len()),
+        })
     }
 
     /// Whether one more key of `key_len` bytes fits without growing.

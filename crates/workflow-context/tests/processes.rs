@@ -118,6 +118,39 @@ fn child_main() {
             assert!(!ctx.contains("too-big").unwrap());
             println!("small /dev/shm: {err}");
         }
+        "tiny-disk" => {
+            // Inside a private mount namespace whose contexts directory is a 256 KiB tmpfs:
+            // the key table cannot grow past a few thousand keys.
+            let ctx =
+                WorkflowContext::builder().contexts_dir(env("WFCTX_BASE")).collect_orphans(false).create().unwrap();
+            let key = |i: usize| format!("steps/{i:05}/{}", "k".repeat(40));
+            let mut saved = 0;
+            let err = loop {
+                match ctx.save(&key(saved), &saved) {
+                    Ok(()) => saved += 1,
+                    Err(e) => break e,
+                }
+                assert!(saved < 100_000, "a 256 KiB disk took 100,000 keys");
+            };
+            let text = err.to_string();
+            assert!(text.contains("table") || text.contains("journal"), "the error names the index file: {text}");
+            // Nothing committed was lost, and the refused key is not there.
+            assert!(saved > 100, "only {saved} keys fit");
+            for i in 0..saved {
+                assert_eq!(ctx.load::<usize>(&key(i)).unwrap(), i);
+            }
+            assert!(!ctx.contains(&key(saved)).unwrap());
+            let u = ctx.usage().unwrap();
+            assert_eq!(u.stored_keys_count, saved);
+            // The refused value's object went back: usage is what the keys hold.
+            let held: u64 = (0..saved).map(|i| ctx.storage_info(&key(i)).unwrap().unwrap().size).sum();
+            assert_eq!(u.ram_usage_bytes + u.temp_disk_usage_bytes, held);
+            // Existing keys can still be overwritten and removed.
+            ctx.save(&key(0), &7usize).unwrap();
+            assert_eq!(ctx.load::<usize>(&key(0)).unwrap(), 7);
+            assert!(ctx.remove(&key(1)).unwrap());
+            println!("tiny disk: {saved} keys, then: {err}");
+        }
         other => panic!("unknown role {other}"),
     }
 }
@@ -237,6 +270,21 @@ fn a_small_dev_shm_spills_to_disk_without_sigbus() {
             );
         }
         Sandboxed::Skipped(why) => println!("SKIPPED a_small_dev_shm_spills_to_disk_without_sigbus: {why}"),
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_index_growing_with_an_error_not_a_sigbus() {
+    use context_core::testing::{Sandboxed, in_private_tmpfs};
+    let b = base();
+    let dir = b.path().join("contexts");
+    std::fs::create_dir(&dir).unwrap();
+    let envs = [("WFCTX_CHILD_ROLE", std::ffi::OsStr::new("tiny-disk")), ("WFCTX_BASE", dir.as_os_str())];
+    match in_private_tmpfs(ENTRY, &dir, "256k", &envs) {
+        Sandboxed::Ran(stdout) => stdout.lines().filter(|l| l.contains("tiny disk")).for_each(|l| println!("{l}")),
+        Sandboxed::Skipped(why) => {
+            println!("SKIPPED a_full_disk_stops_the_index_growing_with_an_error_not_a_sigbus: {why}")
+        }
     }
 }
 
