@@ -61,13 +61,16 @@ pub(crate) const STATE_OPEN: u64 = 1;
 /// The context was shut down.
 pub(crate) const STATE_CLOSED: u64 = 2;
 
-const LEN_BITS: u32 = 48;
+/// The head word: the journal's generation in the high 32 bits (compaction runs every few
+/// hundred saves, so 16 bits could wrap within a long run), its committed length in the
+/// low 32 (compaction keeps it to a few dozen KiB).
+const LEN_BITS: u32 = 32;
 const LEN_MASK: u64 = (1 << LEN_BITS) - 1;
 
 /// The journal's generation and committed length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Head {
-    pub(crate) generation: u16,
+    pub(crate) generation: u32,
     pub(crate) len: u64,
 }
 
@@ -76,7 +79,7 @@ impl Head {
         (u64::from(self.generation) << LEN_BITS) | (self.len & LEN_MASK)
     }
     pub(crate) fn unpack(word: u64) -> Head {
-        Head { generation: (word >> LEN_BITS) as u16, len: word & LEN_MASK }
+        Head { generation: (word >> LEN_BITS) as u32, len: word & LEN_MASK }
     }
 }
 
@@ -176,7 +179,7 @@ impl Meta {
 }
 
 /// The path of journal generation `g` in `dir`.
-pub(crate) fn journal_path(dir: &Path, generation: u16) -> PathBuf {
+pub(crate) fn journal_path(dir: &Path, generation: u32) -> PathBuf {
     dir.join(format!("journal.{generation}"))
 }
 
@@ -700,7 +703,7 @@ mod tests {
 
     #[test]
     fn head_packs() {
-        let h = Head { generation: 65535, len: LEN_MASK };
+        let h = Head { generation: u32::MAX, len: LEN_MASK };
         assert_eq!(Head::unpack(h.pack()), h);
     }
 

@@ -114,7 +114,7 @@ fn keys_never_become_paths() {
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         let hex = |s: &str| s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit());
         let known = ["meta", "lock", "procs", "values", "recipes", "values.redb"].contains(&name.as_str())
-            || name.strip_prefix("journal.").is_some_and(|g| g.parse::<u16>().is_ok())
+            || name.strip_prefix("journal.").is_some_and(|g| g.parse::<u32>().is_ok())
             || name.strip_prefix("table.").is_some_and(|g| g.parse::<u32>().is_ok())
             || hex(&name)
             || name.strip_suffix(".val").is_some_and(hex);
