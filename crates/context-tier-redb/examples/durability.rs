@@ -141,9 +141,11 @@ fn throughput(dir: &Path) {
     let tier = RedbTier::new(RedbConfig::new(dir.join("t.redb"))).unwrap();
     let random = context_core::testing::pattern(1, 16 << 20);
     let mut id = 0;
-    for (label, bytes) in
-        [("1 MiB of text (one frame)", text(1 << 20)), ("16 MiB of text (chunks, 2 threads)", text(16 << 20))]
-    {
+    for (label, bytes) in [
+        ("100 KB of text (one frame)", text(100_000)),
+        ("1 MiB of text (two frames, 2 threads)", text(1 << 20)),
+        ("16 MiB of text (chunks, 2 threads)", text(16 << 20)),
+    ] {
         let compressed = zstd::bulk::compress(&bytes, 1).unwrap();
         let zstd_c = best(5, || drop(zstd::bulk::compress(&bytes, 1).unwrap()));
         let zstd_d = best(5, || drop(zstd::bulk::decompress(&compressed, bytes.len()).unwrap()));

@@ -1,11 +1,12 @@
 //! The stored forms of an object, described in the [crate] docs: a small object is one blob
-//! (a header, then its bytes, raw or in one zstd frame); a large one is a manifest blob and a
+//! (a header, then its bytes, raw or in one zstd frame); a mid-size one is one blob too, its
+//! two halves compressed on their own (on two threads); a large one is a manifest blob and a
 //! chunk blob per chunk, each chunk compressed on its own.
 
 use std::cell::Cell;
 use std::io;
-use std::sync::Mutex;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
 use context_core::{Error, NewObject, ObjectData, WriteFailure};
@@ -15,6 +16,11 @@ use zstd::bulk::{Compressor, Decompressor};
 pub(crate) const HEADER: usize = 9;
 /// Objects of this length and more are stored in chunks, in a table of their own.
 pub(crate) const CHUNKED_FROM: u64 = 4 << 20;
+/// Objects of this length and more (and under [`CHUNKED_FROM`]) are compressed in two pieces,
+/// each in a zstd frame of its own, on two threads. Below it, zstd takes too little time
+/// (under 150 µs) beside a put's commit for halving it to matter much, and two independent
+/// frames lose more of the ratio.
+pub(crate) const SPLIT_FROM: u64 = 128 << 10;
 /// The length of every chunk but the last: 1 MiB less 4 KiB, so that a chunk stored raw,
 /// with its blob header and redb's entry overhead (about 30 bytes), fits in a 1 MiB page of
 /// redb. A full 1 MiB would take a 2 MiB page, in memory while it is written and on disk.
@@ -37,6 +43,11 @@ const FRAME: u8 = 1;
 const MANIFEST: u8 = 3;
 /// Bytes of a manifest before its chunk table.
 const MANIFEST_FIXED: usize = HEADER + 4;
+/// The body is the piece size (u32 LE), then the length of each piece's body (u32 LE), then
+/// the bodies in order: each a zstd frame shorter than its piece, or the piece's own bytes.
+const SPLIT: u8 = 4;
+/// Bytes of a split blob before its table of body lengths.
+const SPLIT_FIXED: usize = HEADER + 4;
 
 /// zstd never decodes more than this many bytes per byte of a frame: a block holds at most
 /// 128 KiB and takes at least 4 bytes (an RLE block). Lengths in a blob that claim more are
@@ -95,7 +106,8 @@ fn compress_into(compressor: Option<&mut Compressor<'static>>, raw: &[u8], out: 
     matches!(compressor.compress_to_buffer(raw, out), Ok(n) if n < raw.len())
 }
 
-/// A small object encoded for the table: what [`Encoded::write_blob`] writes.
+/// An object under [`CHUNKED_FROM`] bytes encoded for the table: what [`Encoded::write_blob`]
+/// writes.
 #[derive(Debug)]
 pub(crate) struct Encoded<'a> {
     len: u64,
@@ -108,8 +120,32 @@ enum Form<'a> {
     RawParts(&'a [&'a [u8]]),
     /// Encoding 0 from a buffer the object was streamed into.
     RawOwned(Vec<u8>),
+    /// Encoding 0 from the two buffers the object was streamed into.
+    RawPair(Vec<u8>, Vec<u8>),
     /// Encoding 1.
     Frame(Vec<u8>),
+    /// Encoding 4: pieces of `piece` bytes (the last one shorter or alike).
+    Split { piece: u32, bodies: [Piece<'a>; 2] },
+}
+
+/// The body of one piece of a split blob.
+#[derive(Debug)]
+enum Piece<'a> {
+    /// A zstd frame, shorter than the piece.
+    Zstd(Vec<u8>),
+    /// The piece's own bytes, in the caller's data.
+    Raw(&'a [u8]),
+    /// The piece's own bytes, in the buffer it was streamed into.
+    RawOwned(Vec<u8>),
+}
+
+impl Piece<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Zstd(bytes) | Piece::RawOwned(bytes) => bytes,
+            Piece::Raw(bytes) => bytes,
+        }
+    }
 }
 
 /// Why an object could not be encoded.
@@ -121,19 +157,24 @@ pub(crate) enum EncodeError {
     Compress(io::Error),
 }
 
-/// Encodes a small object (under [`CHUNKED_FROM`] bytes): raw if it does not shrink, else one
-/// zstd frame.
+/// Encodes an object under [`CHUNKED_FROM`] bytes: raw if it does not shrink, else one zstd
+/// frame, or from [`SPLIT_FROM`] bytes on two (see [`encode_split`]).
 pub(crate) fn encode<'a>(object: &mut NewObject<'a>, level: i32) -> Result<Encoded<'a>, EncodeError> {
     let len = object.len;
+    if let ObjectData::Parts(parts) = object.data {
+        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if total != len {
+            return Err(EncodeError::Data(Error::corrupt(
+                format!("object {}", object.id),
+                format!("the data holds {total} bytes, the object is {len}"),
+            )));
+        }
+    }
+    if len >= SPLIT_FROM {
+        return encode_split(object, level);
+    }
     let form = match object.data {
         ObjectData::Parts(parts) => {
-            let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
-            if total != len {
-                return Err(EncodeError::Data(Error::corrupt(
-                    format!("object {}", object.id),
-                    format!("the data holds {total} bytes, the object is {len}"),
-                )));
-            }
             let mut nonempty = parts.iter().filter(|p| !p.is_empty());
             let frame = match (nonempty.next(), nonempty.next()) {
                 (None, _) => None,
@@ -167,16 +208,234 @@ fn from_write_failure(failure: WriteFailure) -> EncodeError {
 
 /// Compresses `raw` into one frame; `None` if it does not shrink.
 fn compress_frame(raw: &[u8], level: i32) -> Option<Vec<u8>> {
-    with_compressor(level, |compressor| {
-        let mut out = Vec::new();
-        if !compress_into(compressor, raw, &mut out) {
-            return None;
+    with_compressor(level, |compressor| compress_with(compressor, raw))
+}
+
+/// Compresses `raw` into one frame with `compressor`; `None` if it does not shrink.
+fn compress_with(compressor: Option<&mut Compressor<'static>>, raw: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    if !compress_into(compressor, raw, &mut out) {
+        return None;
+    }
+    if out.len() < out.capacity() / 2 {
+        out.shrink_to_fit();
+    }
+    Some(out)
+}
+
+/// The length of the first piece of a split object of `len` bytes; the second holds the rest.
+fn split_piece(len: u64) -> usize {
+    debug_assert!((SPLIT_FROM..CHUNKED_FROM).contains(&len));
+    len.div_ceil(2) as usize
+}
+
+/// Encodes an object of [`SPLIT_FROM`] to [`CHUNKED_FROM`] bytes in two halves, each in a
+/// zstd frame of its own: the helper thread compresses the first half while this thread takes
+/// in the second (from a streamed object) and compresses it; if the helper has not started on
+/// the first half by then (it is busy, or the machine is), this thread compresses it too. A
+/// half that does not shrink is kept raw; an object that does not shrink as a whole is stored
+/// raw (encoding 0).
+fn encode_split<'a>(object: &mut NewObject<'a>, level: i32) -> Result<Encoded<'a>, EncodeError> {
+    let len = object.len;
+    let piece = split_piece(len);
+    let form = match object.data {
+        ObjectData::Parts(parts) if parts.iter().filter(|p| !p.is_empty()).count() == 1 => {
+            let only = parts.iter().find(|p| !p.is_empty()).expect("one part");
+            let (first, second) = only.split_at(piece);
+            // The helper outlives the call, so it gets a copy of its half.
+            let job = Job::offer(first.to_vec(), level);
+            let b = compress_frame(second, level);
+            let (_, a) = job.finish();
+            if !split_shrinks(len, [(first.len(), &a), (second.len(), &b)]) {
+                Form::RawParts(parts)
+            } else {
+                let bodies = [a.map_or(Piece::Raw(first), Piece::Zstd), b.map_or(Piece::Raw(second), Piece::Zstd)];
+                Form::Split { piece: piece as u32, bodies }
+            }
         }
-        if out.len() < out.capacity() / 2 {
-            out.shrink_to_fit();
+        // Several parts or a streamed object: gathered into two buffers as it comes.
+        _ => {
+            let mut sink = HalvesSink {
+                piece,
+                level,
+                first: Vec::with_capacity(piece),
+                job: None,
+                second: Vec::with_capacity(len as usize - piece),
+            };
+            let written = object.write_to(&mut sink);
+            let HalvesSink { job, second, .. } = sink;
+            if let Err(failure) = written {
+                if let Some(job) = job {
+                    job.cancel();
+                }
+                return Err(from_write_failure(failure));
+            }
+            let b = compress_frame(&second, level);
+            let job = job.expect("the first half is in once the object is");
+            let (first, a) = job.finish();
+            if !split_shrinks(len, [(first.len(), &a), (second.len(), &b)]) {
+                Form::RawPair(first, second)
+            } else {
+                let bodies =
+                    [a.map_or(Piece::RawOwned(first), Piece::Zstd), b.map_or(Piece::RawOwned(second), Piece::Zstd)];
+                Form::Split { piece: piece as u32, bodies }
+            }
         }
-        Some(out)
-    })
+    };
+    Ok(Encoded { len, form })
+}
+
+/// The process's zstd helper thread, started by the first split put (again in a forked
+/// child).
+static HELPER: Mutex<Option<Helper>> = Mutex::new(None);
+
+/// The id of the process that started the helper thread, and the way to the thread (`None`
+/// if the process has one CPU only, or no thread could be had).
+type Helper = (u32, Option<Sender<Arc<Job>>>);
+
+/// A piece of a split put offered to the helper thread. Whoever claims it first compresses it:
+/// the helper, or the putting thread once its own piece is done. So a put never waits for the
+/// helper to be scheduled, only for a piece the helper is compressing already.
+#[derive(Debug)]
+struct Job {
+    level: i32,
+    slot: Mutex<Slot>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// The piece; out while it is being compressed.
+    raw: Option<Vec<u8>>,
+    claimed: bool,
+    /// Set by the helper when it is done: the frame, or `None` if the piece does not shrink.
+    frame: Option<Option<Vec<u8>>>,
+}
+
+impl Job {
+    /// Offers `raw` to the helper thread, starting the thread if this process has none.
+    fn offer(raw: Vec<u8>, level: i32) -> Arc<Job> {
+        let job =
+            Arc::new(Job { level, slot: Mutex::new(Slot { raw: Some(raw), ..Slot::default() }), done: Condvar::new() });
+        let mut helper = HELPER.lock().unwrap_or_else(PoisonError::into_inner);
+        let pid = std::process::id();
+        if helper.as_ref().is_none_or(|(started_by, _)| *started_by != pid) {
+            let cpus = thread::available_parallelism().map_or(2, |n| n.get());
+            *helper = Some((pid, if cpus > 1 { spawn_helper() } else { None }));
+        }
+        if let Some((_, Some(sender))) = helper.as_ref()
+            && sender.send(Arc::clone(&job)).is_err()
+        {
+            // The thread is gone; the next put starts another.
+            *helper = None;
+        }
+        job
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The piece and its frame (`None`: it does not shrink), compressed here if the helper has
+    /// not claimed it, else once the helper is done.
+    fn finish(&self) -> (Vec<u8>, Option<Vec<u8>>) {
+        let mut slot = self.slot();
+        if !slot.claimed {
+            slot.claimed = true;
+            let raw = slot.raw.take().expect("an unclaimed job holds its piece");
+            drop(slot);
+            let frame = compress_frame(&raw, self.level);
+            return (raw, frame);
+        }
+        while slot.frame.is_none() {
+            slot = self.done.wait(slot).unwrap_or_else(PoisonError::into_inner);
+        }
+        (slot.raw.take().expect("the helper gives the piece back"), slot.frame.take().expect("done"))
+    }
+
+    /// The put failed: the piece is not needed (if the helper is compressing it, it finishes
+    /// for nothing).
+    fn cancel(&self) {
+        let mut slot = self.slot();
+        slot.claimed = true;
+        slot.raw = None;
+    }
+
+    /// On the helper thread: compresses the piece unless the putting thread claimed it.
+    fn help(&self, compressor: &mut Option<(i32, Compressor<'static>)>) {
+        let raw = {
+            let mut slot = self.slot();
+            if slot.claimed {
+                return;
+            }
+            slot.claimed = true;
+            slot.raw.take().expect("an unclaimed job holds its piece")
+        };
+        if compressor.as_ref().is_none_or(|(level, _)| *level != self.level) {
+            *compressor = Compressor::new(self.level).ok().map(|c| (self.level, c));
+        }
+        let compressing = std::panic::AssertUnwindSafe(|| compress_with(compressor.as_mut().map(|(_, c)| c), &raw));
+        let frame = std::panic::catch_unwind(compressing).unwrap_or_else(|_| {
+            // Never leave the putting thread waiting; and start afresh.
+            *compressor = None;
+            None
+        });
+        let mut slot = self.slot();
+        slot.raw = Some(raw);
+        slot.frame = Some(frame);
+        self.done.notify_all();
+    }
+}
+
+/// Starts a helper thread; `None` if no thread can be had (puts then compress both halves
+/// themselves).
+fn spawn_helper() -> Option<Sender<Arc<Job>>> {
+    let (sender, jobs) = mpsc::channel::<Arc<Job>>();
+    let spawned = thread::Builder::new().name("redb-zstd".into()).spawn(move || {
+        let mut compressor = None;
+        for job in jobs {
+            job.help(&mut compressor);
+        }
+    });
+    spawned.ok().map(|_| sender)
+}
+
+/// Whether a split blob of an object of `len` bytes, whose pieces are these many bytes and
+/// compressed to these frames (`None`: kept raw), is shorter than the object stored raw.
+fn split_shrinks(len: u64, pieces: [(usize, &Option<Vec<u8>>); 2]) -> bool {
+    let bodies: u64 = pieces.iter().map(|(raw, frame)| frame.as_ref().map_or(*raw, Vec::len) as u64).sum();
+    ((SPLIT_FIXED + 4 * pieces.len()) as u64 + bodies) < HEADER as u64 + len
+}
+
+/// The sink a split object streams into: its first half into `first`, offered to the helper
+/// thread as soon as it is full, and the rest into `second`.
+struct HalvesSink {
+    piece: usize,
+    level: i32,
+    first: Vec<u8>,
+    /// The first half, offered to the helper once it is all in.
+    job: Option<Arc<Job>>,
+    second: Vec<u8>,
+}
+
+impl io::Write for HalvesSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut rest = buf;
+        if self.job.is_none() {
+            let take = (self.piece - self.first.len()).min(rest.len());
+            self.first.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.first.len() == self.piece {
+                self.job = Some(Job::offer(std::mem::take(&mut self.first), self.level));
+            }
+        }
+        self.second.extend_from_slice(rest);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Bytes `start..start + dst.len()` of the concatenated `parts`, copied into `dst`.
@@ -201,8 +460,12 @@ impl Encoded<'_> {
     /// The length of the blob: at most [`HEADER`] plus the object's length.
     pub(crate) fn blob_len(&self) -> u64 {
         let body = match &self.form {
-            Form::RawParts(_) | Form::RawOwned(_) => self.len,
+            Form::RawParts(_) | Form::RawOwned(_) | Form::RawPair(..) => self.len,
             Form::Frame(frame) => frame.len() as u64,
+            Form::Split { bodies, .. } => {
+                (SPLIT_FIXED - HEADER + 4 * bodies.len()) as u64
+                    + bodies.iter().map(|b| b.bytes().len() as u64).sum::<u64>()
+            }
         };
         HEADER as u64 + body
     }
@@ -221,9 +484,30 @@ impl Encoded<'_> {
                 body.copy_from_slice(raw);
                 RAW
             }
+            Form::RawPair(first, second) => {
+                let (a, b) = body.split_at_mut(first.len());
+                a.copy_from_slice(first);
+                b.copy_from_slice(second);
+                RAW
+            }
             Form::Frame(frame) => {
                 body.copy_from_slice(frame);
                 FRAME
+            }
+            Form::Split { piece, bodies } => {
+                let (fixed, mut rest) = body.split_at_mut(SPLIT_FIXED - HEADER);
+                fixed.copy_from_slice(&piece.to_le_bytes());
+                for b in bodies {
+                    let (entry, tail) = rest.split_at_mut(4);
+                    entry.copy_from_slice(&(b.bytes().len() as u32).to_le_bytes());
+                    rest = tail;
+                }
+                for b in bodies {
+                    let (dst, tail) = rest.split_at_mut(b.bytes().len());
+                    dst.copy_from_slice(b.bytes());
+                    rest = tail;
+                }
+                SPLIT
             }
         };
     }
@@ -631,13 +915,14 @@ fn decode_body(encoding: u8, body: &[u8], out: &mut [u8]) -> Result<(), String> 
             Ok(())
         }
         MANIFEST => Err("a manifest where a blob of bytes belongs".into()),
+        SPLIT => Err("a split blob where a chunk belongs".into()),
         other => Err(format!("unknown encoding {other}")),
     }
 }
 
-/// Decodes a small object's blob into the object's bytes. Every length is checked against
-/// the blob's own size before anything is allocated; a damaged blob is an error (its detail),
-/// never a panic.
+/// Decodes the blob of an object under [`CHUNKED_FROM`] bytes into the object's bytes. Every
+/// length is checked against the blob's own size before anything is allocated; a damaged blob
+/// is an error (its detail), never a panic.
 pub(crate) fn decode(blob: &[u8]) -> Result<Vec<u8>, String> {
     let (encoding, len, body) = split_blob(blob)?;
     match encoding {
@@ -649,8 +934,61 @@ pub(crate) fn decode(blob: &[u8]) -> Result<Vec<u8>, String> {
             decode_body(FRAME, body, &mut out)?;
             Ok(out)
         }
+        SPLIT => {
+            let (piece, bodies) = parse_split(len, body)?;
+            let mut out = allocate(len)?;
+            let decode_piece = |i: usize, out: &mut [u8]| {
+                let body = bodies[i];
+                let encoding = if body.len() == out.len() { RAW } else { FRAME };
+                decode_body(encoding, body, out).map_err(|detail| format!("piece {i}: {detail}"))
+            };
+            out.chunks_mut(piece).enumerate().try_for_each(|(i, out)| decode_piece(i, out))?;
+            Ok(out)
+        }
         other => decode_body(other, body, &mut []).map(|()| Vec::new()),
     }
+}
+
+/// Reads the body of a split blob claiming `len` bytes: the piece size, and each piece's body
+/// (a zstd frame if shorter than its piece, else the piece raw). The body lengths must add up
+/// to the blob's, and each can decode to its piece at all; anything else is damage.
+fn parse_split(len: u64, body: &[u8]) -> Result<(usize, Vec<&[u8]>), String> {
+    let Some((piece, rest)) = body.split_first_chunk::<4>() else {
+        return Err(format!("the split blob's body is {} bytes, shorter than its piece size", body.len()));
+    };
+    let piece = u32::from_le_bytes(*piece);
+    if piece == 0 {
+        return Err("the split blob's piece size is 0".into());
+    }
+    let piece = piece as usize;
+    let n = len.div_ceil(piece as u64);
+    let table = n.checked_mul(4).filter(|&t| t <= rest.len() as u64).ok_or_else(|| {
+        format!(
+            "{len} bytes in pieces of {piece} need {n} body lengths, more than the blob's {} bytes hold",
+            rest.len()
+        )
+    })? as usize;
+    let (table, mut rest) = rest.split_at(table);
+    let mut bodies = Vec::with_capacity(n as usize);
+    for (i, entry) in table.chunks_exact(4).enumerate() {
+        let m = u32::from_le_bytes(entry.try_into().expect("4 bytes")) as usize;
+        let want = chunk_len(len, piece, i);
+        if m > want {
+            return Err(format!("piece {i} of {want} bytes is stored in {m} bytes, more than raw"));
+        }
+        if m < want {
+            check_ratio(want as u64, m).map_err(|detail| format!("piece {i}: {detail}"))?;
+        }
+        let Some((body, tail)) = rest.split_at_checked(m) else {
+            return Err(format!("piece {i} is stored in {m} bytes, past the end of the blob"));
+        };
+        bodies.push(body);
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(format!("the split blob has {} bytes past its pieces", rest.len()));
+    }
+    Ok((piece, bodies))
 }
 
 /// Decodes a chunk's blob into `out`, exactly as long as the chunk must be.
@@ -775,21 +1113,178 @@ mod tests {
     fn small_encodings_round_trip() {
         let random = context_core::testing::pattern(3, (4 << 20) - 1);
         let compressible = text((4 << 20) - 1);
+        let split = SPLIT_FROM as usize;
         for (bytes, encoding) in [
             (&b""[..], RAW),
             (&b"x"[..], RAW),
             (&random[..100_000], RAW),
             (&compressible[..100_000], FRAME),
-            (&compressible[..], FRAME),
+            (&compressible[..split - 1], FRAME),
+            (&compressible[..split], SPLIT),
+            (&compressible[..split + 1], SPLIT),
+            (&compressible[..], SPLIT),
+            (&random[..split], RAW),
             (&random[..], RAW),
         ] {
             let (a, b) = bytes.split_at(bytes.len() / 3);
-            for blob in [encode_parts(&[bytes], 1), encode_parts(&[a, b], 1), encode_streamed_bytes(bytes, 7777)] {
-                assert_eq!(blob[0], encoding, "{} bytes", bytes.len());
-                assert!(blob.len() as u64 <= footprint(bytes.len() as u64));
-                assert!(decode(&blob).unwrap() == bytes, "{} bytes", bytes.len());
+            let whole = encode_parts(&[bytes], 1);
+            for blob in [encode_parts(&[a, b], 1), encode_streamed_bytes(bytes, 7777), encode_parts(&[b"", bytes], 1)] {
+                assert!(blob == whole, "{} bytes: parts, streamed and whole encode alike", bytes.len());
             }
+            assert_eq!(whole[0], encoding, "{} bytes", bytes.len());
+            assert!(whole.len() as u64 <= footprint(bytes.len() as u64));
+            assert!(decode(&whole).unwrap() == bytes, "{} bytes", bytes.len());
         }
+    }
+
+    /// The body lengths of a split blob.
+    fn split_table(blob: &[u8]) -> (u32, Vec<u32>) {
+        assert_eq!(blob[0], SPLIT);
+        let piece = u32::from_le_bytes(blob[HEADER..SPLIT_FIXED].try_into().unwrap());
+        let table = blob[SPLIT_FIXED..SPLIT_FIXED + 8].chunks_exact(4);
+        (piece, table.map(|e| u32::from_le_bytes(e.try_into().unwrap())).collect())
+    }
+
+    #[test]
+    fn split_halves_that_do_not_shrink_are_kept_raw() {
+        let len = (1 << 20) + 3;
+        let random = context_core::testing::pattern(5, len);
+        let compressible = text(len);
+        let half = split_piece(len as u64);
+        for (raw_half, bytes) in [
+            (0, [&random[..half], &compressible[half..]].concat()),
+            (1, [&compressible[..half], &random[half..]].concat()),
+        ] {
+            let (a, b) = bytes.split_at(12345);
+            let whole = encode_parts(&[&bytes], 1);
+            assert!(whole == encode_parts(&[a, b], 1) && whole == encode_streamed_bytes(&bytes, 4096));
+            let (piece, stored) = split_table(&whole);
+            assert_eq!(piece as usize, half);
+            let pieces = [half, len - half];
+            assert_eq!(stored[raw_half] as usize, pieces[raw_half], "the random half is kept raw");
+            assert!((stored[1 - raw_half] as usize) < pieces[1 - raw_half] / 4, "the text half is compressed");
+            assert_eq!(whole.len(), SPLIT_FIXED + 8 + stored.iter().map(|&m| m as usize).sum::<usize>());
+            assert!(decode(&whole).unwrap() == bytes);
+        }
+    }
+
+    #[test]
+    fn concurrent_split_puts_share_the_helper() {
+        // One helper thread for the process: whichever put's half it does not take, that put
+        // compresses itself.
+        thread::scope(|s| {
+            for t in 0..4u64 {
+                s.spawn(move || {
+                    for round in 0..5u64 {
+                        let len = SPLIT_FROM as usize + (t * 5 + round) as usize * 37_123;
+                        let bytes = [&text(len / 2)[..], &context_core::testing::pattern(t, len - len / 2)].concat();
+                        let blob = if round % 2 == 0 {
+                            encode_parts(&[&bytes], 1)
+                        } else {
+                            encode_streamed_bytes(&bytes, 5000)
+                        };
+                        assert_eq!(blob[0], SPLIT);
+                        assert!(decode(&blob).unwrap() == bytes, "thread {t} round {round}");
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn one_frame_blobs_of_any_size_stay_readable() {
+        // Earlier versions stored every compressible object under 4 MiB in one frame.
+        for len in [SPLIT_FROM as usize, 1 << 20, (4 << 20) - 1] {
+            let bytes = text(len);
+            let blob = [&[FRAME][..], &(len as u64).to_le_bytes(), &zstd::bulk::compress(&bytes, 1).unwrap()].concat();
+            assert!(decode(&blob).unwrap() == bytes, "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn a_failing_or_panicking_writer_stops_a_split_put() {
+        let bytes = text(1 << 20);
+        // Fails before, at and after the first half is in; or writes too little.
+        for (stop, fail) in [(0, true), (1000, true), (1 << 19, true), ((1 << 19) + 1, true), (900_000, false)] {
+            let mut write = |out: &mut dyn io::Write| {
+                out.write_all(&bytes[..stop]).map_err(|e| Error::io("test write", "value", e))?;
+                if fail { Err(Error::io("test write", "value", io::Error::other("the writer failed"))) } else { Ok(()) }
+            };
+            let mut object =
+                NewObject { id: ObjectId(2), len: bytes.len() as u64, data: ObjectData::Write(&mut write) };
+            assert!(matches!(encode(&mut object, 1), Err(EncodeError::Data(_))), "stopped at {stop}");
+        }
+        // A panic in the writer reaches the caller, and the helper thread is let go.
+        for stop in [1000, 600_000] {
+            let caught = std::panic::catch_unwind(|| {
+                let mut write = |out: &mut dyn io::Write| -> Result<(), Error> {
+                    out.write_all(&bytes[..stop]).unwrap();
+                    panic!("the writer panicked");
+                };
+                let mut object =
+                    NewObject { id: ObjectId(2), len: bytes.len() as u64, data: ObjectData::Write(&mut write) };
+                let _ = encode(&mut object, 1);
+            });
+            assert!(caught.is_err());
+        }
+        // And the thread's compressors still work.
+        assert!(decode(&encode_streamed_bytes(&bytes, 1 << 16)).unwrap() == bytes);
+    }
+
+    #[test]
+    fn split_damage_is_an_error() {
+        let len = (1 << 20) + 1;
+        let mixed = [&context_core::testing::pattern(6, len / 2)[..], &text(len - len / 2)].concat();
+        for bytes in [text(len), mixed] {
+            let blob = encode_parts(&[&bytes], 1);
+            let (piece, stored) = split_table(&blob);
+            assert!(decode(&blob).unwrap() == bytes);
+            for cut in (0..SPLIT_FIXED + 12).chain([blob.len() / 2, blob.len() - 1]) {
+                assert!(decode(&blob[..cut]).is_err(), "cut at {cut}");
+            }
+            let mut longer = blob.clone();
+            longer.push(0);
+            assert!(decode(&longer).is_err());
+            let with = |at: usize, field: &[u8]| {
+                let mut damaged = blob.clone();
+                damaged[at..at + field.len()].copy_from_slice(field);
+                decode(&damaged)
+            };
+            for claimed in [0u64, 1, len as u64 - 1, len as u64 + 1, 2 * len as u64, u64::MAX, 1 << 40] {
+                assert!(with(1, &claimed.to_le_bytes()).is_err(), "claimed {claimed}");
+            }
+            for p in [0u32, 1, piece - 1, piece + 1, piece * 2, u32::MAX] {
+                assert!(with(HEADER, &p.to_le_bytes()).is_err(), "piece size {p}");
+            }
+            for (i, m) in [(0, 0u32), (0, stored[0] + 1), (0, stored[0] - 1), (1, stored[1] + 1), (1, u32::MAX)] {
+                assert!(with(SPLIT_FIXED + 4 * i, &m.to_le_bytes()).is_err(), "piece {i} stored in {m}");
+            }
+            let swapped = [stored[1].to_le_bytes(), stored[0].to_le_bytes()].concat();
+            if stored[0] != stored[1] {
+                assert!(with(SPLIT_FIXED, &swapped).is_err(), "body lengths swapped");
+            }
+            for byte in (1..blob.len().min(200)).chain((200..blob.len()).step_by(997)) {
+                let mut flipped = blob.clone();
+                flipped[byte] ^= 0x5a;
+                let _ = decode(&flipped); // Anything but a panic.
+            }
+            // A split blob is no chunk, and no manifest.
+            assert!(decode_chunk(&blob, &mut vec![0; len]).unwrap_err().contains("split"));
+            assert!(parse_manifest(&blob).is_err());
+        }
+        // Forged blobs cannot claim more than their pieces can decode to.
+        let forge = |len: u64, piece: u32, bodies: &[&[u8]]| {
+            let table: Vec<u8> = bodies.iter().flat_map(|b| (b.len() as u32).to_le_bytes()).collect();
+            decode(&[&[SPLIT][..], &len.to_le_bytes(), &piece.to_le_bytes(), &table, &bodies.concat()].concat())
+        };
+        assert!(forge(0, 1, &[]).unwrap().is_empty());
+        assert!(forge(3, 2, &[b"ab", b"c"]).unwrap() == b"abc", "raw pieces");
+        let max = MAX_RATIO as u32;
+        assert!(forge(u64::from(max) + 1, max + 1, &[&[0x28]]).unwrap_err().contains("cannot decode"));
+        assert!(forge(2 * u64::from(max), max, &[&[0x28], &[0x28]]).unwrap_err().contains("zstd"));
+        assert!(forge(1 << 40, u32::MAX, &[&[0u8; 4][..]; 256]).is_err());
+        assert!(forge(u64::MAX, 1, &[b"x"]).unwrap_err().contains("body lengths"));
+        assert!(forge(4, 2, &[b"ab", b"cd", b"ef"]).is_err(), "more bodies than pieces");
     }
 
     #[test]

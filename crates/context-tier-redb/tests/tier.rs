@@ -122,13 +122,17 @@ fn compressible_values_are_held_in_fewer_bytes() {
     let scratch = tempfile::tempdir().unwrap();
     let tier = open(&db_path(&scratch));
     let repeated: Vec<u8> = b"0123456789abcdef".iter().copied().cycle().take(1 << 20).collect();
-    for (id, r) in [(1, put(&tier, 1, &repeated)), (2, put_streamed(&tier, 2, &repeated))] {
-        assert!(r.held < 1 << 12, "1 MiB of a repeated pattern is held in {} bytes", r.held);
-        assert_eq!(get(&tier, &r).as_deref(), Some(&repeated[..]));
-        assert_eq!(raw_blob(tier.path(), id).unwrap()[0], 1, "one zstd frame");
+    // Under 128 KiB one zstd frame; from there on two, compressed on two threads.
+    for (id, len, encoding) in [(1, 100_000, 1), (3, 1 << 20, 4)] {
+        let bytes = &repeated[..len];
+        for (id, r) in [(id, put(&tier, id, bytes)), (id + 1, put_streamed(&tier, id + 1, bytes))] {
+            assert!(r.held < 1 << 12, "{len} bytes of a repeated pattern are held in {}", r.held);
+            assert_eq!(get(&tier, &r).as_deref(), Some(bytes));
+            assert_eq!(raw_blob(tier.path(), id).unwrap()[0], encoding, "{len} bytes");
+        }
     }
     let log = text(300_000);
-    let r = put(&tier, 3, &log);
+    let r = put(&tier, 5, &log);
     assert!(r.held < log.len() as u64 / 4, "{} bytes of text held in {}", log.len(), r.held);
     assert_eq!(get(&tier, &r).as_deref(), Some(&log[..]));
     tier.destroy().unwrap();
@@ -274,6 +278,14 @@ fn a_damaged_blob_is_corrupt_not_a_panic() {
     let good_blob = raw_blob(tier.path(), 1).unwrap();
     let chunked = put(&tier, 2, &text(5 << 20));
     let chunked_blob = raw_blob(tier.path(), 2).unwrap();
+    let split = put(&tier, 3, &text(1 << 20));
+    let split_blob = raw_blob(tier.path(), 3).unwrap();
+    assert_eq!(split_blob[0], 4, "two frames");
+    let split_with = |at: usize, field: &[u8]| {
+        let mut blob = split_blob.clone();
+        blob[at..at + field.len()].copy_from_slice(field);
+        blob
+    };
 
     let mut damaged: Vec<(&str, Vec<u8>)> = vec![
         ("empty", vec![]),
@@ -284,6 +296,14 @@ fn a_damaged_blob_is_corrupt_not_a_panic() {
         ("frame, huge length", [&[1u8][..], &(1u64 << 50).to_le_bytes(), &good_blob[9..]].concat()),
         ("truncated frame", good_blob[..good_blob.len() - 3].to_vec()),
         ("truncated chunks", chunked_blob[..chunked_blob.len() / 2].to_vec()),
+        ("split, truncated", split_blob[..split_blob.len() - 1].to_vec()),
+        ("split, huge length", split_with(1, &(1u64 << 50).to_le_bytes())),
+        ("split, piece size 0", split_with(9, &0u32.to_le_bytes())),
+        ("split, piece size off by one", split_with(9, &((1u32 << 19) + 1).to_le_bytes())),
+        (
+            "split, body length off by one",
+            split_with(13, &(u32::from_le_bytes(split_blob[13..17].try_into().unwrap()) + 1).to_le_bytes()),
+        ),
     ];
     let mut flipped = good_blob.clone();
     flipped[20] ^= 0xff;
@@ -312,6 +332,7 @@ fn a_damaged_blob_is_corrupt_not_a_panic() {
     // The intact objects are unaffected.
     assert_eq!(get(&tier, &good).as_deref(), Some(&text(10_000)[..]));
     assert!(get(&tier, &chunked).as_deref() == Some(&text(5 << 20)[..]));
+    assert!(get(&tier, &split).as_deref() == Some(&text(1 << 20)[..]));
     tier.destroy().unwrap();
 }
 
@@ -385,7 +406,11 @@ fn chunked_objects_round_trip() {
                 let chunks = raw_chunks(tier.path(), id);
                 let blob = raw_blob(tier.path(), id).unwrap();
                 if len < threshold {
-                    assert!(chunks.is_empty() && blob[0] <= 1, "{len} bytes are one blob");
+                    // Compressible: two zstd frames in one blob; random: raw.
+                    assert!(
+                        chunks.is_empty() && blob[0] == if compressible { 4 } else { 0 },
+                        "{len} bytes are one blob"
+                    );
                 } else {
                     assert_eq!(blob[0], 3, "{len} bytes are chunked");
                     assert_eq!(chunks.len(), len.div_ceil(CHUNK));
