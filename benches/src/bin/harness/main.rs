@@ -149,6 +149,10 @@ fn parent(args: &[String]) -> Res<()> {
     };
     eprintln!("harness: {} run, scratch in {}", if quick { "quick" } else { "full" }, run.dir.display());
     for section in SECTIONS.iter().filter(|s| only.iter().any(|o| o == *s)) {
+        // Each section starts with the page cache written back, so that the gigabytes the
+        // one before wrote are not flushed (by the kernel, on the other core) while this
+        // one measures.
+        rustix::fs::sync();
         let t = Instant::now();
         eprintln!("harness: {section} ...");
         match *section {

@@ -287,6 +287,9 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
 /// A save against its ceiling, the two alternating: (median of the per-round ratios
 /// ceiling time / save time, median save seconds, median ceiling seconds).
 fn versus(run: &Run, save: Subject<'_>, ceiling: Subject<'_>) -> (f64, f64, f64) {
+    // Start with the page cache written back: the pair before may have left gigabytes for
+    // the kernel to flush on the other core, which this pair would pay for.
+    rustix::fs::sync();
     let mut pair = [save, ceiling];
     rounds(&mut pair, if run.quick { 5 } else { 11 }, run.target(), 1);
     let ratios: Vec<f64> = pair[0].samples.iter().zip(&pair[1].samples).map(|(s, c)| c / s).collect();
