@@ -273,6 +273,8 @@ fn a_small_dev_shm_spills_to_disk_without_sigbus() {
     }
 }
 
+// Values go to shared memory, so that the disk fills with the index only.
+#[cfg(feature = "tier-shm")]
 #[test]
 fn a_full_disk_stops_the_index_growing_with_an_error_not_a_sigbus() {
     use context_core::testing::{Sandboxed, in_private_tmpfs};
