@@ -154,55 +154,7 @@ const CONFIGS: &[(&str, &str)] = &[
 
 /// ComfyUI's default text-to-image workflow in the API format, with `_meta` as ComfyUI
 /// writes it.
-const TXT2IMG: &str = r#"{
-  "3": {
-    "inputs": {
-      "seed": 156680208700286,
-      "steps": 20,
-      "cfg": 8,
-      "sampler_name": "euler",
-      "scheduler": "normal",
-      "denoise": 1,
-      "model": ["4", 0],
-      "positive": ["6", 0],
-      "negative": ["7", 0],
-      "latent_image": ["5", 0]
-    },
-    "class_type": "KSampler",
-    "_meta": {"title": "KSampler"}
-  },
-  "4": {
-    "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
-    "class_type": "CheckpointLoaderSimple",
-    "_meta": {"title": "Load Checkpoint"}
-  },
-  "5": {
-    "inputs": {"width": 512, "height": 512, "batch_size": 1},
-    "class_type": "EmptyLatentImage",
-    "_meta": {"title": "Empty Latent Image"}
-  },
-  "6": {
-    "inputs": {"text": "beautiful scenery nature glass bottle landscape, purple galaxy bottle,", "clip": ["4", 1]},
-    "class_type": "CLIPTextEncode",
-    "_meta": {"title": "CLIP Text Encode (Prompt)"}
-  },
-  "7": {
-    "inputs": {"text": "text, watermark", "clip": ["4", 1]},
-    "class_type": "CLIPTextEncode",
-    "_meta": {"title": "CLIP Text Encode (Prompt)"}
-  },
-  "8": {
-    "inputs": {"samples": ["3", 0], "vae": ["4", 2]},
-    "class_type": "VAEDecode",
-    "_meta": {"title": "VAE Decode"}
-  },
-  "9": {
-    "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]},
-    "class_type": "SaveImage",
-    "_meta": {"title": "Save Image"}
-  }
-}
-"#;
+const TXT2IMG: &str = include_str!("../../context-tier-graph/tests/fixtures/txt2img-api.json");
 
 /// Image-to-image with a LoRA and an upscale pass: string ids, nested literals, a node
 /// with two dependents, and unicode.
