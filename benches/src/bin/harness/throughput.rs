@@ -15,6 +15,18 @@ use workflow_context_benches::workload::{Content, MIB, Size, Tier, largest, size
 use crate::report::{Better, Floor, Section, Series};
 use crate::{Res, Run, ok};
 
+/// The columns of the latency table, each a subject's name.
+const LATENCY: [&str; 9] = [
+    "save shm",
+    "save mmap",
+    "save redb",
+    "first shm",
+    "again shm",
+    "first mmap",
+    "again mmap",
+    "first redb",
+    "again redb",
+];
 /// The RAM budget of the contexts here: room for the largest value several times over.
 const RAM_BUDGET: u64 = 4 << 30;
 
@@ -144,18 +156,7 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
         "Latency per operation (median)",
         "`again`: `load_bytes` of a value this process has loaded before (a view of shared memory or of the \
          mapped file above 64 KiB; a copy below).",
-        &[
-            "size",
-            "save shm",
-            "save mmap",
-            "save redb",
-            "first shm",
-            "again shm",
-            "first mmap",
-            "again mmap",
-            "first redb",
-            "again redb",
-        ],
+        &[&["size"][..], &LATENCY[..]].concat(),
     );
     let mut series: Vec<Series> = Vec::new();
     let mut add_point = |name: &str, panel: &'static str, ceiling: bool, bytes: usize, gb: f64| {
@@ -210,18 +211,7 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
             ]
             .concat(),
         );
-        let lat = [
-            "save shm",
-            "save mmap",
-            "save redb",
-            "first shm",
-            "again shm",
-            "first mmap",
-            "again mmap",
-            "first redb",
-            "again redb",
-        ];
-        lat_tbl.row([vec![size.label.to_owned()], lat.iter().map(|n| show_secs(m[*n])).collect()].concat());
+        lat_tbl.row([vec![size.label.to_owned()], LATENCY.iter().map(|n| show_secs(m[*n])).collect()].concat());
         let secs: serde_json::Map<String, serde_json::Value> = m.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
         save_tbl.data(json!({ "size": size, "seconds_per_op": secs, "text_zstd1_bytes": packed.len() }));
 
