@@ -44,18 +44,24 @@ fn id_ref(id: u64) -> ObjectRef {
     ObjectRef { id: ObjectId(id), len: 0, slot: ObjectRef::UNKNOWN_SLOT, held: 0 }
 }
 
+/// A tier on the database in `$CONTEXT_TIER_REDB_NOSPACE_DIR`, and a second instance on
+/// it, as another process attached to the context would have; `None` outside the sandbox.
+/// Also the directory and the database's path.
+fn tiers_on_the_small_file_system() -> Option<(PathBuf, PathBuf, RedbTier, RedbTier)> {
+    let Some(dir) = std::env::var_os(DIR_VAR).map(PathBuf::from) else {
+        println!("{DIR_VAR} is not set; nothing to check");
+        return None;
+    };
+    let path = dir.join("context.redb");
+    let (tier, peer) = (RedbTier::new(RedbConfig::new(&path)).unwrap(), RedbTier::new(RedbConfig::new(&path)).unwrap());
+    Some((dir, path, tier, peer))
+}
+
 /// Runs inside the private mount namespace, with a 1 MiB tmpfs at `$CONTEXT_TIER_REDB_NOSPACE_DIR`.
 #[test]
 #[ignore = "run by full_file_system_is_no_space inside a private mount namespace"]
 fn no_space_inner() {
-    let Some(dir) = std::env::var_os(DIR_VAR).map(PathBuf::from) else {
-        println!("{DIR_VAR} is not set; nothing to check");
-        return;
-    };
-    let path = dir.join("context.redb");
-    let tier = RedbTier::new(RedbConfig::new(&path)).unwrap();
-    // A second instance, as another process attached to the context would have.
-    let peer = RedbTier::new(RedbConfig::new(&path)).unwrap();
+    let Some((dir, path, tier, peer)) = tiers_on_the_small_file_system() else { return };
     let before = tier.usage().unwrap();
     let small = pattern(1, 10_000);
     let PutOutcome::Stored(first) = put_parts(&tier, 1, &small) else { panic!("10 KB did not fit in 1 MiB") };
@@ -108,13 +114,7 @@ fn no_space_inner() {
 #[test]
 #[ignore = "run by full_file_system_part_way_through_a_chunked_put_is_no_space inside a private mount namespace"]
 fn no_space_chunked_inner() {
-    let Some(dir) = std::env::var_os(DIR_VAR).map(PathBuf::from) else {
-        println!("{DIR_VAR} is not set; nothing to check");
-        return;
-    };
-    let path = dir.join("context.redb");
-    let tier = RedbTier::new(RedbConfig::new(&path)).unwrap();
-    let peer = RedbTier::new(RedbConfig::new(&path)).unwrap();
+    let Some((_, _, tier, peer)) = tiers_on_the_small_file_system() else { return };
     let small = pattern(1, 10_000);
     let PutOutcome::Stored(first) = put_parts(&tier, 1, &small) else { panic!("10 KB did not fit") };
     let before = tier.usage().unwrap();
