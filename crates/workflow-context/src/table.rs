@@ -328,8 +328,13 @@ impl Table {
     /// The index of tier `name`, registering it if new. Writers only.
     pub(crate) fn tier_index(&self, name: &str) -> Result<u8> {
         let count = (self.get(H_TIERS) as usize).min(MAX_TIERS);
+        // Compared in place, word by word: this runs on every save.
         for i in 0..count {
-            if self.tier_name(i).as_deref() == Some(name) {
+            let base = H_TIER_NAMES + i * TIER_RECORD;
+            if self.get(base) == name.len() as u64
+                && name.len() <= TIER_NAME_MAX
+                && self.words_match(base + 8, name.as_bytes())
+            {
                 return Ok(i as u8);
             }
         }
@@ -355,11 +360,17 @@ impl Table {
         Ok(count as u8)
     }
 
+    /// Whether the entry at `at` holds `key` (whose length the caller compared).
     fn key_matches(&self, at: usize, key: &[u8]) -> bool {
-        key.chunks(8).enumerate().all(|(w, chunk)| {
+        self.words_match(at + ENTRY_FIXED, key)
+    }
+
+    /// Whether the words from byte offset `start` hold `bytes`, zero-padded to a word.
+    fn words_match(&self, start: usize, bytes: &[u8]) -> bool {
+        bytes.chunks(8).enumerate().all(|(w, chunk)| {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);
-            self.word(at + ENTRY_FIXED + w * 8).load(Ordering::Relaxed) == u64::from_le_bytes(b)
+            self.word(start + w * 8).load(Ordering::Relaxed) == u64::from_le_bytes(b)
         })
     }
 
