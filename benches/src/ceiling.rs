@@ -174,6 +174,51 @@ pub fn small_pwrite(file: &File, buf: &[u8], reps: usize) -> io::Result<f64> {
     Ok(secs / reps as f64)
 }
 
+/// A random cycle through every 64-byte line of a buffer: each read's address comes from
+/// the read before, so no two reads overlap, as in a hash-table lookup. One step costs what
+/// a cache miss (and, past the TLB's reach, a page walk) costs at that footprint: the
+/// reference for how much a small load or save may grow with the number of keys.
+#[derive(Debug)]
+pub struct Chase {
+    /// `next[8 * i]` holds the word index of the line after line `i`; the rest is padding.
+    next: Vec<usize>,
+    at: usize,
+}
+
+impl Chase {
+    /// A cycle through `bytes` of memory (at least one line), in an order drawn from `seed`.
+    pub fn new(bytes: usize, seed: u64) -> Self {
+        let lines = (bytes / 64).max(1);
+        let mut order: Vec<usize> = (0..lines).collect();
+        let mut rng = crate::rng::XorShift::new(seed);
+        for i in (1..lines).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let mut next = vec![0usize; lines * 8];
+        for (i, &line) in order.iter().enumerate() {
+            next[line * 8] = order[(i + 1) % lines] * 8;
+        }
+        Chase { next, at: order[0] * 8 }
+    }
+
+    /// The bytes the cycle runs through.
+    pub fn bytes(&self) -> usize {
+        self.next.len() * 8
+    }
+
+    /// `reps` dependent reads, each of the line the one before named.
+    pub fn run(&mut self, reps: usize) -> f64 {
+        let mut at = self.at;
+        let t = Instant::now();
+        for _ in 0..reps {
+            at = self.next[at];
+        }
+        let secs = t.elapsed().as_secs_f64();
+        self.at = black_box(at);
+        secs / reps as f64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +246,19 @@ mod tests {
         let log = File::create(dir.path().join("log")).unwrap();
         assert!(small_pwrite(&log, &[1; 64], 10).unwrap() > 0.0);
         assert_eq!(log.metadata().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_chase_visits_every_line_once_per_cycle() {
+        let mut chase = Chase::new(64 * 1000, 3);
+        assert_eq!(chase.bytes(), 64 * 1000);
+        let start = chase.at;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            assert!(seen.insert(chase.at), "line {} visited twice", chase.at / 8);
+            chase.run(1);
+        }
+        assert_eq!(chase.at, start);
+        assert_eq!(Chase::new(10, 1).bytes(), 64);
     }
 }
