@@ -1150,9 +1150,11 @@ impl WorkflowContext {
     /// (read it back with [`crate::read_exported`] or [`crate::read_exported_bytes`]), then
     /// removes it from the context.
     ///
-    /// The file is written atomically (a temporary file in the destination directory,
-    /// fsync, rename); missing parent directories are created. If anything fails, the
-    /// value stays in the context.
+    /// The file is written atomically: into an unnamed file in the destination directory
+    /// (`O_TMPFILE`; a named temporary file where the file system has none), synced, then
+    /// linked or renamed into place, so a reader sees the whole file or none, and a process
+    /// killed during the write leaves nothing behind. Missing parent directories are
+    /// created. If anything fails, the value stays in the context.
     ///
     /// # Errors
     /// [`Error::KeyNotFound`]; [`Error::AlreadyExists`] if `dest` exists and `overwrite` is

@@ -90,8 +90,15 @@ pub(crate) fn read(path: &Path) -> Result<Exported> {
     decode(&bytes, path)
 }
 
-/// Writes an export file atomically: a temporary file in the destination directory,
-/// fsync, then a rename that refuses to replace an existing file unless `overwrite`.
+/// Writes an export file atomically, refusing to replace an existing file unless
+/// `overwrite`.
+///
+/// The bytes go into an unnamed file in the destination directory (`O_TMPFILE`), which is
+/// synced and then linked into place: a process killed before the link leaves nothing
+/// behind, because the kernel frees an unnamed file with its last descriptor. Where the
+/// file system has no unnamed files, or the process cannot link one, a named temporary
+/// file (`.<name>.<random>.tmp`) is written instead and renamed into place; a kill during
+/// that write leaves it behind.
 pub(crate) fn write(dest: &Path, key: &str, flags: u16, payload: &[u8], overwrite: bool) -> Result<()> {
     let file_name = dest
         .file_name()
@@ -104,34 +111,121 @@ pub(crate) fn write(dest: &Path, key: &str, flags: u16, payload: &[u8], overwrit
     if !overwrite && fs::symlink_metadata(dest).is_ok() {
         return Err(Error::AlreadyExists { what: "export destination", path: dest.to_owned() });
     }
-    let mut rand = [0u8; 8];
-    getrandom::fill(&mut rand).map_err(|e| Error::io("make a temporary name in", &parent, io::Error::other(e)))?;
-    let tmp = parent.join(format!(".{}.{:016x}.tmp", file_name.to_string_lossy(), u64::from_le_bytes(rand)));
-    let result = (|| {
-        let mut file = fsutil::create_new(&tmp, "create temporary export file")?;
-        file.write_all(&header(key, flags, payload))
-            .and_then(|()| file.write_all(key.as_bytes()))
-            .and_then(|()| file.write_all(payload))
-            .map_err(|e| Error::io("write export file", &tmp, e))?;
-        file.sync_all().map_err(|e| Error::io("sync export file", &tmp, e))?;
+    let header = header(key, flags, payload);
+    let parts: [&[u8]; 3] = [&header, key.as_bytes(), payload];
+    let tmp_name = || -> Result<PathBuf> {
+        let mut rand = [0u8; 8];
+        getrandom::fill(&mut rand).map_err(|e| Error::io("make a temporary name in", &parent, io::Error::other(e)))?;
+        Ok(parent.join(format!(".{}.{:016x}.tmp", file_name.to_string_lossy(), u64::from_le_bytes(rand))))
+    };
+    if !write_unnamed(&parent, dest, &parts, overwrite, tmp_name)? {
+        write_named(&tmp_name()?, dest, &parts, overwrite)?;
+    }
+    if let Ok(dir) = File::open(&parent) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// Writes `parts` to `file` and syncs it; errors name `path`.
+fn write_parts(file: &mut File, parts: &[&[u8]], path: &Path) -> Result<()> {
+    for part in parts {
+        file.write_all(part).map_err(|e| Error::io("write export file", path, e))?;
+    }
+    file.sync_all().map_err(|e| Error::io("sync export file", path, e))
+}
+
+/// The export through an unnamed file; `false` if this file system or process cannot make
+/// one or link it (nothing is left behind then).
+fn write_unnamed(
+    parent: &Path,
+    dest: &Path,
+    parts: &[&[u8]],
+    overwrite: bool,
+    tmp_name: impl FnOnce() -> Result<PathBuf>,
+) -> Result<bool> {
+    use rustix::fs::{CWD, Mode, OFlags};
+    use rustix::io::Errno;
+    let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
+    let mut file = match rustix::fs::openat(CWD, parent, flags, Mode::from_raw_mode(0o600)) {
+        Ok(fd) => File::from(fd),
+        // No unnamed files here (an older kernel reports EISDIR).
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => return Ok(false),
+        Err(e) => return Err(Error::io("create export file in", parent, e.into())),
+    };
+    write_parts(&mut file, parts, dest)?;
+    if !overwrite {
+        // The link itself refuses an existing destination.
+        return match link_unnamed(&file, dest) {
+            Ok(()) => Ok(true),
+            Err(Errno::EXIST) => Err(Error::AlreadyExists { what: "export destination", path: dest.to_owned() }),
+            Err(e) if cannot_link(e) => Ok(false),
+            Err(e) => Err(Error::io("move export file into place at", dest, e.into())),
+        };
+    }
+    // Replacing takes a name first: only a rename replaces a file atomically. A kill
+    // between the two steps leaves the named file.
+    let tmp = tmp_name()?;
+    match link_unnamed(&file, &tmp) {
+        Ok(()) => {}
+        Err(e) if cannot_link(e) => return Ok(false),
+        Err(e) => return Err(Error::io("link export file at", &tmp, e.into())),
+    }
+    drop(file);
+    rename_into_place(&tmp, dest, true)?;
+    Ok(true)
+}
+
+/// Whether a failed link of an unnamed file means this process cannot link one at all
+/// (no `CAP_DAC_READ_SEARCH` for `AT_EMPTY_PATH`, and no `/proc`), rather than a problem
+/// with the destination.
+fn cannot_link(e: rustix::io::Errno) -> bool {
+    use rustix::io::Errno;
+    matches!(e, Errno::NOENT | Errno::PERM | Errno::ACCESS)
+}
+
+/// Gives the unnamed `file` the name `to`: by its descriptor (`AT_EMPTY_PATH`), else
+/// through `/proc/self/fd`, which needs no privilege.
+fn link_unnamed(file: &File, to: &Path) -> rustix::io::Result<()> {
+    use rustix::fs::{AtFlags, CWD, linkat};
+    match linkat(file, c"", CWD, to, AtFlags::EMPTY_PATH) {
+        Err(e) if cannot_link(e) => link_by_proc(file, to),
+        other => other,
+    }
+}
+
+/// Links `file` at `to` through its `/proc/self/fd` entry.
+fn link_by_proc(file: &File, to: &Path) -> rustix::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let by_proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+    rustix::fs::linkat(rustix::fs::CWD, by_proc.as_str(), rustix::fs::CWD, to, rustix::fs::AtFlags::SYMLINK_FOLLOW)
+}
+
+/// The export through a named temporary file `tmp`, renamed into place.
+fn write_named(tmp: &Path, dest: &Path, parts: &[&[u8]], overwrite: bool) -> Result<()> {
+    let result = fsutil::create_new(tmp, "create temporary export file").and_then(|mut file| {
+        write_parts(&mut file, parts, tmp)?;
         drop(file);
-        let flags = if overwrite { rustix::fs::RenameFlags::empty() } else { rustix::fs::RenameFlags::NOREPLACE };
-        rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, dest, flags).map_err(|e| {
-            if e == rustix::io::Errno::EXIST {
-                Error::AlreadyExists { what: "export destination", path: dest.to_owned() }
-            } else {
-                Error::io("move export file into place at", dest, e.into())
-            }
-        })?;
-        if let Ok(dir) = File::open(&parent) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
-    })();
+        rename_into_place(tmp, dest, overwrite)
+    });
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp);
     }
     result
+}
+
+/// Renames `tmp` to `dest`, refusing to replace a file unless `overwrite`; removes `tmp`
+/// if the rename fails.
+fn rename_into_place(tmp: &Path, dest: &Path, overwrite: bool) -> Result<()> {
+    let flags = if overwrite { rustix::fs::RenameFlags::empty() } else { rustix::fs::RenameFlags::NOREPLACE };
+    rustix::fs::renameat_with(rustix::fs::CWD, tmp, rustix::fs::CWD, dest, flags).map_err(|e| {
+        let _ = fs::remove_file(tmp);
+        if e == rustix::io::Errno::EXIST {
+            Error::AlreadyExists { what: "export destination", path: dest.to_owned() }
+        } else {
+            Error::io("move export file into place at", dest, e.into())
+        }
+    })
 }
 
 /// Reads the payload of a file written by `WorkflowContext::export_data`.
@@ -189,5 +283,64 @@ mod tests {
         assert_eq!(read(&dest).unwrap().payload, b"new");
         let leftovers: Vec<_> = fs::read_dir(dest.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers.len(), 1, "no temporary files left: {leftovers:?}");
+    }
+
+    /// Everything in `dir`, by name.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn an_unnamed_file_is_linked_into_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("x.wfx");
+        let parts: [&[u8]; 2] = [b"first ", b"file"];
+        let no_name = || -> Result<PathBuf> { panic!("a new file needs no temporary name") };
+        if !write_unnamed(dir.path(), &dest, &parts, false, no_name).unwrap() {
+            eprintln!("skipped: the file system under {} has no O_TMPFILE", dir.path().display());
+            return;
+        }
+        assert_eq!(fs::read(&dest).unwrap(), b"first file");
+        // The link without privilege, through /proc, where /proc is mounted.
+        if Path::new("/proc/self/fd").exists() {
+            let flags = rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::WRONLY;
+            let fd = rustix::fs::openat(rustix::fs::CWD, dir.path(), flags, rustix::fs::Mode::from_raw_mode(0o600));
+            let mut file = File::from(fd.unwrap());
+            file.write_all(b"by proc").unwrap();
+            link_by_proc(&file, &dir.path().join("p.wfx")).unwrap();
+            assert_eq!(fs::read(dir.path().join("p.wfx")).unwrap(), b"by proc");
+            fs::remove_file(dir.path().join("p.wfx")).unwrap();
+        }
+        let refused = write_unnamed(dir.path(), &dest, &[b"second"], false, no_name);
+        assert!(matches!(refused, Err(Error::AlreadyExists { .. })), "{refused:?}");
+        assert_eq!(fs::read(&dest).unwrap(), b"first file");
+        let tmp = dir.path().join(".x.wfx.1.tmp");
+        assert!(write_unnamed(dir.path(), &dest, &[b"second"], true, || Ok(tmp.clone())).unwrap());
+        assert_eq!(fs::read(&dest).unwrap(), b"second");
+        assert_eq!(names(dir.path()), ["x.wfx"]);
+    }
+
+    #[test]
+    fn the_named_fallback_renames_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("x.wfx");
+        let tmp = dir.path().join(".x.wfx.1.tmp");
+        write_named(&tmp, &dest, &[b"one"], false).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"one");
+        let refused = write_named(&tmp, &dest, &[b"two"], false);
+        assert!(matches!(refused, Err(Error::AlreadyExists { .. })), "{refused:?}");
+        assert_eq!(fs::read(&dest).unwrap(), b"one");
+        assert_eq!(names(dir.path()), ["x.wfx"], "the refused temporary file is removed");
+        write_named(&tmp, &dest, &[b"two"], true).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"two");
+        assert_eq!(names(dir.path()), ["x.wfx"]);
+        // A destination in a directory that is gone: an error naming it, nothing left.
+        let gone = dir.path().join("gone/x.wfx");
+        let err = write_named(&dir.path().join("gone/.x.tmp"), &gone, &[b"3"], false).unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
+        assert_eq!(names(dir.path()), ["x.wfx"]);
     }
 }

@@ -235,6 +235,16 @@ fn writers_killed_at_random_moments_lose_nothing_committed() {
         drop(fresh);
         first += 1_000_000;
     }
+    // An export killed before its file was in place leaves nothing: no temporary file.
+    let exports: Vec<String> = std::fs::read_dir(b.path().join("exports"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let stray: Vec<&String> = exports
+        .iter()
+        .filter(|n| n.strip_prefix('e').and_then(|n| n.strip_suffix(".wfx")).is_none_or(|n| n.parse::<u64>().is_err()))
+        .collect();
+    assert!(stray.is_empty(), "left in the export directory: {stray:?}");
     println!("crash harness: {counts:#?}");
     assert!(counts.kills >= kills && counts.ops_done > kills, "{counts:?}");
 
