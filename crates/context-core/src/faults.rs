@@ -236,6 +236,10 @@ impl StorageTier for FaultyTier {
         }
     }
 
+    fn prefetch(&self, slot: u64) {
+        self.inner.prefetch(slot);
+    }
+
     fn locate(&self, object: &ObjectRef) -> Location {
         self.inner.locate(object)
     }
@@ -301,6 +305,10 @@ impl StorageTier for MemoryTier {
     fn get(&self, object: &ObjectRef) -> Result<Option<Payload>> {
         let shared = |b: &Arc<Vec<u8>>| Payload::from_shared(Arc::clone(b) as Arc<dyn AsRef<[u8]> + Send + Sync>);
         Ok(self.objects().get(&object.id).map(shared))
+    }
+
+    fn prefetch(&self, _slot: u64) {
+        // Objects are found by id in a map: a location word says nothing here.
     }
 
     fn delete(&self, object: &ObjectRef) -> Result<bool> {

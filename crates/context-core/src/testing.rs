@@ -33,6 +33,7 @@ pub const CHECKS: &[&str] = &[
     "usage_counts_objects",
     "footprint_covers_length",
     "concurrent_puts_and_gets",
+    "prefetch_is_only_a_hint",
     "destroy_removes_everything",
 ];
 
@@ -277,9 +278,39 @@ pub fn destroy_removes_everything(tier: &dyn StorageTier) {
     tier.destroy().unwrap();
 }
 
+/// `prefetch` changes nothing and never panics, whatever word it is given: the location
+/// words of present objects, of a deleted one, and words the tier never handed out.
+pub fn prefetch_is_only_a_hint(tier: &dyn StorageTier) {
+    let refs: Vec<(ObjectRef, Vec<u8>)> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let bytes = pattern(i as u64, len);
+            (put_parts(tier, 1100 + i as u64, &bytes), bytes)
+        })
+        .collect();
+    let gone = put_parts(tier, 1099, &pattern(7, 100));
+    assert!(tier.delete(&gone).unwrap());
+    let before = usage(tier);
+    let mut words = vec![0, 1, u64::MAX, ObjectRef::UNKNOWN_SLOT, gone.slot];
+    words.extend(refs.iter().map(|(r, _)| r.slot));
+    // Every bit pattern of the top byte over a few low patterns, and each word's bits flipped.
+    words.extend((0..=255u64).flat_map(|top| [top << 56, top << 56 | 0xffff, top << 56 | 0x00ff_ffff_ffff_ffff]));
+    words.extend(refs.iter().flat_map(|(r, _)| (0..64).map(move |bit| r.slot ^ 1 << bit)));
+    for &w in &words {
+        tier.prefetch(w);
+    }
+    for (r, bytes) in &refs {
+        assert_eq!(get(tier, r).as_deref(), Some(&bytes[..]), "{}: an object changed after prefetch", tier.name());
+    }
+    assert!(get(tier, &gone).is_none(), "{}: prefetch brought a deleted object back", tier.name());
+    assert_eq!(usage(tier), before, "{}: prefetch changed the usage", tier.name());
+    finish(tier);
+}
+
 /// Runs every check against tiers made by `make`, each on a fresh tier.
 pub fn run_all<T: std::ops::Deref<Target = D>, D: DynTier + ?Sized>(make: impl Fn() -> T) {
-    let checks: [fn(&dyn StorageTier); 11] = [
+    let checks: [fn(&dyn StorageTier); 12] = [
         put_get_round_trip,
         fill_and_parts_agree,
         delete_reports_existence,
@@ -290,6 +321,7 @@ pub fn run_all<T: std::ops::Deref<Target = D>, D: DynTier + ?Sized>(make: impl F
         usage_counts_objects,
         footprint_covers_length,
         concurrent_puts_and_gets,
+        prefetch_is_only_a_hint,
         destroy_removes_everything,
     ];
     for check in checks {
@@ -328,7 +360,7 @@ macro_rules! tier_conformance_tests {
             put_get_round_trip, fill_and_parts_agree, delete_reports_existence,
             delete_with_unknown_slot, payload_outlives_delete, failed_fill_leaves_nothing,
             wrong_length_is_refused, usage_counts_objects, footprint_covers_length,
-            concurrent_puts_and_gets, destroy_removes_everything);
+            concurrent_puts_and_gets, prefetch_is_only_a_hint, destroy_removes_everything);
     };
     (@each $make:expr; $($check:ident),* $(,)?) => {
         $(

@@ -308,6 +308,20 @@ pub trait StorageTier: Send + Sync + fmt::Debug {
     /// - A returned payload stays valid and unchanged after the object is deleted.
     fn get(&self, object: &ObjectRef) -> Result<Option<Payload>>;
 
+    /// A hint that the object at location word `slot` (an [`ObjectRef::slot`] this tier
+    /// handed out) is about to be read with [`get`](Self::get): a tier that keeps small
+    /// objects in memory may start bringing them into the CPU cache, so that the caller's
+    /// own lookup and the object's bytes travel from memory at once.
+    ///
+    /// # Behavior
+    /// - Only a hint: it never fails, blocks or changes anything, and the default does
+    ///   nothing.
+    /// - `slot` is untrusted: it may be stale, or a word of another tier. A tier ignores a
+    ///   word it cannot use.
+    fn prefetch(&self, slot: u64) {
+        let _ = slot;
+    }
+
     /// Deletes an object and frees its space.
     ///
     /// # Behavior

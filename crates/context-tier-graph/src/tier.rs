@@ -117,6 +117,10 @@ impl StorageTier for GraphTier {
         Ok(payload)
     }
 
+    fn prefetch(&self, _slot: u64) {
+        // A recipe is a file read once per rebuild of its value: nothing to fetch ahead.
+    }
+
     fn delete(&self, object: &ObjectRef) -> Result<bool> {
         self.files.delete(object)
     }

@@ -358,19 +358,21 @@ impl Arena {
     /// the next small store of this process in this class is usually into the slot it
     /// freed last, and without this its bytes are a cache miss by then.
     fn prefetch_for_write(&self, slot: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_MM_HINT_ET0, _mm_prefetch};
-            for line in self.slot_words(slot).chunks(8).take(PREFETCH_LINES) {
-                // SAFETY: a prefetch is only a hint to the cache: it never faults (not even
-                // on an unmapped address), reads nothing into the program and changes no
-                // memory. The address lies inside this arena's mapping anyway. `sse`, the
-                // feature it needs, is part of the x86_64 baseline.
-                unsafe { _mm_prefetch::<_MM_HINT_ET0>(line.as_ptr().cast()) };
-            }
+        for line in self.slot_words(slot).chunks(8).take(PREFETCH_LINES) {
+            prefetch(line, true);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = slot;
+    }
+
+    /// Asks the CPU to bring `slot`'s id word and its first lines into its cache, for a
+    /// read that is about to come. Out-of-range slots are ignored.
+    pub(crate) fn prefetch_for_read(&self, slot: usize) {
+        if slot >= self.layout.slot_count {
+            return;
+        }
+        prefetch(std::slice::from_ref(&self.ids()[slot]), false);
+        for line in self.slot_words(slot).chunks(8).take(PREFETCH_LINES) {
+            prefetch(line, false);
+        }
     }
 
     /// The slot holding the object tagged `tag`, if any.
@@ -385,6 +387,29 @@ impl Arena {
     pub(crate) fn allocated(&self) -> u64 {
         self.ids().iter().filter(|id| id.load(Ordering::Relaxed) != 0).count() as u64
     }
+}
+
+/// Asks the CPU to bring the cache line holding `words` into its cache, for writing if
+/// `write`. Only a hint; nothing on targets other than x86_64.
+fn prefetch(words: &[AtomicU64], write: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_ET0, _MM_HINT_T0, _mm_prefetch};
+        let p = words.as_ptr().cast::<i8>();
+        // SAFETY: a prefetch is only a hint to the cache: it never faults (not even on an
+        // unmapped address), reads nothing into the program and changes no memory. The
+        // address is that of a live borrow of arena memory anyway. `sse`, the feature it
+        // needs, is part of the x86_64 baseline.
+        unsafe {
+            if write {
+                _mm_prefetch::<_MM_HINT_ET0>(p);
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(p);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (words, write);
 }
 
 #[cfg(test)]

@@ -498,6 +498,15 @@ impl StorageTier for ShmTier {
         Ok(found.arena.read(found.slot, tag, object.len as usize).map(Payload::from_vec))
     }
 
+    fn prefetch(&self, slot: u64) {
+        let Some((class, n, slot)) = decode_slot(slot) else { return };
+        // Never waits: if another thread holds the class (mapping an arena, say), no hint.
+        let Ok(state) = self.classes[class].try_lock() else { return };
+        if let Some(Entry::Ready(arena)) = state.arenas.get(n) {
+            arena.prefetch_for_read(slot);
+        }
+    }
+
     fn delete(&self, object: &ObjectRef) -> Result<bool> {
         let class = class_of(object.len);
         if object.slot == ObjectRef::UNKNOWN_SLOT {

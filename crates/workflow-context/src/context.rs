@@ -51,6 +51,8 @@ pub struct WorkflowContext {
     replica: RwLock<Replica>,
     lock_file: Mutex<File>,
     tiers: Vec<Arc<dyn StorageTier>>,
+    /// The tiers of `tiers` that keep values in RAM: told where a value is about to be read.
+    ram_tiers: Vec<Arc<dyn StorageTier>>,
     /// The tier that holds the recipes of values passed by reference, kept out of placement.
     pub(crate) recipe_tier: Option<Arc<dyn StorageTier>>,
     policy: Arc<dyn PlacementPolicy>,
@@ -522,6 +524,7 @@ impl WorkflowContext {
             }
             tiers.push(extra);
         }
+        let ram_tiers = tiers.iter().filter(|t| t.kind() == StorageKind::Ram).cloned().collect();
         Ok(WorkflowContext {
             run_id,
             dir,
@@ -531,6 +534,7 @@ impl WorkflowContext {
             replica: RwLock::new(parts.replica),
             lock_file: Mutex::new(parts.lock),
             tiers,
+            ram_tiers,
             recipe_tier,
             policy: setup.policy,
             liveness: Mutex::new(Some(parts.liveness)),
@@ -640,7 +644,25 @@ impl WorkflowContext {
     /// Looks `key` up without a lock, or under the index lock if a writer is in the middle
     /// of changing its entry (or died there: taking the lock repairs it).
     fn lookup(&self, key: &str) -> Result<Option<Entry>> {
-        let found = self.read_index()?.lookup(key)?;
+        self.lookup_with(key, |_| {})
+    }
+
+    /// [`lookup`](Self::lookup) for a read of the value: the RAM tiers are told where the
+    /// value probably is as soon as the key's slot is found, so that its bytes come from
+    /// memory while the key's entry does.
+    fn lookup_to_read(&self, key: &str) -> Result<Option<Entry>> {
+        self.lookup_with(key, |slot| self.prefetch(slot))
+    }
+
+    /// Tells the RAM tiers that the value at location word `slot` is about to be used.
+    fn prefetch(&self, slot: u64) {
+        for tier in &self.ram_tiers {
+            tier.prefetch(slot);
+        }
+    }
+
+    fn lookup_with(&self, key: &str, prefetch: impl FnMut(u64)) -> Result<Option<Entry>> {
+        let found = self.read_index()?.lookup(key, prefetch)?;
         match found {
             Lookup::Found(e) => Ok(Some(e)),
             Lookup::Missing => Ok(None),
@@ -831,7 +853,8 @@ impl WorkflowContext {
 
     /// Points `key` at the stored object `at`, then deletes the object it replaces.
     fn commit(&self, g: &mut WriteGuard<'_>, key: &str, at: Placed, pass_by: PassBy, flags: u8) -> Result<()> {
-        let old = g.replica.get_locked(key)?.map(|e| e.at);
+        // The old value is freed after the commit: its tier can fetch its slot meanwhile.
+        let old = g.replica.get_locked_with(key, |slot| self.prefetch(slot))?.map(|e| e.at);
         let obj = at.obj;
         let put = Rec::Put { key: key.to_owned(), at: at.clone(), old: old.clone(), pass_by, flags, owner: self.token };
         if let Err(e) = g.replica.append(&self.meta, &[put]) {
@@ -1029,7 +1052,7 @@ impl WorkflowContext {
         validate_key(key)?;
         let mut last_problem = String::new();
         for _attempt in 0..16 {
-            let Some(entry) = self.lookup(key)? else {
+            let Some(entry) = self.lookup_to_read(key)? else {
                 return Err(Error::KeyNotFound { key: key.to_owned() });
             };
             // Only large records are kept as checked views.
@@ -1079,7 +1102,7 @@ impl WorkflowContext {
     fn remember_view(&self, key: &str, entry: &Entry, rec: &Payload) -> Result<()> {
         // Under the read lock, so a concurrent catch-up cannot drop the object in between.
         let r = self.read_index()?;
-        if matches!(r.lookup(key)?, Lookup::Found(now) if now.at.obj == entry.at.obj) {
+        if matches!(r.lookup(key, |_| {})?, Lookup::Found(now) if now.at.obj == entry.at.obj) {
             let mut views = r.views.lock().unwrap_or_else(lock_poisoned);
             if views.len() >= VIEW_CACHE_MAX {
                 views.clear();

@@ -396,9 +396,11 @@ impl Replica {
             && (meta.head() == self.head || self.views.lock().unwrap_or_else(|p| p.into_inner()).is_empty())
     }
 
-    /// Looks a key up in the shared table, without a lock.
-    pub(crate) fn lookup(&self, key: &str) -> Result<Lookup> {
-        self.table.lookup(key)
+    /// Looks a key up in the shared table, without a lock. `prefetch` is called with the
+    /// location word of each candidate entry before the entry itself is read (see
+    /// [`StorageTier::prefetch`](context_core::StorageTier::prefetch)).
+    pub(crate) fn lookup(&self, key: &str, prefetch: impl FnMut(u64)) -> Result<Lookup> {
+        self.table.lookup(key, prefetch)
     }
 
     /// Every key, in no order; weakly consistent without the index lock.
@@ -647,7 +649,13 @@ impl Replica {
 
     /// Looks a key up holding the write lock (no writer can be in the middle).
     pub(crate) fn get_locked(&self, key: &str) -> Result<Option<Entry>> {
-        match self.table.lookup(key)? {
+        self.get_locked_with(key, |_| {})
+    }
+
+    /// [`get_locked`](Self::get_locked), offering the value's location word to `prefetch`
+    /// as [`lookup`](Self::lookup) does.
+    pub(crate) fn get_locked_with(&self, key: &str, prefetch: impl FnMut(u64)) -> Result<Option<Entry>> {
+        match self.table.lookup(key, prefetch)? {
             Lookup::Found(e) => Ok(Some(e)),
             Lookup::Missing => Ok(None),
             Lookup::Busy => Err(Error::corrupt(

@@ -11,9 +11,12 @@
 //!   table reflects (`applied`), counters (keys, bytes live in RAM and on disk, tombstones,
 //!   heap garbage), the next object id, and a registry of tier names (an entry names its
 //!   tier by index).
-//! - `capacity` slot words (a power of two), probed linearly from the key's hash: `0` is
-//!   empty, `1` a tombstone, anything else is a 16-bit hash tag over the 48-bit heap offset
-//!   of an entry.
+//! - `capacity` slots (a power of two) of two words, probed linearly from the key's hash.
+//!   The first word: `0` is empty, `1` a tombstone, anything else is a 16-bit hash tag over
+//!   the 48-bit heap offset of an entry. The second is a hint: a copy of the entry's `slot`
+//!   field (where its tier keeps the value), so that a reader can ask the tier to start
+//!   fetching the value before it reads the entry, and the two come from memory at once.
+//!   Only a hint: it is written without the entry's lock and never trusted.
 //! - The heap of entries, appended to: `[seq][obj][footprint][slot][len][misc][key words]`.
 //!   A key's bytes never change once its entry is published; its fields change in place
 //!   under the entry's sequence lock (`seq` odd while a writer is in the middle).
@@ -46,7 +49,7 @@ use crate::fsutil;
 use crate::index::{Entry, Head, Placed};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"WFCTABL1");
-const VERSION: u64 = 1;
+const VERSION: u64 = 2;
 const HEADER: usize = 4096;
 
 // Header words (byte offsets).
@@ -81,6 +84,8 @@ const ENTRY_FIXED: usize = ENTRY_WORDS * 8;
 /// The heap's first entry starts here, so no entry has offset 0 or 1 (empty, tombstone).
 const HEAP_FIRST: u64 = 8;
 
+/// Bytes of a slot: the slot word and a location hint.
+const SLOT_BYTES: u64 = 16;
 const MIN_CAPACITY: u64 = 256;
 const MIN_HEAP: u64 = 32 << 10;
 
@@ -120,7 +125,7 @@ pub(crate) struct Table {
 }
 
 fn bytes_for(capacity: u64, heap_cap: u64) -> u64 {
-    HEADER as u64 + capacity * 8 + heap_cap
+    HEADER as u64 + capacity * SLOT_BYTES + heap_cap
 }
 
 fn key_words(key_len: usize) -> usize {
@@ -219,7 +224,10 @@ impl Table {
         let heap_cap = table.get(H_HEAP_CAP);
         if !capacity.is_power_of_two()
             || !heap_cap.is_multiple_of(8)
-            || capacity.checked_mul(8).and_then(|s| s.checked_add(heap_cap)).and_then(|s| s.checked_add(HEADER as u64))
+            || capacity
+                .checked_mul(SLOT_BYTES)
+                .and_then(|s| s.checked_add(heap_cap))
+                .and_then(|s| s.checked_add(HEADER as u64))
                 != Some(file_len)
             || heap_cap > OFFSET_MASK
         {
@@ -270,7 +278,12 @@ impl Table {
     }
 
     fn slot(&self, i: u64) -> &AtomicU64 {
-        self.word(HEADER + (i as usize) * 8)
+        self.word(HEADER + (i as usize) * SLOT_BYTES as usize)
+    }
+
+    /// The location hint beside slot `i`: the `slot` field of its entry.
+    fn hint(&self, i: u64) -> &AtomicU64 {
+        self.word(HEADER + (i as usize) * SLOT_BYTES as usize + 8)
     }
 
     /// The byte offset in the file of heap offset `off`, if an entry with a key of up to
@@ -278,7 +291,7 @@ impl Table {
     fn entry_at(&self, off: u64, key_len: usize) -> Option<usize> {
         let end = off.checked_add(entry_size(key_len))?;
         (off >= HEAP_FIRST && off.is_multiple_of(8) && end <= self.heap_cap)
-            .then(|| HEADER + (self.capacity as usize) * 8 + off as usize)
+            .then(|| HEADER + (self.capacity * SLOT_BYTES) as usize + off as usize)
     }
 
     /// The journal position this table reflects.
@@ -441,7 +454,7 @@ impl Table {
     }
 
     /// Probes for `key`: the slot index and entry position, or the first free slot.
-    fn probe(&self, key: &[u8]) -> Result<Probe> {
+    fn probe(&self, key: &[u8], mut candidate: impl FnMut(u64)) -> Result<Probe> {
         let h = hash(key);
         let tag = tag_of(h);
         let mask = self.capacity - 1;
@@ -455,6 +468,7 @@ impl Table {
                     free.get_or_insert(i);
                 }
                 _ if w >> OFFSET_BITS == tag => {
+                    candidate(self.hint(i).load(Ordering::Relaxed));
                     let off = w & OFFSET_MASK;
                     let at = self
                         .entry_at(off, 0)
@@ -479,8 +493,8 @@ impl Table {
     }
 
     /// Looks `key` up without a lock.
-    pub(crate) fn lookup(&self, key: &str) -> Result<Lookup> {
-        match self.probe(key.as_bytes())? {
+    pub(crate) fn lookup(&self, key: &str, prefetch: impl FnMut(u64)) -> Result<Lookup> {
+        match self.probe(key.as_bytes(), prefetch)? {
             Probe::Vacant(_) => Ok(Lookup::Missing),
             Probe::Occupied { at, .. } => match self.read_fields(at) {
                 Some(f) => self.to_entry(f).map(Lookup::Found),
@@ -492,7 +506,7 @@ impl Table {
     /// Whether pointing `key` at an object needs a bigger table (a new key that does not
     /// fit). Writers only.
     pub(crate) fn needs_room_for(&self, key: &str) -> Result<bool> {
-        Ok(match self.probe(key.as_bytes())? {
+        Ok(match self.probe(key.as_bytes(), |_| {})? {
             Probe::Occupied { .. } => false,
             Probe::Vacant(_) => !self.has_room(key.len()),
         })
@@ -512,12 +526,13 @@ impl Table {
         let misc = pack_misc(at.kind, pass_by, flags, tier, key.len());
         let fields = Fields { obj: at.obj, footprint: at.footprint, slot: at.slot, len: at.len, misc };
         let mut c = self.counters();
-        match self.probe(key.as_bytes())? {
-            Probe::Occupied { at: pos, .. } => {
+        match self.probe(key.as_bytes(), |_| {})? {
+            Probe::Occupied { slot, at: pos } => {
                 let old = self.writer_fields(pos)?;
                 if old != fields {
                     self.write_fields(pos, fields);
                 }
+                self.hint(slot).store(fields.slot, Ordering::Relaxed);
                 if old.obj != fields.obj {
                     let old_kind_ram = old.misc & 0xff == 0;
                     sub_kind(&mut c, old_kind_ram, old.footprint);
@@ -547,6 +562,7 @@ impl Table {
                 if self.slot(slot).load(Ordering::Relaxed) == TOMBSTONE {
                     self.set(H_TOMBS, self.get(H_TOMBS) - 1);
                 }
+                self.hint(slot).store(fields.slot, Ordering::Relaxed);
                 // Published last, with release ordering: readers see the entry complete.
                 self.slot(slot).store(tag_of(hash(key.as_bytes())) << OFFSET_BITS | off, Ordering::Release);
                 c.keys += 1;
@@ -559,7 +575,7 @@ impl Table {
 
     /// Removes `key` if it points to object `obj`. Idempotent. Writers only.
     pub(crate) fn remove(&self, key: &str, obj: u64) -> Result<()> {
-        if let Probe::Occupied { slot, at } = self.probe(key.as_bytes())? {
+        if let Probe::Occupied { slot, at } = self.probe(key.as_bytes(), |_| {})? {
             let f = self.writer_fields(at)?;
             if f.obj == obj {
                 self.slot(slot).store(TOMBSTONE, Ordering::Release);
@@ -700,11 +716,46 @@ mod tests {
     }
 
     fn found(t: &Table, key: &str) -> Option<Entry> {
-        match t.lookup(key).unwrap() {
+        match t.lookup(key, |_| {}).unwrap() {
             Lookup::Found(e) => Some(e),
             Lookup::Missing => None,
             Lookup::Busy => panic!("busy without a writer"),
         }
+    }
+
+    /// The location words a lookup of `key` offers for prefetching.
+    fn offered(t: &Table, key: &str) -> Vec<u64> {
+        let mut words = Vec::new();
+        t.lookup(key, |w| words.push(w)).unwrap();
+        words
+    }
+
+    #[test]
+    fn a_lookup_offers_the_value_location_before_reading_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Table::create(dir.path(), 0, MIN_CAPACITY, MIN_HEAP).unwrap();
+        assert!(offered(&t, "a").is_empty(), "nothing is offered for a missing key");
+        let a = placed(1, "shm", StorageKind::Ram, 100);
+        t.put("a", &a, PassBy::Val, 0).unwrap();
+        assert_eq!(offered(&t, "a"), [a.slot]);
+        // An overwrite moves the hint with the entry.
+        let b = placed(2, "shm", StorageKind::Ram, 100);
+        t.put("a", &b, PassBy::Val, 0).unwrap();
+        assert_eq!(offered(&t, "a"), [b.slot]);
+        // Through growth too; and a removed key offers nothing.
+        for i in 0..2_000u64 {
+            let key = format!("k{i}");
+            let at = placed(10 + i, "shm", StorageKind::Ram, 64);
+            if !t.put(&key, &at, PassBy::Val, 0).unwrap() {
+                t = t.grown(dir.path(), t.generation() + 1, key.len()).unwrap();
+                assert!(t.put(&key, &at, PassBy::Val, 0).unwrap());
+            }
+        }
+        assert_eq!(offered(&t, "a"), [b.slot]);
+        assert_eq!(offered(&t, "k1999"), [(10 + 1999) * 3]);
+        t.remove("a", 2).unwrap();
+        assert!(!offered(&t, "a").contains(&b.slot));
+        assert!(found(&t, "a").is_none());
     }
 
     #[test]
@@ -773,10 +824,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = Table::create(dir.path(), 0, MIN_CAPACITY, MIN_HEAP).unwrap();
         t.put("k", &placed(1, "shm", StorageKind::Ram, 10), PassBy::Val, 0).unwrap();
-        let Probe::Occupied { at, .. } = t.probe(b"k").unwrap() else { panic!() };
+        let Probe::Occupied { at, .. } = t.probe(b"k", |_| {}).unwrap() else { panic!() };
         // A writer died in the middle of changing the entry.
         t.word(at).store(t.word(at).load(Ordering::Relaxed) | 1, Ordering::Release);
-        assert!(matches!(t.lookup("k").unwrap(), Lookup::Busy));
+        assert!(matches!(t.lookup("k", |_| {}).unwrap(), Lookup::Busy));
         t.recount().unwrap();
         assert!(found(&t, "k").is_some());
     }
@@ -786,10 +837,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = Table::create(dir.path(), 0, MIN_CAPACITY, MIN_HEAP).unwrap();
         t.put("k", &placed(1, "shm", StorageKind::Ram, 10), PassBy::Val, 0).unwrap();
-        let Probe::Occupied { slot, .. } = t.probe(b"k").unwrap() else { panic!() };
+        let Probe::Occupied { slot, .. } = t.probe(b"k", |_| {}).unwrap() else { panic!() };
         let w = t.slot(slot).load(Ordering::Relaxed);
         t.slot(slot).store(w | OFFSET_MASK, Ordering::Relaxed);
-        assert!(matches!(t.lookup("k"), Err(Error::Corrupt { .. })));
+        assert!(matches!(t.lookup("k", |_| {}), Err(Error::Corrupt { .. })));
         assert!(t.keys().is_err());
         std::fs::write(table_path(dir.path(), 1), b"short").unwrap();
         assert!(matches!(Table::open(dir.path(), 1), Err(Error::Corrupt { .. })));
