@@ -3,7 +3,7 @@
 //! two halves compressed on their own (on two threads); a large one is a manifest blob and a
 //! chunk blob per chunk, each chunk compressed on its own.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -232,9 +232,9 @@ fn split_piece(len: u64) -> usize {
 /// Encodes an object of [`SPLIT_FROM`] to [`CHUNKED_FROM`] bytes in two halves, each in a
 /// zstd frame of its own: the helper thread compresses the first half while this thread takes
 /// in the second (from a streamed object) and compresses it; if the helper has not started on
-/// the first half by then (it is busy, or the machine is), this thread compresses it too. A
-/// half that does not shrink is kept raw; an object that does not shrink as a whole is stored
-/// raw (encoding 0).
+/// the first half by then (it is busy, the machine is, or it woke on this thread's CPU), this
+/// thread compresses it too. A half that does not shrink is kept raw; an object that does not
+/// shrink as a whole is stored raw (encoding 0).
 fn encode_split<'a>(object: &mut NewObject<'a>, level: i32) -> Result<Encoded<'a>, EncodeError> {
     let len = object.len;
     let piece = split_piece(len);
@@ -243,9 +243,12 @@ fn encode_split<'a>(object: &mut NewObject<'a>, level: i32) -> Result<Encoded<'a
             let only = parts.iter().find(|p| !p.is_empty()).expect("one part");
             let (first, second) = only.split_at(piece);
             // The helper outlives the call, so it gets a copy of its half.
-            let job = Job::offer(first.to_vec(), level);
+            let mut copy = half_buffer(first.len());
+            copy.extend_from_slice(first);
+            let job = Job::offer(copy, level);
             let b = compress_frame(second, level);
-            let (_, a) = job.finish();
+            let (copy, a) = job.finish();
+            keep_half_buffer(copy);
             if !split_shrinks(len, [(first.len(), &a), (second.len(), &b)]) {
                 Form::RawParts(parts)
             } else {
@@ -258,9 +261,9 @@ fn encode_split<'a>(object: &mut NewObject<'a>, level: i32) -> Result<Encoded<'a
             let mut sink = HalvesSink {
                 piece,
                 level,
-                first: Vec::with_capacity(piece),
+                first: half_buffer(piece),
                 job: None,
-                second: Vec::with_capacity(len as usize - piece),
+                second: half_buffer(len as usize - piece),
             };
             let written = object.write_to(&mut sink);
             let HalvesSink { job, second, .. } = sink;
@@ -276,9 +279,15 @@ fn encode_split<'a>(object: &mut NewObject<'a>, level: i32) -> Result<Encoded<'a
             if !split_shrinks(len, [(first.len(), &a), (second.len(), &b)]) {
                 Form::RawPair(first, second)
             } else {
-                let bodies =
-                    [a.map_or(Piece::RawOwned(first), Piece::Zstd), b.map_or(Piece::RawOwned(second), Piece::Zstd)];
-                Form::Split { piece: piece as u32, bodies }
+                // A half kept as a frame leaves its buffer free for the next split put.
+                let body = |raw: Vec<u8>, frame: Option<Vec<u8>>| match frame {
+                    Some(frame) => {
+                        keep_half_buffer(raw);
+                        Piece::Zstd(frame)
+                    }
+                    None => Piece::RawOwned(raw),
+                };
+                Form::Split { piece: piece as u32, bodies: [body(first, a), body(second, b)] }
             }
         }
     };
@@ -295,10 +304,13 @@ type Helper = (u32, Option<Sender<Arc<Job>>>);
 
 /// A piece of a split put offered to the helper thread. Whoever claims it first compresses it:
 /// the helper, or the putting thread once its own piece is done. So a put never waits for the
-/// helper to be scheduled, only for a piece the helper is compressing already.
+/// helper to be scheduled, only for a piece the helper is compressing already. A helper woken
+/// on the putting thread's own CPU leaves the piece alone (see [`Job::help`]).
 #[derive(Debug)]
 struct Job {
     level: i32,
+    /// The CPU the putting thread was on when it offered the piece.
+    cpu: usize,
     slot: Mutex<Slot>,
     done: Condvar,
 }
@@ -315,8 +327,12 @@ struct Slot {
 impl Job {
     /// Offers `raw` to the helper thread, starting the thread if this process has none.
     fn offer(raw: Vec<u8>, level: i32) -> Arc<Job> {
-        let job =
-            Arc::new(Job { level, slot: Mutex::new(Slot { raw: Some(raw), ..Slot::default() }), done: Condvar::new() });
+        let job = Arc::new(Job {
+            level,
+            cpu: rustix::thread::sched_getcpu(),
+            slot: Mutex::new(Slot { raw: Some(raw), ..Slot::default() }),
+            done: Condvar::new(),
+        });
         let mut helper = HELPER.lock().unwrap_or_else(PoisonError::into_inner);
         let pid = std::process::id();
         if helper.as_ref().is_none_or(|(started_by, _)| *started_by != pid) {
@@ -363,6 +379,12 @@ impl Job {
 
     /// On the helper thread: compresses the piece unless the putting thread claimed it.
     fn help(&self, compressor: &mut Option<(i32, Compressor<'static>)>) {
+        // Woken on the putting thread's CPU (the other CPUs were busy), the helper would
+        // only take turns with it, and the put would wait for both halves in a row plus the
+        // switches. Left alone, the piece is compressed by the putting thread itself.
+        if rustix::thread::sched_getcpu() == self.cpu {
+            return;
+        }
         let raw = {
             let mut slot = self.slot();
             if slot.claimed {
@@ -405,6 +427,36 @@ fn spawn_helper() -> Option<Sender<Arc<Job>>> {
 fn split_shrinks(len: u64, pieces: [(usize, &Option<Vec<u8>>); 2]) -> bool {
     let bodies: u64 = pieces.iter().map(|(raw, frame)| frame.as_ref().map_or(*raw, Vec::len) as u64).sum();
     ((SPLIT_FIXED + 4 * pieces.len()) as u64 + bodies) < HEADER as u64 + len
+}
+
+thread_local! {
+    /// Buffers this thread gathered the halves of split puts into, kept for its next split
+    /// put: a fresh buffer of half a megabyte costs a page fault every 4 KiB, about a third
+    /// of the time it takes to compress it. At most [`KEPT_HALVES`] buffers of at most half
+    /// of [`CHUNKED_FROM`] each, so a thread keeps at most 4 MiB.
+    static HALF_BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How many half buffers a thread keeps: the two halves of one put.
+const KEPT_HALVES: usize = 2;
+
+/// An empty buffer with room for `len` bytes: one this thread kept, else a new one.
+fn half_buffer(len: usize) -> Vec<u8> {
+    let mut buf = HALF_BUFFERS.with_borrow_mut(Vec::pop).unwrap_or_default();
+    buf.clear();
+    buf.reserve(len);
+    buf
+}
+
+/// Keeps `buf` for this thread's next split put, if there is room for it.
+fn keep_half_buffer(buf: Vec<u8>) {
+    if buf.capacity() <= (CHUNKED_FROM / 2) as usize {
+        HALF_BUFFERS.with_borrow_mut(|kept| {
+            if kept.len() < KEPT_HALVES {
+                kept.push(buf);
+            }
+        });
+    }
 }
 
 /// The sink a split object streams into: its first half into `first`, offered to the helper
@@ -1166,6 +1218,64 @@ mod tests {
             assert_eq!(whole.len(), SPLIT_FIXED + 8 + stored.iter().map(|&m| m as usize).sum::<usize>());
             assert!(decode(&whole).unwrap() == bytes);
         }
+    }
+
+    #[test]
+    fn split_puts_reuse_their_buffers_and_never_show_old_bytes() {
+        let kept = || HALF_BUFFERS.with_borrow(|k| k.iter().map(Vec::capacity).collect::<Vec<_>>());
+        HALF_BUFFERS.with_borrow_mut(Vec::clear);
+        let big = text(3 << 20);
+        let blob = encode_streamed_bytes(&big, 65536);
+        assert!(decode(&blob).unwrap() == big);
+        let after_big = kept();
+        assert_eq!(after_big.len(), KEPT_HALVES, "both compressed halves' buffers are kept");
+        assert!(after_big.iter().all(|&c| c >= (3 << 20) / 2), "{after_big:?}");
+        // A smaller value in the same buffers: exactly its own bytes come back.
+        let small: Vec<u8> = text(300 << 10).iter().map(|b| b.to_ascii_uppercase()).collect();
+        let blob = encode_streamed_bytes(&small, 4096);
+        assert!(decode(&blob).unwrap() == small);
+        assert_eq!(kept(), after_big, "the same buffers, not new ones");
+        // Halves kept raw stay in the blob until it is written: nothing comes back then.
+        HALF_BUFFERS.with_borrow_mut(Vec::clear);
+        let random = context_core::testing::pattern(9, 1 << 20);
+        assert!(decode(&encode_streamed_bytes(&random, 4096)).unwrap() == random);
+        assert!(kept().is_empty());
+        // Buffers over half the split range are not kept (none can be: a split object is
+        // under CHUNKED_FROM bytes).
+        keep_half_buffer(Vec::with_capacity(CHUNKED_FROM as usize));
+        assert!(kept().is_empty());
+    }
+
+    #[test]
+    fn the_helper_leaves_a_piece_offered_from_its_own_cpu() {
+        // Pinned to one CPU, this thread stands for both the putting thread and the helper.
+        let cpu = rustix::thread::sched_getcpu();
+        let mut only = rustix::thread::CpuSet::new();
+        only.set(cpu);
+        if let Err(e) = rustix::thread::sched_setaffinity(None, &only) {
+            eprintln!("skipped: cannot pin this thread to CPU {cpu}: {e}");
+            return;
+        }
+        let raw = text(300 << 10);
+        let job = |cpu| Job {
+            level: 1,
+            cpu,
+            slot: Mutex::new(Slot { raw: Some(raw.clone()), ..Slot::default() }),
+            done: Condvar::new(),
+        };
+        let here = job(cpu);
+        here.help(&mut None);
+        assert!(!here.slot().claimed, "left for the putting thread");
+        let (back, frame) = here.finish();
+        assert!(back == raw);
+        assert!(zstd::bulk::decompress(&frame.unwrap(), raw.len()).unwrap() == raw);
+        // Offered from another CPU, it helps.
+        let there = job(usize::MAX);
+        there.help(&mut None);
+        assert!(there.slot().claimed && there.slot().frame.is_some(), "compressed by the helper");
+        let (back, frame) = there.finish();
+        assert!(back == raw);
+        assert!(zstd::bulk::decompress(&frame.unwrap(), raw.len()).unwrap() == raw);
     }
 
     #[test]

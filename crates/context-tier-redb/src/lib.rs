@@ -29,11 +29,11 @@
 //!   in a zstd frame of its own: the process's helper thread (`redb-zstd`, started by the
 //!   first such put and idle otherwise; none on a single CPU) compresses the first half while
 //!   the putting thread takes in and compresses the second; if the helper has not started on
-//!   its half by then (another put or another process keeps it busy), the putting thread
-//!   compresses that half too. With a second core free, a put of 1 MiB of log-like text
-//!   through a context takes about 0.9 times as long as zstd alone on one thread (1.3 to 1.8
-//!   times when it was one frame on one thread); with no second core free, about as long as
-//!   before. Two frames hold a little more than one: 3 to 5 % for text of 1 MiB, up to 25 %
+//!   its half by then (another put or another process keeps it busy), or finds itself woken
+//!   on the putting thread's own CPU (the others are busy), the putting thread compresses
+//!   that half too. With a second core free, a put of 1 MiB of log-like text through a
+//!   context takes about as long as zstd alone on one thread (1.3 to 1.8 times when it was
+//!   one frame on one thread); with no second core free, about 1.4 times. Two frames hold a little more than one: 3 to 5 % for text of 1 MiB, up to 25 %
 //!   for very repetitive text of 128 to 256 KiB, next to nothing for JSON. A get decodes the
 //!   two frames one after the other, as fast as one (about 3.3 GB/s at 1 MiB). Chunked
 //!   values: about 1 GB/s to put and 1.3 to 2.3 GB/s to get, on two threads. Chunks that do
@@ -45,7 +45,8 @@
 //!   it does not shrink; a streamed value is gathered whole first, in two halves from 128 KiB
 //!   on, and a value given whole lends the helper thread a copy of its first half), and redb
 //!   a copy while it commits. Each thread that puts keeps a zstd context, and so does the
-//!   helper thread. A chunked put holds, besides the caller's bytes, at most 1 MiB of
+//!   helper thread; a thread that put a value of 128 KiB to 4 MiB also keeps the two buffers
+//!   it gathered its halves in (up to 4 MiB), since fresh ones cost a page fault every 4 KiB. A chunked put holds, besides the caller's bytes, at most 1 MiB of
 //!   compressed chunks waiting for their commit (plus the chunk that crossed it), three chunk
 //!   buffers of the original (the one being filled, the one its helper thread compresses, a
 //!   spare), and redb's cache: about 16 MiB at its peak whatever the value's size
