@@ -16,7 +16,8 @@
 //! words, and a process killed at any instruction leaves no slot that nobody can free:
 //! - allocate: pick a slot whose bit is clear, claim it with a compare-exchange of its id
 //!   word from 0 to the tag (id + 1), then set its bit; release fence, write the bytes, store
-//!   the tag again with release ordering. A claim that loses the race moves on;
+//!   the tag again with release ordering. A claim that loses the race moves on. A store may
+//!   first try one given slot (the one its process freed last), claimed the same way;
 //! - read: load the id word (acquire), copy the bytes, acquire fence, load the id word
 //!   again; the copy counts only if both loads saw the tag. Tags are never reused, so a
 //!   slot freed and reused while it was copied is always noticed (a seqlock keyed by id);

@@ -1175,9 +1175,9 @@ impl WorkflowContext {
     ///
     /// The file is written atomically: into an unnamed file in the destination directory
     /// (`O_TMPFILE`; a named temporary file where the file system has none), synced, then
-    /// linked or renamed into place, so a reader sees the whole file or none, and a process
-    /// killed during the write leaves nothing behind. Missing parent directories are
-    /// created. If anything fails, the value stays in the context.
+    /// linked or renamed into place, so a reader sees the whole file or none; with an
+    /// unnamed file, a process killed during the write leaves nothing behind. Missing
+    /// parent directories are created. If anything fails, the value stays in the context.
     ///
     /// # Errors
     /// [`Error::KeyNotFound`]; [`Error::AlreadyExists`] if `dest` exists and `overwrite` is
