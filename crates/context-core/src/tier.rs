@@ -261,7 +261,7 @@ impl Capabilities {
 /// same tier over the same context, at once. The context never calls `put` twice with the
 /// same id, and never calls `get` or `delete` on an object that `put` has not returned.
 ///
-/// Run [`crate::tier_conformance_tests!`] (feature `testing`) in your tier's tests to check
+/// Run `context_core::tier_conformance_tests!` (feature `testing`) in your tier's tests to check
 /// it keeps this contract.
 pub trait StorageTier: Send + Sync + fmt::Debug {
     /// A short stable name ("shm", "mmap"), recorded in the index beside each object.

@@ -212,15 +212,13 @@ fn compress_frame(raw: &[u8], level: i32) -> Option<Vec<u8>> {
 }
 
 /// Compresses `raw` into one frame with `compressor`; `None` if it does not shrink.
+///
+/// The frame keeps the room zstd asked for (its bound, about `raw`'s length): it lives only
+/// until the put commits, and room never written takes no memory. Shrinking it would move a
+/// large buffer on every put.
 fn compress_with(compressor: Option<&mut Compressor<'static>>, raw: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
-    if !compress_into(compressor, raw, &mut out) {
-        return None;
-    }
-    if out.len() < out.capacity() / 2 {
-        out.shrink_to_fit();
-    }
-    Some(out)
+    compress_into(compressor, raw, &mut out).then_some(out)
 }
 
 /// The length of the first piece of a split object of `len` bytes; the second holds the rest.

@@ -25,35 +25,37 @@
 //!   chunks: one commit per chunk that does not compress, one per several that do. Other
 //!   processes' commits can interleave; the value exists for them only once its last
 //!   transaction, which writes its manifest, commits.
-//! - zstd on every put and get. A value of 128 KiB to 4 MiB is compressed in two halves, each
-//!   in a zstd frame of its own: the process's helper thread (`redb-zstd`, started by the
-//!   first such put and idle otherwise; none on a single CPU) compresses the first half while
-//!   the putting thread takes in and compresses the second; if the helper has not started on
-//!   its half by then (another put or another process keeps it busy), or finds itself woken
-//!   on the putting thread's own CPU (the others are busy), the putting thread compresses
-//!   that half too. With a second core free, a put of 1 MiB of log-like text through a
-//!   context takes about as long as zstd alone on one thread (1.3 to 1.8 times when it was
-//!   one frame on one thread); with no second core free, about 1.4 times. Two frames hold a little more than one: 3 to 5 % for text of 1 MiB, up to 25 %
-//!   for very repetitive text of 128 to 256 KiB, next to nothing for JSON. A get decodes the
-//!   two frames one after the other, as fast as one (about 3.3 GB/s at 1 MiB). Chunked
-//!   values: about 1 GB/s to put and 1.3 to 2.3 GB/s to get, on two threads. Chunks that do
-//!   not compress pay zstd's attempt for nothing, and are stored raw: about 1 GB/s to put and
+//! - zstd on every put and get. A value of 128 KiB to 4 MiB is compressed in two halves,
+//!   each in a zstd frame of its own: the process's helper thread (`redb-zstd`, started by
+//!   the first such put and idle otherwise; none on a single CPU) compresses the first half
+//!   while the putting thread takes in and compresses the second; if the helper has not
+//!   started on its half by then (another put or another process keeps it busy), or finds
+//!   itself woken on the putting thread's own CPU (the others are busy), the putting thread
+//!   compresses that half too. With a second core free, a put of 1 MiB of log-like text
+//!   through a context takes about as long as zstd alone on one thread (1.3 to 1.8 times
+//!   when it was one frame on one thread); with no second core free, about 1.4 times. Two
+//!   frames hold a little more than one: 3 to 5 % for text of 1 MiB, up to 25 % for very
+//!   repetitive text of 128 to 256 KiB, next to nothing for JSON. A get decodes the two
+//!   frames one after the other, as fast as one (about 3.3 GB/s at 1 MiB). Chunked values:
+//!   about 1 GB/s to put and 1.3 to 2.3 GB/s to get, on two threads. Chunks that do not
+//!   compress pay zstd's attempt for nothing, and are stored raw: about 1 GB/s to put and
 //!   1.7 GB/s to get at 256 MiB.
 //! - A get copies: it returns an owned buffer, never a view of the file
 //!   ([`Capabilities::zero_copy`] is false).
 //! - Memory: a put under 4 MiB holds its blob (the compressed value, or the value itself if
-//!   it does not shrink; a streamed value is gathered whole first, in two halves from 128 KiB
-//!   on, and a value given whole lends the helper thread a copy of its first half), and redb
-//!   a copy while it commits. Each thread that puts keeps a zstd context, and so does the
-//!   helper thread; a thread that put a value of 128 KiB to 4 MiB also keeps the two buffers
-//!   it gathered its halves in (up to 4 MiB), since fresh ones cost a page fault every 4 KiB. A chunked put holds, besides the caller's bytes, at most 1 MiB of
-//!   compressed chunks waiting for their commit (plus the chunk that crossed it), three chunk
-//!   buffers of the original (the one being filled, the one its helper thread compresses, a
-//!   spare), and redb's cache: about 16 MiB at its peak whatever the value's size
-//!   (`examples/peak_memory.rs`: 12 MiB for 256 MiB of text, 15 MiB for 256 MiB of random
-//!   bytes, against 100 MiB and 768 MiB when a value was one entry). A get holds the value
-//!   and one chunk per thread, plus redb's cache. Each instance has its own redb page cache
-//!   of up to 8 MiB.
+//!   it does not shrink; a streamed value is gathered whole first, in two halves from 128
+//!   KiB on, and a value given whole lends the helper thread a copy of its first half), and
+//!   redb a copy while it commits. Each thread that puts keeps a zstd context, and so does
+//!   the helper thread; a thread that put a value of 128 KiB to 4 MiB also keeps the two
+//!   buffers it gathered its halves in (up to 4 MiB), since fresh ones cost a page fault
+//!   every 4 KiB. A chunked put holds, besides the caller's bytes, at most 1 MiB of
+//!   compressed chunks waiting for their commit (plus the chunk that crossed it), three
+//!   chunk buffers of the original (the one being filled, the one its helper thread
+//!   compresses, a spare), and redb's cache: about 16 MiB at its peak whatever the value's
+//!   size (`examples/peak_memory.rs`: 12 MiB for 256 MiB of text, 15 MiB for 256 MiB of
+//!   random bytes, against 100 MiB and 768 MiB when a value was one entry). A get holds the
+//!   value and one chunk per thread, plus redb's cache. Each instance has its own redb page
+//!   cache of up to 8 MiB.
 //!
 //! ## Measurements
 //! `cargo run --release -p context-tier-redb --example durability` (one run; a 2-vCPU Xeon

@@ -265,8 +265,8 @@ impl Arena {
         if remaining >= 64 { u64::MAX } else { (1u64 << remaining) - 1 }
     }
 
-    /// Allocates a free slot for the object tagged `tag` (its id + 1) and writes `bytes`
-    /// into it. `None` when the arena is full.
+    /// Allocates a free slot for the object tagged `tag` (its id + 1), `prefer` if that one
+    /// is free, and writes `bytes` into it. `None` when the arena is full.
     pub(crate) fn store(&self, tag: u64, bytes: &[u8], prefer: Option<usize>) -> Option<usize> {
         debug_assert!(tag != 0 && bytes.len() <= self.layout.slot_size);
         if bytes.len() > self.layout.slot_size {

@@ -532,7 +532,11 @@ impl Table {
                 if old != fields {
                     self.write_fields(pos, fields);
                 }
-                self.hint(slot).store(fields.slot, Ordering::Relaxed);
+                // Written only when it changes: readers in other processes hold this line.
+                let hint = self.hint(slot);
+                if hint.load(Ordering::Relaxed) != fields.slot {
+                    hint.store(fields.slot, Ordering::Relaxed);
+                }
                 if old.obj != fields.obj {
                     let old_kind_ram = old.misc & 0xff == 0;
                     sub_kind(&mut c, old_kind_ram, old.footprint);
