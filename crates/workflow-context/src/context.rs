@@ -30,7 +30,6 @@ const VIEW_CACHE_MIN: usize = 64 << 10;
 const VIEW_CACHE_MAX: usize = 4096;
 
 pub(crate) const META_FILE: &str = "meta";
-pub(crate) const LOCK_FILE: &str = "lock";
 pub(crate) const PROCS_DIR: &str = "procs";
 
 /// A scratch store for one workflow run, shared by every process that attaches to it.
@@ -49,7 +48,8 @@ pub struct WorkflowContext {
     token: u64,
     meta: Meta,
     replica: RwLock<Replica>,
-    lock_file: Mutex<File>,
+    /// Serializes this handle's threads before they take the index lock.
+    writer: Mutex<()>,
     tiers: Vec<Arc<dyn StorageTier>>,
     /// The tiers of `tiers` that keep values in RAM: told where a value is about to be read.
     ram_tiers: Vec<Arc<dyn StorageTier>>,
@@ -381,19 +381,20 @@ struct Attached {
     token: u64,
     meta: Meta,
     replica: Replica,
-    lock: File,
     liveness: (File, PathBuf),
 }
 
-/// Holds the index lock: the process mutex, then the file lock, then the replica.
+/// Holds the index lock: the handle's mutex, then the context's lock, then the replica.
 struct WriteGuard<'a> {
     replica: RwLockWriteGuard<'a, Replica>,
-    lock: MutexGuard<'a, File>,
+    meta: &'a Meta,
+    token: u64,
+    _writer: MutexGuard<'a, ()>,
 }
 
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
-        let _ = self.lock.unlock();
+        self.meta.lock().release(self.token);
     }
 }
 
@@ -437,14 +438,13 @@ impl WorkflowContext {
         fsutil::create_dir(&staging, "create context staging directory")?;
         let built = (|| {
             let meta = Meta::create(&staging.join(META_FILE), capacity.0, capacity.1)?;
-            let lock = fsutil::create_new(&staging.join(LOCK_FILE), "create context lock file")?;
             let replica = Replica::create(&staging)?;
             fsutil::create_dir(&staging.join(PROCS_DIR), "create liveness directory")?;
             fsutil::create_dir(&staging.join(tiers::VALUES_DIR), "create values directory")?;
             let (live_file, _) = register_liveness(&staging, token)?;
-            Ok::<_, Error>((meta, lock, replica, live_file))
+            Ok::<_, Error>((meta, replica, live_file))
         })();
-        let (meta, lock, mut replica, live_file) = match built {
+        let (meta, mut replica, live_file) = match built {
             Ok(parts) => parts,
             Err(e) => {
                 let _ = fs::remove_dir_all(&staging);
@@ -489,7 +489,7 @@ impl WorkflowContext {
         }
         replica.moved_to(&final_dir);
         let live_path = final_dir.join(PROCS_DIR).join(format!("{token:016x}"));
-        let attached = Attached { token, meta, replica, lock, liveness: (live_file, live_path) };
+        let attached = Attached { token, meta, replica, liveness: (live_file, live_path) };
         match Self::assemble(run_id.clone(), final_dir.clone(), true, attached, setup) {
             Ok(ctx) => Ok(ctx),
             Err(e) => {
@@ -532,7 +532,7 @@ impl WorkflowContext {
             token: parts.token,
             meta: parts.meta,
             replica: RwLock::new(parts.replica),
-            lock_file: Mutex::new(parts.lock),
+            writer: Mutex::new(()),
             tiers,
             ram_tiers,
             recipe_tier,
@@ -575,9 +575,8 @@ impl WorkflowContext {
             Err(_) if meta.state() == STATE_CLOSED => return Err(Error::Closed { run_id }),
             Err(e) => return Err(e),
         };
-        let lock = fsutil::open_rw(&dir.join(LOCK_FILE), "open context lock file")?;
         let replica = Replica::open(&dir, &meta)?;
-        let attached = Attached { token, meta, replica, lock, liveness: (live_file, live_path) };
+        let attached = Attached { token, meta, replica, liveness: (live_file, live_path) };
         let ctx = Self::assemble(run_id, dir, false, attached, setup)?;
         let has_pending = !ctx.replica.read().unwrap_or_else(lock_poisoned).pending.is_empty();
         if has_pending {
@@ -615,16 +614,24 @@ impl WorkflowContext {
     /// Takes the index lock and brings this process's view up to date.
     fn index_lock(&self) -> Result<WriteGuard<'_>> {
         self.check_open()?;
-        let lock = self.lock_file.lock().unwrap_or_else(lock_poisoned);
-        lock.lock().map_err(|e| Error::io("lock context index", self.dir.join(LOCK_FILE), e))?;
+        let writer = self.writer.lock().unwrap_or_else(lock_poisoned);
+        self.take_index_lock();
         let replica = self.replica.write().unwrap_or_else(lock_poisoned);
-        let mut guard = WriteGuard { replica, lock };
+        let mut guard = WriteGuard { replica, meta: &self.meta, token: self.token, _writer: writer };
         // Checked again under the lock: shutdown sets the state while holding it.
         self.check_open()?;
         guard.replica.catch_up(&self.meta)?;
         // A writer that died between committing and applying left the table behind.
         guard.replica.repair_table(&self.meta)?;
         Ok(guard)
+    }
+
+    /// Takes the context's index lock for this handle (whose mutex the caller holds).
+    fn take_index_lock(&self) {
+        let procs = self.dir.join(PROCS_DIR);
+        // A lock taken over from a dead holder needs nothing more: what it left half done
+        // is repaired by the catch-up every writer starts with.
+        let _taken = self.meta.lock().acquire(self.token, |t| holder_alive(&procs.join(format!("{t:016x}"))));
     }
 
     /// A view of the index for reading: the current key table, and the journal followed
@@ -1212,11 +1219,11 @@ impl WorkflowContext {
             self.release_liveness();
             return Ok(());
         }
-        let lock = self.lock_file.lock().unwrap_or_else(lock_poisoned);
-        let locked = lock.lock();
+        let writer = self.writer.lock().unwrap_or_else(lock_poisoned);
+        self.take_index_lock();
         let already = self.meta.state() == STATE_CLOSED;
         self.meta.set_state(STATE_CLOSED);
-        let mut first_err = locked.err().map(|e| Error::io("lock context index", self.dir.join(LOCK_FILE), e));
+        let mut first_err = None;
         if !already {
             for tier in &self.tiers {
                 if let Err(e) = tier.destroy() {
@@ -1237,8 +1244,8 @@ impl WorkflowContext {
                 first_err.get_or_insert(Error::io("remove context directory", &self.dir, e));
             }
         }
-        let _ = lock.unlock();
-        drop(lock);
+        self.meta.lock().release(self.token);
+        drop(writer);
         self.release_liveness();
         first_err.map_or(Ok(()), Err)
     }
@@ -1273,5 +1280,51 @@ impl Drop for WorkflowContext {
         } else {
             self.release_liveness();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn context(base: &Path) -> WorkflowContext {
+        WorkflowContext::builder().contexts_dir(base).max_ram_bytes(64 << 20).run_id("lock-test").create().unwrap()
+    }
+
+    #[test]
+    fn a_dead_handles_index_lock_is_taken_over() {
+        let base = tempfile::tempdir().unwrap();
+        let ctx = context(base.path());
+        // A handle that took the lock and died: it has no liveness file any more.
+        let dead = 0xdead_u64;
+        ctx.meta.lock().acquire(dead, |_| true);
+        let started = Instant::now();
+        ctx.save("k", "after the takeover").unwrap();
+        assert_eq!(ctx.load::<String>("k").unwrap(), "after the takeover");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        // The lock was let go after the save.
+        assert!(ctx.meta.lock().acquire(1, |_| panic!("the lock is free")) == crate::lock::Taken::Free);
+        ctx.meta.lock().release(1);
+    }
+
+    #[test]
+    fn a_live_handles_index_lock_is_waited_for() {
+        let base = tempfile::tempdir().unwrap();
+        let ctx = context(base.path());
+        // Another handle, alive (its liveness file is locked), holds the lock.
+        let other = 0x0123_u64;
+        let (_live, _) = register_liveness(&ctx.dir, other).unwrap();
+        ctx.meta.lock().acquire(other, |_| true);
+        std::thread::scope(|s| {
+            let saver = s.spawn(|| ctx.save("k", "after the release").unwrap());
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(!saver.is_finished(), "saved while another live handle held the index lock");
+            assert!(!ctx.contains("k").unwrap());
+            ctx.meta.lock().release(other);
+            saver.join().unwrap();
+        });
+        assert_eq!(ctx.load::<String>("k").unwrap(), "after the release");
     }
 }

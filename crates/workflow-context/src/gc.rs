@@ -7,7 +7,7 @@ use std::path::Path;
 
 use context_core::{Error, Result, validate_run_id};
 
-use crate::context::{LOCK_FILE, META_FILE, is_live, remove_dead_context};
+use crate::context::{META_FILE, is_live, remove_dead_context};
 use crate::fsutil;
 
 /// Where shared-memory segments show up as files.
@@ -86,20 +86,8 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
         if validate_run_id(name).is_err() || !path.join(META_FILE).is_file() {
             continue; // not a context
         }
-        if is_live(&path) {
-            report.live_contexts += 1;
-            continue;
-        }
-        // Take the context's index lock, so no process is in the middle of an operation,
-        // and look again: someone may have attached meanwhile.
-        let Ok(lock) = fsutil::open_rw(&path.join(LOCK_FILE), "open context lock file") else { continue };
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(_) => {
-                report.live_contexts += 1;
-                continue;
-            }
-        }
+        // No handle is attached, so no process is in the middle of an operation: every
+        // operation goes through a handle, which holds its liveness file from attaching on.
         if is_live(&path) {
             report.live_contexts += 1;
             continue;

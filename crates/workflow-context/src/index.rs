@@ -14,12 +14,12 @@
 //! - **Reading** a key takes no lock and no copy of the index: one atomic load of the head
 //!   and a probe of the mapped table. A process follows the journal only for the pending
 //!   objects and to drop cached views of objects that left (`pread` of the new tail).
-//! - **Writing** happens under an exclusive `flock` on the `lock` file (plus a mutex for the
-//!   threads of one process): catch up, append the records with one `pwrite` at the
-//!   committed length, publish the new length in the head (the commit), apply the records
-//!   to the table, then mark the table applied up to the head. A writer that finds the
-//!   table behind the head (its predecessor died in between) applies the records again;
-//!   applying is idempotent.
+//! - **Writing** happens under the index lock ([`crate::lock`]: three words in the meta
+//!   page, plus a mutex for the threads of one handle): catch up, append the records with
+//!   one `pwrite` at the committed length, publish the new length in the head (the
+//!   commit), apply the records to the table, then mark the table applied up to the head.
+//!   A writer that finds the table behind the head (its predecessor died in between)
+//!   applies the records again; applying is idempotent.
 //! - **Cost** does not grow with the number of keys. A save appends a few dozen bytes and
 //!   changes one table entry; opening maps two files and reads a journal that compaction
 //!   keeps under a few dozen KiB: it rewrites only the pending objects, into
@@ -35,19 +35,22 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use context_core::{Error, ObjectId, ObjectRef, PassBy, Payload, Result, StorageKind};
 use memmap2::MmapRaw;
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
+use crate::lock::IndexLock;
 use crate::table::{Lookup, Table};
 
 /// Size of the meta file.
 pub(crate) const META_LEN: u64 = 4096;
 const META_MAGIC: u64 = u64::from_le_bytes(*b"WFCMETA1");
-const META_VERSION: u64 = 2;
+/// Version 3: the index lock moved from `flock` on the `lock` file into this page (a
+/// process of an older build would not respect it, so it must not attach).
+const META_VERSION: u64 = 3;
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_STATE: usize = 16;
@@ -55,6 +58,13 @@ const OFF_HEAD: usize = 24;
 const OFF_RAM_CAP: usize = 32;
 const OFF_DISK_CAP: usize = 40;
 const OFF_TABLE: usize = 48;
+/// The index lock's words ([`crate::lock`]), in a cache line of their own so that taking
+/// the lock does not disturb readers of the head: the holder's token, then two 32-bit
+/// futex words.
+const OFF_LOCK_OWNER: usize = 128;
+const OFF_LOCK_SEQ: usize = 136;
+const OFF_LOCK_SLEEPERS: usize = 140;
+const OFF_LOCK_SPINNER: usize = 144;
 
 /// The context is open for business.
 pub(crate) const STATE_OPEN: u64 = 1;
@@ -142,6 +152,23 @@ impl Meta {
         // memory lives as long as `self.map`, and is only ever accessed through atomics, by
         // this and other processes, so shared mutation is sound.
         unsafe { &*(self.map.as_mut_ptr().add(off).cast::<AtomicU64>()) }
+    }
+
+    fn word32(&self, off: usize) -> &AtomicU32 {
+        debug_assert!(off.is_multiple_of(4) && off + 4 <= META_LEN as usize);
+        // SAFETY: as in `word`: in bounds (META_LEN bytes are mapped), 4-byte aligned, alive
+        // as long as `self.map`, and only ever accessed through atomics.
+        unsafe { &*(self.map.as_mut_ptr().add(off).cast::<AtomicU32>()) }
+    }
+
+    /// The index lock, shared by every attached process.
+    pub(crate) fn lock(&self) -> IndexLock<'_> {
+        IndexLock::new(
+            self.word(OFF_LOCK_OWNER),
+            self.word32(OFF_LOCK_SEQ),
+            self.word32(OFF_LOCK_SLEEPERS),
+            self.word(OFF_LOCK_SPINNER),
+        )
     }
 
     pub(crate) fn state(&self) -> u64 {

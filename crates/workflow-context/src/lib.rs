@@ -7,6 +7,7 @@ mod export;
 mod fsutil;
 mod gc;
 mod index;
+mod lock;
 #[cfg(feature = "tier-graph")]
 mod refs;
 mod table;

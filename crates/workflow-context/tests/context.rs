@@ -113,7 +113,7 @@ fn keys_never_become_paths() {
     for p in tree(ctx.dir()) {
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         let hex = |s: &str| s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit());
-        let known = ["meta", "lock", "procs", "values", "recipes", "values.redb"].contains(&name.as_str())
+        let known = ["meta", "procs", "values", "recipes", "values.redb"].contains(&name.as_str())
             || name.strip_prefix("journal.").is_some_and(|g| g.parse::<u32>().is_ok())
             || name.strip_prefix("table.").is_some_and(|g| g.parse::<u32>().is_ok())
             || hex(&name)
