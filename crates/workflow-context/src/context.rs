@@ -313,6 +313,11 @@ fn random_u64(near: &Path) -> Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
+/// A handle's token: random, and never 0 (which the index lock reads as "nobody").
+fn new_token(near: &Path) -> Result<u64> {
+    Ok(random_u64(near)?.max(1))
+}
+
 /// Takes the liveness lock that marks a context as in use by this handle.
 fn register_liveness(dir: &Path, token: u64) -> Result<(File, PathBuf)> {
     let path = dir.join(PROCS_DIR).join(format!("{token:016x}"));
@@ -430,7 +435,7 @@ impl WorkflowContext {
     }
 
     fn create_in(base: &Path, run_id: String, capacity: (u64, Option<u64>), setup: Setup) -> Result<Self> {
-        let token = random_u64(base)?;
+        let token = new_token(base)?;
         let final_dir = base.join(&run_id);
         // Build the context in a private staging directory and move it into place in one
         // rename, so an opener never sees a half-made context.
@@ -568,7 +573,7 @@ impl WorkflowContext {
         if meta.state() == STATE_CLOSED {
             return Err(Error::Closed { run_id });
         }
-        let token = random_u64(&dir)?;
+        let token = new_token(&dir)?;
         let (live_file, live_path) = match register_liveness(&dir, token) {
             Ok(l) => l,
             // The context was shut down and removed between our checks.

@@ -105,18 +105,18 @@ impl<'a> IndexLock<'a> {
     /// waiting processes than free cores, spinners would take the holder's core.
     fn spin_alone(&self) -> bool {
         let now = monotonic_ns();
+        let spin = SPIN.as_nanos() as u64;
         let other = self.spinner.load(Ordering::Relaxed);
-        // A spinner that died is not waited for: its deadline passes.
-        if other > now
-            || self
-                .spinner
-                .compare_exchange(other, now + SPIN.as_nanos() as u64, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        // A deadline that has passed is nobody's (a spinner that died leaves one), and so
+        // is one further ahead than a spin lasts: left by a boot before this one, or by a
+        // process whose clock differs (another time namespace).
+        let taken = other > now && other <= now + spin;
+        if taken || self.spinner.compare_exchange(other, now + spin, Ordering::Relaxed, Ordering::Relaxed).is_err() {
             return false;
         }
         let free = self.spin();
-        self.spinner.store(0, Ordering::Relaxed);
+        // Unless a waiter that found this deadline passed spins in its turn.
+        let _ = self.spinner.compare_exchange(now + spin, 0, Ordering::Relaxed, Ordering::Relaxed);
         free
     }
 
@@ -261,6 +261,19 @@ mod tests {
         assert_eq!(words.seq.load(Ordering::SeqCst), seq + 1);
         assert_eq!(waiter.join().unwrap(), Taken::Free);
         assert_eq!(words.lock().holder(), 2);
+    }
+
+    #[test]
+    fn a_stale_spinner_deadline_stops_nobody_from_spinning() {
+        let words = Words::new();
+        // A deadline long gone (a spinner that died), and one further ahead than any spin
+        // (another boot, another clock): the next waiter spins, sees the lock free, and
+        // leaves the word as it found it or cleared.
+        for stale in [1, monotonic_ns() + 3_600_000_000_000] {
+            words.spinner.store(stale, Ordering::Relaxed);
+            assert!(words.lock().spin_alone(), "deadline {stale}");
+            assert_eq!(words.spinner.load(Ordering::Relaxed), 0);
+        }
     }
 
     #[test]
