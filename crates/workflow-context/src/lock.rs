@@ -76,6 +76,7 @@ impl<'a> IndexLock<'a> {
     pub(crate) fn acquire(&self, token: u64, alive: impl Fn(u64) -> bool) -> Taken {
         debug_assert_ne!(token, 0);
         let mut napped_on = None;
+        let mut yielded = false;
         loop {
             if self.try_take(token) {
                 return Taken::Free;
@@ -91,6 +92,14 @@ impl<'a> IndexLock<'a> {
                 }
                 continue;
             }
+            if !yielded {
+                // Before sleeping, give this CPU away once: with more processes than
+                // cores, the holder may be waiting for it.
+                yielded = true;
+                std::thread::yield_now();
+                continue;
+            }
+            yielded = false;
             napped_on = self.nap().then_some(holder);
         }
     }
