@@ -881,7 +881,8 @@ impl WorkflowContext {
         if let Some(old) = old {
             self.free(g, &old)?;
         }
-        g.replica.maybe_compact(&self.meta)
+        g.replica.maybe_compact(&self.meta);
+        Ok(())
     }
 
     /// Deletes a pending object this handle owns and records that it is gone.
@@ -1143,7 +1144,8 @@ impl WorkflowContext {
         g.replica
             .append(&self.meta, &[Rec::Remove { key: key.to_owned(), at: entry.at.clone(), owner: self.token }])?;
         self.free(g, &entry.at)?;
-        g.replica.maybe_compact(&self.meta)
+        g.replica.maybe_compact(&self.meta);
+        Ok(())
     }
 
     /// Where and how `key`'s value is stored, or `None` if there is no such key (the

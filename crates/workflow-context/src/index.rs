@@ -35,7 +35,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use context_core::{Error, ObjectId, ObjectRef, PassBy, Payload, Result, StorageKind};
 use memmap2::MmapRaw;
@@ -328,12 +328,76 @@ pub(crate) fn decode_frames(bytes: &[u8], base: u64) -> std::result::Result<Vec<
     Ok(recs)
 }
 
+/// The file of the journal generation before the current one, kept to be written over by
+/// the next compaction.
+pub(crate) const SPARE_JOURNAL: &str = "journal.spare";
+
+/// Bytes a journal generation starts with. Compaction keeps the journal near
+/// [`COMPACT_MIN`], so it seldom needs more.
+const JOURNAL_MIN: u64 = 32 << 10;
+
+/// One generation of the journal: a file whose blocks are all allocated up front, mapped so
+/// that an append is a copy into memory rather than a system call. Only the first `len`
+/// bytes of the head are committed; the rest is zeros or an append that was never
+/// committed, and nobody reads it.
+#[derive(Debug)]
+struct Journal {
+    file: File,
+    map: MmapRaw,
+}
+
+impl Journal {
+    /// Creates generation `path` (replacing a leftover of a writer that died making it)
+    /// with room for `cap` bytes.
+    fn create(path: &Path, cap: u64) -> Result<Journal> {
+        let _ = std::fs::remove_file(path);
+        let file = fsutil::create_new(path, "create index journal")?;
+        // Every block is allocated before the file is mapped: a full disk is an error now,
+        // not a SIGBUS at an append.
+        if let Err(e) = fsutil::reserve(&file, cap) {
+            let _ = std::fs::remove_file(path);
+            return Err(Error::io("reserve space for index journal", path, e));
+        }
+        Self::map(file, path)
+    }
+
+    fn open(path: &Path) -> Result<Journal> {
+        Self::map(fsutil::open_rw(path, "open index journal")?, path)
+    }
+
+    fn map(file: File, path: &Path) -> Result<Journal> {
+        let map = MmapRaw::map_raw(&file).map_err(|e| Error::io("map index journal", path, e))?;
+        Ok(Journal { file, map })
+    }
+
+    /// The bytes the file has room for.
+    fn cap(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// Copies `bytes` to offset `at`, which the caller checked is within [`cap`](Self::cap)
+    /// and past the committed length.
+    fn write_at(&self, at: u64, bytes: &[u8]) {
+        assert!(at.checked_add(bytes.len() as u64).is_some_and(|end| end <= self.cap()), "append past the journal");
+        // SAFETY: the destination range is inside the mapping (asserted above), which lives
+        // as long as `self.map`. Nobody else touches these bytes now: they lie past the
+        // committed length, so no reader looks at them (readers `pread` committed bytes
+        // only), and only the holder of the index lock writes, which is the caller. A
+        // `&[u8]` from the caller cannot overlap the mapping's uncommitted tail.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.map.as_mut_ptr().add(at as usize), bytes.len()) }
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, at)
+    }
+}
+
 /// This process's view of the index: the mapped key table, shared with every process,
 /// and the pending objects, which this process follows in the journal.
 #[derive(Debug)]
 pub(crate) struct Replica {
     dir: PathBuf,
-    journal: File,
+    journal: Journal,
     head: Head,
     table: Table,
     pub(crate) pending: HashMap<u64, Pending>,
@@ -357,8 +421,7 @@ impl Replica {
     /// A replica of an empty index whose journal and table, generation 0, are created in
     /// `dir`.
     pub(crate) fn create(dir: &Path) -> Result<Replica> {
-        let path = journal_path(dir, 0);
-        let journal = fsutil::create_new(&path, "create index journal")?;
+        let journal = Journal::create(&journal_path(dir, 0), JOURNAL_MIN)?;
         let table = Table::create(dir, 0, TABLE_START_SLOTS, TABLE_START_HEAP)?;
         Ok(Self::empty(dir, journal, Head { generation: 0, len: 0 }, table))
     }
@@ -366,8 +429,7 @@ impl Replica {
     /// Attaches to the index `meta` describes: maps its table and reads the journal.
     pub(crate) fn open(dir: &Path, meta: &Meta) -> Result<Replica> {
         let head = meta.head();
-        let path = journal_path(dir, head.generation);
-        let journal = fsutil::open_rw(&path, "open index journal")?;
+        let journal = Journal::open(&journal_path(dir, head.generation))?;
         let table = Self::map_table(dir, meta)?;
         let mut replica = Self::empty(dir, journal, Head { generation: head.generation, len: 0 }, table);
         replica.catch_up(meta)?;
@@ -390,7 +452,7 @@ impl Replica {
         Err(Error::corrupt(dir.display().to_string(), "the key table kept changing generation while being opened"))
     }
 
-    fn empty(dir: &Path, journal: File, head: Head, table: Table) -> Replica {
+    fn empty(dir: &Path, journal: Journal, head: Head, table: Table) -> Replica {
         Replica {
             dir: dir.to_owned(),
             journal,
@@ -453,34 +515,51 @@ impl Replica {
             self.table = Self::map_table(&self.dir, meta)?;
         }
         for _ in 0..64 {
-            let head = meta.head();
-            if head == self.head {
+            if self.follow(meta, meta.head())? {
                 return Ok(());
             }
-            if head.generation != self.head.generation {
-                // A writer compacted the journal: reload from the new generation.
-                let path = journal_path(&self.dir, head.generation);
-                match fsutil::open_rw(&path, "open index journal") {
-                    Ok(file) => {
-                        self.journal = file;
-                        self.head = Head { generation: head.generation, len: 0 };
-                        self.pending.clear();
-                        self.pending_used = Used::default();
-                        self.live_bytes = 0;
-                    }
-                    // Compacted again meanwhile: read the head anew.
-                    Err(Error::Io { ref source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            let from = self.head.len;
-            let to = head.len;
-            for (rec, frame_len) in self.read_journal(from, to)? {
-                self.apply(rec, frame_len as u64);
-            }
-            self.head = Head { generation: head.generation, len: to };
         }
         Err(self.corrupt("the journal kept changing generation while being read".to_owned()))
+    }
+
+    /// Applies the records up to `head`, which was loaded from `meta` a moment ago. `false`
+    /// if the journal moved to another generation meanwhile: load the head and try again.
+    /// (Having caught up with the head as it was is enough: a writer may have appended
+    /// since, and chasing it could go on for as long as it writes.)
+    fn follow(&mut self, meta: &Meta, head: Head) -> Result<bool> {
+        if head == self.head {
+            return Ok(true);
+        }
+        if head.generation != self.head.generation {
+            // A writer compacted the journal: reload from the new generation.
+            match Journal::open(&journal_path(&self.dir, head.generation)) {
+                Ok(journal) => {
+                    self.journal = journal;
+                    self.head = Head { generation: head.generation, len: 0 };
+                    self.pending.clear();
+                    self.pending_used = Used::default();
+                    self.live_bytes = 0;
+                }
+                // Compacted again meanwhile.
+                Err(Error::Io { ref source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (from, to) = (self.head.len, head.len);
+        let read = self.read_journal(from, to);
+        // A generation's file is written over two compactions on (see `reuse_spare`): what
+        // was read counts only if the head still names its generation after the read.
+        fence(Ordering::Acquire);
+        if meta.head().generation != head.generation {
+            return Ok(false);
+        }
+        for (rec, frame_len) in read? {
+            self.apply(rec, frame_len as u64);
+        }
+        self.head = Head { generation: head.generation, len: to };
+        Ok(true)
     }
 
     fn read_journal(&self, from: u64, to: u64) -> Result<Vec<(Rec, usize)>> {
@@ -618,12 +697,17 @@ impl Replica {
         }
         let mut buf = Vec::with_capacity(128 * recs.len());
         let frame_lens = encode_frames(recs, &mut buf);
+        if self.head.len + buf.len() as u64 > self.journal.cap() {
+            // This generation is full: the pending objects move to a bigger one first (which
+            // may fail, for want of disk space, with nothing committed).
+            self.compact(meta, buf.len() as u64)?;
+        }
         let at = self.head.len;
         let end = at + buf.len() as u64;
         if end > LEN_MASK {
             return Err(self.corrupt("journal reached its maximum length".to_owned()));
         }
-        self.journal.write_all_at(&buf, at).map_err(|e| Error::io("append to index journal", self.path(), e))?;
+        self.journal.write_at(at, &buf);
         let head = Head { generation: self.head.generation, len: end };
         // Committed here: from now on every process sees these records.
         meta.set_head(head);
@@ -638,32 +722,75 @@ impl Replica {
 
     /// Rewrites the journal as the pending objects when older records dominate it (the
     /// keys live in the table). The caller holds the write lock and has caught up.
-    pub(crate) fn maybe_compact(&mut self, meta: &Meta) -> Result<()> {
+    ///
+    /// Best effort: it runs after a change has committed, so a compaction that fails (no
+    /// disk space for the new generation) leaves the journal as it is; an append that finds
+    /// the journal full compacts it first, and fails then, before committing anything.
+    pub(crate) fn maybe_compact(&mut self, meta: &Meta) {
         if self.head.len < COMPACT_MIN || self.head.len < COMPACT_RATIO * self.live_bytes.max(1) {
-            return Ok(());
+            return;
         }
+        let _ = self.compact(meta, 0);
+    }
+
+    /// Writes the pending objects into the next journal generation, with room for `room`
+    /// more bytes at least, and publishes it. The caller holds the write lock and has caught
+    /// up.
+    fn compact(&mut self, meta: &Meta, room: u64) -> Result<()> {
         let generation = self.head.generation.wrapping_add(1);
         let path = journal_path(&self.dir, generation);
-        // A leftover from a writer that died mid-compaction is garbage: nobody reads it.
-        let _ = std::fs::remove_file(&path);
-        let file = fsutil::create_new(&path, "create compacted index journal")?;
         let recs: Vec<Rec> = self.pending.values().map(|p| Rec::Pending { at: p.at.clone(), owner: p.owner }).collect();
         let mut buf = Vec::new();
         let frame_lens = encode_frames(&recs, &mut buf);
-        file.write_all_at(&buf, 0).map_err(|e| Error::io("write compacted index journal", &path, e))?;
+        // Half the new generation is free after the rewrite, so appends go on for a while
+        // before the next one.
+        let cap = ((buf.len() as u64 + room) * 2).next_power_of_two().max(JOURNAL_MIN);
+        if cap > LEN_MASK {
+            return Err(Error::corrupt(path.display().to_string(), "journal reached its maximum length"));
+        }
+        let journal = match self.reuse_spare(&path, cap) {
+            Some(journal) => journal,
+            // A leftover from a writer that died mid-compaction is garbage (nobody reads
+            // it): `create` replaces it.
+            None => Journal::create(&path, cap)?,
+        };
+        journal.write_at(0, &buf);
         let old_path = self.path();
         let head = Head { generation, len: buf.len() as u64 };
         meta.set_head(head);
         self.table.set_applied(head);
-        self.journal = file;
+        self.journal = journal;
         self.head = head;
         // Account the rewritten records exactly as a replica loading this file would.
         for (p, len) in self.pending.values_mut().zip(frame_lens) {
             p.rec_bytes = len as u64;
         }
         self.live_bytes = buf.len() as u64;
-        let _ = std::fs::remove_file(old_path);
+        // The old generation's file becomes the spare the next compaction writes into.
+        if std::fs::rename(&old_path, self.dir.join(SPARE_JOURNAL)).is_err() {
+            let _ = std::fs::remove_file(old_path);
+        }
         Ok(())
+    }
+
+    /// The spare journal file (the generation before the current one), moved to `path` if it
+    /// has room for `cap` bytes.
+    ///
+    /// Why: a new file costs its allocation, and unlinking the old one its blocks' release
+    /// (with a discard, on a file system mounted with `discard`, waited for): together more
+    /// than a hundred saves' worth of appends. A process that still reads the old
+    /// generation through an open descriptor may see it rewritten; `catch_up` throws away
+    /// what it read if the head has moved on meanwhile.
+    fn reuse_spare(&self, path: &Path, cap: u64) -> Option<Journal> {
+        let spare = self.dir.join(SPARE_JOURNAL);
+        std::fs::rename(&spare, path).ok()?;
+        match Journal::open(path) {
+            Ok(journal) if journal.cap() >= cap => Some(journal),
+            _ => {
+                let _ = std::fs::remove_file(path);
+                None
+            }
+        }
     }
 
     /// A fresh object id. The caller holds the write lock and records a `Pending` for it
@@ -816,7 +943,7 @@ mod tests {
             let mut recs = vec![Rec::Pending { at: at.clone(), owner: 1 }, put(&key, &at, old.as_ref())];
             recs.extend(old.map(|o| Rec::Gone { obj: o.obj }));
             r.append(&meta, &recs).unwrap();
-            r.maybe_compact(&meta).unwrap();
+            r.maybe_compact(&meta);
         }
         assert_eq!(r.used(), Used { ram: 5, disk: 2_000 });
         assert!(meta.head().generation > 0, "compacted");
@@ -826,5 +953,103 @@ mod tests {
         assert_eq!(fresh.key_count(), 2_000);
         assert_eq!(fresh.keys().unwrap().len(), 2_000);
         assert_eq!(fresh.used(), r.used());
+    }
+
+    #[test]
+    fn a_reader_following_the_journal_while_it_is_compacted_and_reused_sees_no_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta_path = dir.path().join("meta");
+        let meta = Meta::create(&meta_path, u64::MAX, None).unwrap();
+        let mut w = Replica::create(dir.path()).unwrap();
+        let stuck = placed(w.allocate_id(), StorageKind::Ram, 5);
+        w.append(&meta, &[Rec::Pending { at: stuck.clone(), owner: 7 }]).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            // Another process's view: its own meta mapping and journal descriptors.
+            let reader = s.spawn(|| {
+                let meta = Meta::open(&meta_path).unwrap();
+                let mut r = Replica::open(dir.path(), &meta).unwrap();
+                let mut rounds = 0u64;
+                while !done.load(Ordering::Acquire) {
+                    r.catch_up(&meta).expect("a journal being compacted reads as whole records");
+                    rounds += 1;
+                }
+                r.catch_up(&meta).unwrap();
+                (r.pending.keys().copied().collect::<Vec<_>>(), r.used(), rounds)
+            });
+            // Objects that come and go: the journal compacts every few hundred records, and
+            // each compaction writes over the file of the generation before last.
+            for _ in 0..30_000 {
+                let at = placed(w.allocate_id(), StorageKind::Disk, 1);
+                w.append(&meta, &[Rec::Pending { at: at.clone(), owner: 1 }]).unwrap();
+                w.append(&meta, &[Rec::Gone { obj: at.obj }]).unwrap();
+                w.maybe_compact(&meta);
+            }
+            assert!(meta.head().generation > 10, "compacted {} times", meta.head().generation);
+            done.store(true, Ordering::Release);
+            let (pending, used, rounds) = reader.join().unwrap();
+            assert_eq!(pending, vec![stuck.obj]);
+            assert_eq!(used, w.used());
+            assert!(rounds > 10, "the reader followed along ({rounds} rounds)");
+        });
+    }
+
+    #[test]
+    fn what_a_reader_read_from_a_reused_generation_is_thrown_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
+        let mut w = Replica::create(dir.path()).unwrap();
+        for _ in 0..50 {
+            let at = placed(w.allocate_id(), StorageKind::Ram, 1);
+            w.append(&meta, &[Rec::Pending { at, owner: 1 }]).unwrap();
+        }
+        // Another process, on generation 0, with its own descriptor of the file.
+        let other_meta = Meta::open(&dir.path().join("meta")).unwrap();
+        let mut r = Replica::open(dir.path(), &other_meta).unwrap();
+        let at = placed(w.allocate_id(), StorageKind::Ram, 1);
+        w.append(&meta, &[Rec::Pending { at, owner: 1 }]).unwrap();
+        // The reader loads the head here, and is held up while the writer compacts twice:
+        // the second compaction writes generation 2 over generation 0's file.
+        let seen = other_meta.head();
+        w.compact(&meta, 0).unwrap();
+        w.compact(&meta, 0).unwrap();
+        assert_eq!(meta.head().generation, 2);
+        assert!(!r.follow(&other_meta, seen).unwrap(), "bytes of a reused file were applied");
+        assert_eq!(r.pending.len(), 50, "nothing changed");
+        r.catch_up(&other_meta).unwrap();
+        assert_eq!(r.head, w.head);
+        assert_eq!(r.pending.len(), 51);
+        assert_eq!(r.used(), w.used());
+    }
+
+    #[test]
+    fn a_full_journal_moves_to_a_bigger_generation_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
+        let mut r = Replica::create(dir.path()).unwrap();
+        assert_eq!(r.journal.cap(), JOURNAL_MIN);
+        // Objects that stay pending (being written) take more room than a generation starts
+        // with, and compaction cannot shrink them.
+        let pending: Vec<Placed> = (0..3_000).map(|_| placed(r.allocate_id(), StorageKind::Ram, 1)).collect();
+        for at in &pending {
+            r.append(&meta, &[Rec::Pending { at: at.clone(), owner: 1 }]).unwrap();
+        }
+        assert!(meta.head().len > JOURNAL_MIN, "{}", meta.head().len);
+        assert!(meta.head().generation > 0, "moved on when full");
+        assert!(r.journal.cap().is_power_of_two() && r.journal.cap() > meta.head().len, "{}", r.journal.cap());
+        // Every generation but the current one is gone, the one before it kept as the spare
+        // (too small to be reused here).
+        let mut journals: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("journal."))
+            .collect();
+        journals.sort();
+        assert_eq!(journals, [format!("journal.{}", meta.head().generation), SPARE_JOURNAL.to_owned()]);
+        let fresh = Replica::open(dir.path(), &meta).unwrap();
+        assert_eq!(fresh.pending.len(), 3_000);
+        assert_eq!(fresh.used(), Used { ram: 3_000, disk: 0 });
+        // What a writer appended to the journal is what a reader decodes from the file.
+        assert_eq!(fresh.head, r.head);
     }
 }

@@ -95,16 +95,18 @@ fn damaged_context_files_are_corrupt_on_open_and_change_nothing() {
     }
     fs::write(&meta, &good_meta).unwrap();
 
-    // A journal damaged in its committed part: refused, naming the journal.
+    // A journal damaged in its committed part (the first record's body, after its 8-byte
+    // frame header): refused, naming the journal. (The file is longer than the committed
+    // records: its room for appends is allocated up front.)
     let mut flipped = good_journal.clone();
-    flipped[good_journal.len() / 2] ^= 0xff;
+    flipped[12] ^= 0xff;
     fs::write(&journal, &flipped).unwrap();
     match open() {
         Err(Error::Corrupt { what, .. }) => assert!(what.contains("journal"), "{what}"),
         other => panic!("{other:?}"),
     }
     // Truncated below its committed length.
-    fs::write(&journal, &good_journal[..good_journal.len() - 3]).unwrap();
+    fs::write(&journal, &good_journal[..10]).unwrap();
     assert!(open().is_err());
     // Restored, everything is as it was.
     fs::write(&journal, &good_journal).unwrap();

@@ -229,6 +229,20 @@ fn record_seeds() -> Vec<(String, Vec<u8>)> {
     ]
 }
 
+/// The records of a journal file, without the room after them (zeros: a frame never has an
+/// empty body).
+fn committed(journal: &[u8]) -> &[u8] {
+    let mut at = 0;
+    while let Some(header) = journal.get(at..at + 8) {
+        let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        at += 8 + len;
+    }
+    &journal[..at.min(journal.len())]
+}
+
 /// Export files and index journals written by a real context.
 #[allow(clippy::type_complexity)]
 fn context_seeds() -> (Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>) {
@@ -236,7 +250,7 @@ fn context_seeds() -> (Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>) {
     let base = tempfile::tempdir().unwrap();
     let ctx = WorkflowContext::builder().contexts_dir(base.path()).max_ram_bytes(64 << 10).create().unwrap();
     let journal_path = ctx.dir().join("journal.0");
-    let empty_journal = fs::read(&journal_path).unwrap();
+    let empty_journal = committed(&fs::read(&journal_path).unwrap()).to_vec();
 
     let frame: Vec<u8> = (0..3000u32).map(|i| (i % 256) as u8).collect();
     ctx.save_bytes("images/frame-0001", &frame, SaveOptions::new()).unwrap();
@@ -264,7 +278,7 @@ fn context_seeds() -> (Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>) {
     exports.push(("bad-version".into(), version));
     exports.push(("bad-header-only".into(), typed[..32].to_vec()));
 
-    let session = fs::read(&journal_path).unwrap();
+    let session = committed(&fs::read(&journal_path).unwrap()).to_vec();
     let mut flipped = session.clone();
     let at = session.len() / 2;
     flipped[at] ^= 0x10;
