@@ -6,11 +6,13 @@
 //! - The shared types ([`SaveOptions`], [`StorageInfo`], [`Usage`], [`Payload`]) and the one
 //!   [`Error`].
 //! - [`record`]: the format of the bytes a tier stores for each value.
+//! - [`cache`]: the prefetch hint tiers use to fetch a value's memory ahead of a read.
 //! - `testing` (feature `testing`): the conformance kit any tier runs against itself.
 //!
 //! Most users want the `workflow-context` crate, which composes the tiers; this crate is
 //! for people who write their own tier.
 
+pub mod cache;
 mod error;
 mod payload;
 mod policy;

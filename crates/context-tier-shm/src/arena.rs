@@ -391,26 +391,11 @@ impl Arena {
 }
 
 /// Asks the CPU to bring the cache line holding `words` into its cache, for writing if
-/// `write`. Only a hint; nothing on targets other than x86_64.
+/// `write`. Only a hint.
 fn prefetch(words: &[AtomicU64], write: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_ET0, _MM_HINT_T0, _mm_prefetch};
-        let p = words.as_ptr().cast::<i8>();
-        // SAFETY: a prefetch is only a hint to the cache: it never faults (not even on an
-        // unmapped address), reads nothing into the program and changes no memory. The
-        // address is that of a live borrow of arena memory anyway. `sse`, the feature it
-        // needs, is part of the x86_64 baseline.
-        unsafe {
-            if write {
-                _mm_prefetch::<_MM_HINT_ET0>(p);
-            } else {
-                _mm_prefetch::<_MM_HINT_T0>(p);
-            }
-        }
+    if let Some(first) = words.first() {
+        context_core::cache::prefetch(first, write);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (words, write);
 }
 
 #[cfg(test)]

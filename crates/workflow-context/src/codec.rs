@@ -32,15 +32,27 @@ pub(crate) fn encoded_len<T: Serialize + ?Sized>(value: &T, key: &str) -> Result
     postcard::serialize_with_flavor(value, Counter(0)).map_err(|e| codec_err(key, "encode", e))
 }
 
-/// Encodes `value` into `out` through a buffer, so the writer below sees large pieces.
-pub(crate) fn encode_to<T: Serialize + ?Sized>(value: &T, out: &mut dyn std::io::Write, key: &str) -> Result<()> {
-    let mut buffered = std::io::BufWriter::with_capacity(64 << 10, out);
+/// Values up to this many bytes are encoded on the stack and written to the tier at once.
+const SMALL: usize = 512;
+
+/// Encodes `value`, whose encoding is `len` bytes long ([`encoded_len`]), into `out` in
+/// large pieces: at once if it is small, else through a buffer of up to 64 KiB (a buffer
+/// as large for every value made each small save allocate and free 64 KiB).
+pub(crate) fn encode_to<T: Serialize + ?Sized>(
+    value: &T,
+    len: usize,
+    out: &mut dyn std::io::Write,
+    key: &str,
+) -> Result<()> {
+    let write_err = |e: std::io::Error| Error::Codec { key: key.to_owned(), op: "encode", message: e.to_string() };
+    if len <= SMALL {
+        let mut buf = [0u8; SMALL];
+        let encoded = postcard::to_slice(value, &mut buf).map_err(|e| codec_err(key, "encode", e))?;
+        return out.write_all(encoded).map_err(write_err);
+    }
+    let mut buffered = std::io::BufWriter::with_capacity(len.min(64 << 10), out);
     postcard::to_io(value, &mut buffered).map_err(|e| codec_err(key, "encode", e))?;
-    std::io::Write::flush(&mut buffered).map_err(|e| Error::Codec {
-        key: key.to_owned(),
-        op: "encode",
-        message: e.to_string(),
-    })
+    std::io::Write::flush(&mut buffered).map_err(write_err)
 }
 
 /// Decodes a value, requiring every byte to be used (trailing bytes mean the wrong type).
@@ -66,14 +78,17 @@ mod tests {
 
     #[test]
     fn measured_length_matches_encoding() {
-        let v = (String::from("a prompt"), vec![1.5f32; 100], Some(7u64));
-        let n = encoded_len(&v, "k").unwrap();
-        assert_eq!(n, postcard::to_stdvec(&v).unwrap().len());
-        let mut buf = Vec::new();
-        encode_to(&v, &mut buf, "k").unwrap();
-        assert_eq!(buf.len(), n);
-        let back: (String, Vec<f32>, Option<u64>) = decode(&buf, "k").unwrap();
-        assert_eq!(back, v);
+        // Small (encoded on the stack), at the edge, and large (through the buffer).
+        for floats in [3, (SMALL - 20) / 4, 100_000] {
+            let v = (String::from("a prompt"), vec![1.5f32; floats], Some(7u64));
+            let n = encoded_len(&v, "k").unwrap();
+            assert_eq!(n, postcard::to_stdvec(&v).unwrap().len());
+            let mut buf = Vec::new();
+            encode_to(&v, n, &mut buf, "k").unwrap();
+            assert_eq!(buf.len(), n);
+            let back: (String, Vec<f32>, Option<u64>) = decode(&buf, "k").unwrap();
+            assert_eq!(back, v);
+        }
     }
 
     #[test]

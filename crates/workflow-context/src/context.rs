@@ -793,6 +793,9 @@ impl WorkflowContext {
         }
         let small = len <= SMALL_RECORD;
         let mut g = Some(self.write_lock()?);
+        // The commit looks the key up to replace its value: its slot, then its entry and old
+        // value, come from memory while this save does its other work.
+        g.as_ref().expect("locked").replica.prefetch_slot(key);
         let id = g.as_mut().expect("locked").replica.allocate_id();
         let mut tried: Vec<usize> = Vec::new();
         let mut refused = Refused::default();
@@ -828,7 +831,9 @@ impl WorkflowContext {
                 len,
             };
             guard.replica.append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }])?;
-            if !small {
+            if small {
+                guard.replica.prefetch_entry(key, |slot| self.prefetch(slot));
+            } else {
                 g = None; // write large values outside the lock
             }
             let outcome = put(&*tier, ObjectId(id));
@@ -988,13 +993,14 @@ impl WorkflowContext {
         pool: Pool<'_>,
     ) -> Result<()> {
         validate_key(key)?;
-        let payload_len = codec::encoded_len(value, key)? as u64;
+        let encoded = codec::encoded_len(value, key)?;
+        let payload_len = encoded as u64;
         let len = record::record_len(payload_len);
         self.store(key, len, opts, pass_by, FLAG_TYPED, pool, &mut |tier, id| {
             let mut write = |out: &mut dyn io::Write| -> Result<()> {
                 let stream = |e: io::Error| Error::io("stream value into", format!("object {id}"), e);
                 let mut rec = RecordWriter::new(out, id, FLAG_TYPED, payload_len).map_err(stream)?;
-                codec::encode_to(value, &mut rec, key)?;
+                codec::encode_to(value, encoded, &mut rec, key)?;
                 rec.finish().map_err(stream)
             };
             tier.put(NewObject { id, len, data: ObjectData::Write(&mut write) })

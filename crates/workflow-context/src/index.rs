@@ -808,6 +808,16 @@ impl Replica {
 
     /// [`get_locked`](Self::get_locked), offering the value's location word to `prefetch`
     /// as [`lookup`](Self::lookup) does.
+    /// See [`Table::prefetch_slot`].
+    pub(crate) fn prefetch_slot(&self, key: &str) {
+        self.table.prefetch_slot(key);
+    }
+
+    /// See [`Table::prefetch_entry`].
+    pub(crate) fn prefetch_entry(&self, key: &str, value: impl FnMut(u64)) {
+        self.table.prefetch_entry(key, value);
+    }
+
     pub(crate) fn get_locked_with(&self, key: &str, prefetch: impl FnMut(u64)) -> Result<Option<Entry>> {
         match self.table.lookup(key, prefetch)? {
             Lookup::Found(e) => Ok(Some(e)),

@@ -492,6 +492,31 @@ impl Table {
         }
     }
 
+    /// Starts fetching the slot a lookup of `key` reads first, so that a writer that looks
+    /// the key up a little later finds it in the cache. Only a hint.
+    pub(crate) fn prefetch_slot(&self, key: &str) {
+        let i = hash(key.as_bytes()) & (self.capacity - 1);
+        context_core::cache::prefetch(self.slot(i), false);
+    }
+
+    /// Starts fetching the entry that `key`'s first slot points to, if the slot's tag is the
+    /// key's, and hands `value` the slot's location hint (where the key's value probably
+    /// is). Reads the slot, which [`prefetch_slot`](Self::prefetch_slot) should have
+    /// fetched. Only a hint: nothing is checked.
+    pub(crate) fn prefetch_entry(&self, key: &str, mut value: impl FnMut(u64)) {
+        let h = hash(key.as_bytes());
+        let i = h & (self.capacity - 1);
+        let w = self.slot(i).load(Ordering::Relaxed);
+        if w > TOMBSTONE
+            && w >> OFFSET_BITS == tag_of(h)
+            && let Some(at) = self.entry_at(w & OFFSET_MASK, key.len())
+        {
+            context_core::cache::prefetch(self.word(at), false);
+            context_core::cache::prefetch(self.word(at + entry_size(key.len()) as usize - 8), false);
+            value(self.hint(i).load(Ordering::Relaxed));
+        }
+    }
+
     /// Looks `key` up without a lock.
     pub(crate) fn lookup(&self, key: &str, prefetch: impl FnMut(u64)) -> Result<Lookup> {
         match self.probe(key.as_bytes(), prefetch)? {
@@ -724,6 +749,22 @@ mod tests {
             Lookup::Found(e) => Some(e),
             Lookup::Missing => None,
             Lookup::Busy => panic!("busy without a writer"),
+        }
+    }
+
+    #[test]
+    fn prefetching_an_entry_names_where_its_value_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Table::create(dir.path(), 0, MIN_CAPACITY, MIN_HEAP).unwrap();
+        let a = placed(5, "shm", StorageKind::Ram, 100);
+        assert!(t.put("a", &a, PassBy::Val, 0).unwrap());
+        t.prefetch_slot("a");
+        let mut hints = Vec::new();
+        t.prefetch_entry("a", |h| hints.push(h));
+        assert_eq!(hints, [a.slot]);
+        // A key that is not there (its first slot is empty, or holds another key's tag).
+        for missing in ["b", "c", "a-longer-key"] {
+            t.prefetch_entry(missing, |h| panic!("{missing}: hint {h}"));
         }
     }
 
