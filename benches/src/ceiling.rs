@@ -161,8 +161,8 @@ pub fn shm_write(prefix: &str, src: &[u8], reps: usize) -> io::Result<f64> {
     result.map(|()| secs / reps as f64)
 }
 
-/// One small `pwrite` of `buf` at the end of `file`, `reps` times: the system call a save
-/// cannot avoid (the index append).
+/// One small `pwrite` of `buf` at the end of `file`, `reps` times: what one system call
+/// costs, beside a small save (which makes none).
 pub fn small_pwrite(file: &File, buf: &[u8], reps: usize) -> io::Result<f64> {
     let start = file.metadata()?.len();
     let t = Instant::now();

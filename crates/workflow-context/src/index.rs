@@ -1,29 +1,32 @@
 //! The shared index: which key holds which object, seen alike by every attached process.
 //!
 //! # Design
-//! The index has three files in the context directory:
+//! The index has three kinds of files in the context directory:
 //! - `meta`, one page every attached process maps. It holds the *head* (the journal's
-//!   generation and committed length, packed in one atomic word) and the generation of the
-//!   key table.
+//!   generation and committed length, packed in one atomic word), the generation of the
+//!   key table, and the index lock ([`crate::lock`]).
 //! - `journal.<generation>`, an append-only log of changes: the commit point of every
 //!   operation, and the record of *pending* objects (being written, or replaced and about
-//!   to be deleted).
+//!   to be deleted). Its room is allocated when the generation is made and it is mapped, so
+//!   an append is a copy into memory. `journal.spare` is the generation before the
+//!   current one, which the next compaction writes over instead of making a new file.
 //! - `table.<generation>`, the key table ([`crate::table`]): a hash table in a mapped file,
 //!   which every process reads in place and writers change after the journal commits.
 //!
 //! - **Reading** a key takes no lock and no copy of the index: one atomic load of the head
 //!   and a probe of the mapped table. A process follows the journal only for the pending
 //!   objects and to drop cached views of objects that left (`pread` of the new tail).
-//! - **Writing** happens under the index lock ([`crate::lock`]: three words in the meta
-//!   page, plus a mutex for the threads of one handle): catch up, append the records with
-//!   one `pwrite` at the committed length, publish the new length in the head (the
-//!   commit), apply the records to the table, then mark the table applied up to the head.
-//!   A writer that finds the table behind the head (its predecessor died in between)
-//!   applies the records again; applying is idempotent.
+//! - **Writing** happens under the index lock (four words in the meta page, plus a mutex
+//!   for the threads of one handle): catch up, copy the records into the journal at the
+//!   committed length, publish the new length in the head (the commit), apply the records
+//!   to the table, then mark the table applied up to the head. A writer that finds the
+//!   table behind the head (its predecessor died in between) applies the records again;
+//!   applying is idempotent.
 //! - **Cost** does not grow with the number of keys. A save appends a few dozen bytes and
 //!   changes one table entry; opening maps two files and reads a journal that compaction
-//!   keeps under a few dozen KiB: it rewrites only the pending objects, into
-//!   `journal.<generation + 1>`, since the keys are in the table.
+//!   keeps near 16 KiB of records: it rewrites only the pending objects, into the next
+//!   generation, since the keys are in the table. A generation that fills up first moves
+//!   to a bigger one the same way, before anything is committed.
 //!
 //! Space is accounted exactly: every object is either *live* (a key points to it; the
 //! table counts these bytes) or *pending* (in the journal), and both count against the
