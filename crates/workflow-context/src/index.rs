@@ -383,10 +383,13 @@ impl Journal {
     fn write_at(&self, at: u64, bytes: &[u8]) {
         assert!(at.checked_add(bytes.len() as u64).is_some_and(|end| end <= self.cap()), "append past the journal");
         // SAFETY: the destination range is inside the mapping (asserted above), which lives
-        // as long as `self.map`. Nobody else touches these bytes now: they lie past the
-        // committed length, so no reader looks at them (readers `pread` committed bytes
-        // only), and only the holder of the index lock writes, which is the caller. A
-        // `&[u8]` from the caller cannot overlap the mapping's uncommitted tail.
+        // as long as `self.map`. No code of this program reads or writes these bytes
+        // meanwhile: they lie past the committed length, which readers stop at, and only the
+        // holder of the index lock writes, which is the caller. (A process still reading the
+        // file's previous generation may `pread` them while they change: that is the
+        // kernel's copy, not an access through a reference, and `Replica::follow` throws
+        // such a read away.) A `&[u8]` from the caller cannot overlap the mapping's
+        // uncommitted tail.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.map.as_mut_ptr().add(at as usize), bytes.len()) }
     }
 

@@ -15,8 +15,9 @@
 //!   at a time.
 //! - `sleepers`: how many threads sleep on `seq`.
 //! - `spinner`: until when (nanoseconds of `CLOCK_MONOTONIC`) a waiter watches `owner`.
-//!   One waiter spins at a time and the others sleep at once: with more waiting
-//!   processes than cores, spinners would take the holder's core.
+//!   One waiter spins at a time; the others give their CPU away once (the holder may be
+//!   waiting for it) and then sleep: with more waiting processes than cores, spinners
+//!   would take the holder's core.
 //!
 //! # Holders that die
 //! The kernel released an `flock` when its holder died; it does not clear `owner`. A
