@@ -580,17 +580,18 @@ fn index_survives_compaction() {
     let b = base();
     let ctx = builder(b.path()).create().unwrap();
     let other = builder(b.path()).run_id(ctx.run_id()).open().unwrap();
-    // Enough overwrites to make the journal compact several times.
-    for i in 0..30_000u32 {
+    // Enough overwrites to make the journal compact many times (about every 130).
+    const SAVES: u32 = 6_000;
+    for i in 0..SAVES {
         ctx.save(&format!("k{}", i % 50), &i).unwrap();
-        if i % 7_000 == 0 {
+        if i % 1_500 == 0 {
             assert_eq!(other.load::<u32>(&format!("k{}", i % 50)).unwrap(), i);
         }
     }
     for k in 0..50u32 {
         let v: u32 = other.load(&format!("k{k}")).unwrap();
         assert_eq!(v % 50, k);
-        assert!(v >= 30_000 - 50);
+        assert!(v >= SAVES - 50);
     }
     let mut journals: Vec<_> = fs::read_dir(ctx.dir())
         .unwrap()
@@ -601,8 +602,10 @@ fn index_survives_compaction() {
     assert_eq!(journals.len(), 2, "old journals are removed: {journals:?}");
     assert!(journals.contains(&"journal.spare".to_owned()), "{journals:?}");
     journals.retain(|j| j != "journal.spare");
-    assert_ne!(journals[0], "journal.0", "the journal was compacted");
-    assert!(fs::metadata(ctx.dir().join(&journals[0])).unwrap().len() < 64 << 10, "the journal stays short");
+    let generation: u32 = journals[0].strip_prefix("journal.").unwrap().parse().unwrap();
+    assert!(generation >= 10, "the journal was compacted {generation} times");
+    // Its room (allocated up front) stays at the smallest size: compaction keeps it short.
+    assert!(fs::metadata(ctx.dir().join(&journals[0])).unwrap().len() <= 32 << 10, "the journal stays short");
     assert_eq!(other.usage().unwrap(), ctx.usage().unwrap());
 }
 
