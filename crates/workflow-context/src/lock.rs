@@ -111,7 +111,7 @@ impl<'a> IndexLock<'a> {
     }
 
     /// Spins ([`spin`](Self::spin)) unless another waiter is spinning already; whether the
-    /// lock was seen free. Waiters beyond the first sleep at once: on a machine with more
+    /// lock was seen free. Waiters beyond the first do not spin: on a machine with more
     /// waiting processes than free cores, spinners would take the holder's core.
     fn spin_alone(&self) -> bool {
         let now = monotonic_ns();
