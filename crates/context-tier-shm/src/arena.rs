@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
-use context_core::{Error, Result};
+use context_core::{Error, Result, cache};
 use memmap2::{MmapOptions, MmapRaw};
 use rustix::fd::OwnedFd;
 use rustix::fs::{FallocateFlags, Mode};
@@ -360,7 +360,7 @@ impl Arena {
     /// freed last, and without this its bytes are a cache miss by then.
     fn prefetch_for_write(&self, slot: usize) {
         for line in self.slot_words(slot).chunks(8).take(PREFETCH_LINES) {
-            prefetch(line, true);
+            cache::prefetch(&line[0], true);
         }
     }
 
@@ -370,9 +370,9 @@ impl Arena {
         if slot >= self.layout.slot_count {
             return;
         }
-        prefetch(std::slice::from_ref(&self.ids()[slot]), false);
+        cache::prefetch(&self.ids()[slot], false);
         for line in self.slot_words(slot).chunks(8).take(PREFETCH_LINES) {
-            prefetch(line, false);
+            cache::prefetch(&line[0], false);
         }
     }
 
@@ -387,14 +387,6 @@ impl Arena {
     /// The number of slots that hold an object (or one being written).
     pub(crate) fn allocated(&self) -> u64 {
         self.ids().iter().filter(|id| id.load(Ordering::Relaxed) != 0).count() as u64
-    }
-}
-
-/// Asks the CPU to bring the cache line holding `words` into its cache, for writing if
-/// `write`. Only a hint.
-fn prefetch(words: &[AtomicU64], write: bool) {
-    if let Some(first) = words.first() {
-        context_core::cache::prefetch(first, write);
     }
 }
 
