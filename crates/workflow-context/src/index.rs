@@ -35,7 +35,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
@@ -347,6 +347,8 @@ const JOURNAL_MIN: u64 = 32 << 10;
 struct Journal {
     file: File,
     map: MmapRaw,
+    /// The file's device and inode, to recognise it under another name.
+    id: (u64, u64),
 }
 
 impl Journal {
@@ -369,8 +371,15 @@ impl Journal {
     }
 
     fn map(file: File, path: &Path) -> Result<Journal> {
+        let meta = file.metadata().map_err(|e| Error::io("inspect index journal", path, e))?;
         let map = MmapRaw::map_raw(&file).map_err(|e| Error::io("map index journal", path, e))?;
-        Ok(Journal { file, map })
+        Ok(Journal { file, map, id: (meta.dev(), meta.ino()) })
+    }
+
+    /// Whether `path` names this very file now (journal files change names as generations
+    /// pass; see [`Replica::spare`]).
+    fn is_at(&self, path: &Path) -> bool {
+        std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
     }
 
     /// The bytes the file has room for.
@@ -404,6 +413,12 @@ impl Journal {
 pub(crate) struct Replica {
     dir: PathBuf,
     journal: Journal,
+    /// The generation before `journal`, still open and mapped: the next compaction writes
+    /// the generation after into this same file (see [`reuse_spare`](Self::reuse_spare)),
+    /// and a process that follows it finds it here. Keeping it saves an `open`, an `mmap`,
+    /// a `munmap` and a `close` a compaction, and the page faults of writing through a new
+    /// mapping: a tenth of a small save's cost (1.55 to 1.40 µs at 100 keys).
+    spare: Option<Journal>,
     head: Head,
     table: Table,
     pub(crate) pending: HashMap<u64, Pending>,
@@ -462,6 +477,7 @@ impl Replica {
         Replica {
             dir: dir.to_owned(),
             journal,
+            spare: None,
             head,
             table,
             pending: HashMap::new(),
@@ -538,9 +554,9 @@ impl Replica {
         }
         if head.generation != self.head.generation {
             // A writer compacted the journal: reload from the new generation.
-            match Journal::open(&journal_path(&self.dir, head.generation)) {
+            match self.open_journal(&journal_path(&self.dir, head.generation)) {
                 Ok(journal) => {
-                    self.journal = journal;
+                    self.spare = Some(std::mem::replace(&mut self.journal, journal));
                     self.head = Head { generation: head.generation, len: 0 };
                     self.pending.clear();
                     self.pending_used = Used::default();
@@ -765,7 +781,7 @@ impl Replica {
         let head = Head { generation, len: buf.len() as u64 };
         meta.set_head(head);
         self.table.set_applied(head);
-        self.journal = journal;
+        let old = std::mem::replace(&mut self.journal, journal);
         self.head = head;
         // Account the rewritten records exactly as a replica loading this file would.
         for (p, len) in self.pending.values_mut().zip(frame_lens) {
@@ -773,10 +789,21 @@ impl Replica {
         }
         self.live_bytes = buf.len() as u64;
         // The old generation's file becomes the spare the next compaction writes into.
-        if std::fs::rename(&old_path, self.dir.join(SPARE_JOURNAL)).is_err() {
+        if std::fs::rename(&old_path, self.dir.join(SPARE_JOURNAL)).is_ok() {
+            self.spare = Some(old);
+        } else {
             let _ = std::fs::remove_file(old_path);
         }
         Ok(())
+    }
+
+    /// Journal generation `path`: the spare this replica holds if `path` names that file
+    /// now, else the file opened and mapped.
+    fn open_journal(&mut self, path: &Path) -> Result<Journal> {
+        match self.spare.take() {
+            Some(spare) if spare.is_at(path) => Ok(spare),
+            _ => Journal::open(path),
+        }
     }
 
     /// The spare journal file (the generation before the current one), moved to `path` if it
@@ -784,13 +811,14 @@ impl Replica {
     ///
     /// Why: a new file costs its allocation, and unlinking the old one its blocks' release
     /// (with a discard, on a file system mounted with `discard`, waited for): together more
-    /// than a hundred saves' worth of appends. A process that still reads the old
-    /// generation through an open descriptor may see it rewritten; `catch_up` throws away
-    /// what it read if the head has moved on meanwhile.
-    fn reuse_spare(&self, path: &Path, cap: u64) -> Option<Journal> {
+    /// than a hundred saves' worth of appends. The file comes through the mapping this
+    /// process already holds when it can ([`open_journal`](Self::open_journal)). A process
+    /// that still reads the old generation through an open descriptor may see it rewritten;
+    /// `catch_up` throws away what it read if the head has moved on meanwhile.
+    fn reuse_spare(&mut self, path: &Path, cap: u64) -> Option<Journal> {
         let spare = self.dir.join(SPARE_JOURNAL);
         std::fs::rename(&spare, path).ok()?;
-        match Journal::open(path) {
+        match self.open_journal(path) {
             Ok(journal) if journal.cap() >= cap => Some(journal),
             _ => {
                 let _ = std::fs::remove_file(path);
@@ -1036,6 +1064,49 @@ mod tests {
         assert_eq!(r.head, w.head);
         assert_eq!(r.pending.len(), 51);
         assert_eq!(r.used(), w.used());
+    }
+
+    #[test]
+    fn compaction_writes_into_the_spare_this_process_holds_and_a_follower_reuses_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
+        let mut w = Replica::create(dir.path()).unwrap();
+        let other_meta = Meta::open(&dir.path().join("meta")).unwrap();
+        let mut r = Replica::open(dir.path(), &other_meta).unwrap();
+        let pend = |w: &mut Replica| {
+            let at = placed(w.allocate_id(), StorageKind::Ram, 1);
+            w.append(&meta, &[Rec::Pending { at, owner: 1 }]).unwrap();
+        };
+        pend(&mut w);
+        r.catch_up(&other_meta).unwrap();
+        let first = w.journal.id;
+        assert_eq!(r.journal.id, first, "both map generation 0's file");
+        w.compact(&meta, 0).unwrap();
+        pend(&mut w);
+        r.catch_up(&other_meta).unwrap();
+        let second = w.journal.id;
+        assert_ne!(second, first);
+        assert_eq!(w.spare.as_ref().map(|j| j.id), Some(first), "the writer keeps generation 0 mapped");
+        assert_eq!(r.spare.as_ref().map(|j| j.id), Some(first), "so does the follower");
+        // Generation 2 goes into generation 0's file, through the mappings already held.
+        w.compact(&meta, 0).unwrap();
+        pend(&mut w);
+        assert_eq!(w.journal.id, first);
+        assert_eq!(w.spare.as_ref().map(|j| j.id), Some(second));
+        assert!(w.journal.is_at(&journal_path(dir.path(), 2)));
+        r.catch_up(&other_meta).unwrap();
+        assert_eq!(r.journal.id, first);
+        assert_eq!(r.spare.as_ref().map(|j| j.id), Some(second));
+        assert_eq!((r.head, r.pending.len(), r.used()), (w.head, 3, w.used()));
+        // A spare that is no longer the file at the path is not used: the file is opened.
+        std::fs::remove_file(dir.path().join(SPARE_JOURNAL)).unwrap();
+        w.compact(&meta, 0).unwrap();
+        assert!(w.journal.is_at(&journal_path(dir.path(), 3)));
+        assert_ne!(w.journal.id, second, "a new file, since the spare was gone");
+        r.catch_up(&other_meta).unwrap();
+        assert_eq!(r.journal.id, w.journal.id);
+        assert_eq!((r.head, r.pending.len()), (w.head, 3));
+        assert_eq!(Replica::open(dir.path(), &meta).unwrap().pending.len(), 3);
     }
 
     #[test]
