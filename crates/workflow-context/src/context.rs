@@ -625,7 +625,7 @@ impl WorkflowContext {
         let mut guard = WriteGuard { replica, meta: &self.meta, token: self.token, _writer: writer };
         // Checked again under the lock: shutdown sets the state while holding it.
         self.check_open()?;
-        guard.replica.catch_up(&self.meta)?;
+        guard.replica.catch_up_locked(&self.meta)?;
         // A writer that died between committing and applying left the table behind.
         guard.replica.repair_table(&self.meta)?;
         Ok(guard)

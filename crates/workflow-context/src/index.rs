@@ -405,6 +405,27 @@ impl Journal {
     fn read_exact_at(&self, buf: &mut [u8], at: u64) -> std::io::Result<()> {
         self.file.read_exact_at(buf, at)
     }
+
+    /// The bytes `from..to` in place, if the file has them, for a caller that holds the
+    /// index lock.
+    fn locked_bytes(&self, from: u64, to: u64) -> Option<&[u8]> {
+        if from > to || to > self.cap() {
+            return None;
+        }
+        // SAFETY: the range is inside the mapping (checked above), which lives as long as
+        // `self.map`, and the returned borrow cannot outlive `self`. Nothing writes these
+        // bytes while the borrow lives: only the holder of the index lock writes a journal
+        // file (appends past the committed length, and compactions), and the caller holds
+        // the lock, while `&self` keeps this replica's own appends out.
+        Some(unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(from as usize), (to - from) as usize) })
+    }
+}
+
+/// Whether the caller holds the index lock, under which no process writes the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    Locked,
+    Unlocked,
 }
 
 /// This process's view of the index: the mapped key table, shared with every process,
@@ -533,11 +554,23 @@ impl Replica {
     /// Applies every committed record this replica has not seen and maps the current
     /// table.
     pub(crate) fn catch_up(&mut self, meta: &Meta) -> Result<()> {
+        self.catch_up_with(meta, Held::Unlocked)
+    }
+
+    /// [`catch_up`](Self::catch_up) for a caller that holds the index lock: the journal
+    /// cannot change meanwhile, so its records are decoded where they lie in the mapping
+    /// instead of copied out with a system call (which, when several processes save in
+    /// turn, every save made to read the others' records).
+    pub(crate) fn catch_up_locked(&mut self, meta: &Meta) -> Result<()> {
+        self.catch_up_with(meta, Held::Locked)
+    }
+
+    fn catch_up_with(&mut self, meta: &Meta, held: Held) -> Result<()> {
         if meta.table_generation() != self.table.generation() {
             self.table = Self::map_table(&self.dir, meta)?;
         }
         for _ in 0..64 {
-            if self.follow(meta, meta.head())? {
+            if self.follow(meta, meta.head(), held)? {
                 return Ok(());
             }
         }
@@ -548,7 +581,7 @@ impl Replica {
     /// if the journal moved to another generation meanwhile: load the head and try again.
     /// (Having caught up with the head as it was is enough: a writer may have appended
     /// since, and chasing it could go on for as long as it writes.)
-    fn follow(&mut self, meta: &Meta, head: Head) -> Result<bool> {
+    fn follow(&mut self, meta: &Meta, head: Head, held: Held) -> Result<bool> {
         if head == self.head {
             return Ok(true);
         }
@@ -570,7 +603,7 @@ impl Replica {
             }
         }
         let (from, to) = (self.head.len, head.len);
-        let read = self.read_journal(from, to);
+        let read = self.read_journal(from, to, held);
         // A generation's file is written over two compactions on (see `reuse_spare`): what
         // was read counts only if the head still names its generation after the read.
         fence(Ordering::Acquire);
@@ -584,10 +617,18 @@ impl Replica {
         Ok(true)
     }
 
-    fn read_journal(&self, from: u64, to: u64) -> Result<Vec<(Rec, usize)>> {
+    fn read_journal(&self, from: u64, to: u64, held: Held) -> Result<Vec<(Rec, usize)>> {
         if to < from {
             return Err(self.corrupt(format!("committed length went back from {from} to {to}")));
         }
+        if held == Held::Locked {
+            let bytes = self.journal.locked_bytes(from, to).ok_or_else(|| {
+                self.corrupt(format!("committed length {to} is past the journal's {} bytes", self.journal.cap()))
+            })?;
+            return decode_frames(bytes, from).map_err(|d| self.corrupt(d));
+        }
+        // Without the lock, a writer may be rewriting this file (see `reuse_spare`): the
+        // kernel copies the bytes, and `follow` throws the copy away if that happened.
         let mut buf = vec![0u8; (to - from) as usize];
         self.journal.read_exact_at(&mut buf, from).map_err(|e| Error::io("read index journal", self.path(), e))?;
         decode_frames(&buf, from).map_err(|d| self.corrupt(d))
@@ -605,7 +646,7 @@ impl Replica {
         // only on an applied table); this generation's are re-applied from its start.
         let from =
             if applied.generation == self.head.generation && applied.len <= self.head.len { applied.len } else { 0 };
-        for (rec, _) in self.read_journal(from, self.head.len)? {
+        for (rec, _) in self.read_journal(from, self.head.len, Held::Locked)? {
             self.apply_to_table(meta, &rec)?;
         }
         self.table.recount()?;
@@ -1058,7 +1099,7 @@ mod tests {
         w.compact(&meta, 0).unwrap();
         w.compact(&meta, 0).unwrap();
         assert_eq!(meta.head().generation, 2);
-        assert!(!r.follow(&other_meta, seen).unwrap(), "bytes of a reused file were applied");
+        assert!(!r.follow(&other_meta, seen, Held::Unlocked).unwrap(), "bytes of a reused file were applied");
         assert_eq!(r.pending.len(), 50, "nothing changed");
         r.catch_up(&other_meta).unwrap();
         assert_eq!(r.head, w.head);
@@ -1107,6 +1148,42 @@ mod tests {
         assert_eq!(r.journal.id, w.journal.id);
         assert_eq!((r.head, r.pending.len()), (w.head, 3));
         assert_eq!(Replica::open(dir.path(), &meta).unwrap().pending.len(), 3);
+    }
+
+    #[test]
+    fn a_lock_holder_reads_the_journal_in_place_and_sees_what_a_reader_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
+        let mut w = Replica::create(dir.path()).unwrap();
+        let other_meta = Meta::open(&dir.path().join("meta")).unwrap();
+        let mut copied = Replica::open(dir.path(), &other_meta).unwrap();
+        let mut in_place = Replica::open(dir.path(), &other_meta).unwrap();
+        for round in 0..2_000u64 {
+            let at = placed(w.allocate_id(), StorageKind::Ram, round + 1);
+            w.append(&meta, &[Rec::Pending { at: at.clone(), owner: 1 }]).unwrap();
+            if round % 10 != 0 {
+                w.append(&meta, &[Rec::Gone { obj: at.obj }]).unwrap();
+            }
+            w.maybe_compact(&meta);
+            if round % 7 == 0 {
+                copied.catch_up(&other_meta).unwrap();
+                in_place.catch_up_locked(&other_meta).unwrap();
+                assert_eq!(
+                    (in_place.head, &in_place.pending, in_place.used()),
+                    (copied.head, &copied.pending, copied.used())
+                );
+            }
+        }
+        assert!(meta.head().generation > 0, "the journal was compacted along the way");
+        in_place.catch_up_locked(&other_meta).unwrap();
+        assert_eq!((in_place.head, in_place.pending.len(), in_place.used()), (w.head, 200, w.used()));
+        // A committed length past the file is damage, not a read out of the mapping.
+        let cap = in_place.journal.cap();
+        meta.set_head(Head { generation: meta.head().generation, len: cap + 8 });
+        match in_place.catch_up_locked(&other_meta) {
+            Err(Error::Corrupt { detail, .. }) => assert!(detail.contains("past the journal"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
