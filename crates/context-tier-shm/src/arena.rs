@@ -396,12 +396,14 @@ mod tests {
 
     #[test]
     fn layouts_fit() {
-        for slot_size in [64, 128, 256, 512, 1024, 2048, 4096] {
+        for slot_size in [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096] {
             let l = Layout::new(slot_size);
-            assert_eq!(l.slot_count * slot_size, DATA_BYTES);
+            // Sizes that do not divide the slot bytes leave less than a slot unused.
+            assert!(l.slot_count * slot_size <= DATA_BYTES && DATA_BYTES - l.slot_count * slot_size < slot_size);
             assert!(l.ids_offset + 8 * l.slot_count <= l.header_len);
+            assert!(16 + 8 * l.bitmap_words <= l.ids_offset && l.bitmap_words * 64 >= l.slot_count);
             assert_eq!(l.header_len % PAGE, 0);
-            assert_eq!(l.slot_count % 64, 0);
+            assert_eq!(l.total, l.header_len + DATA_BYTES);
         }
         assert_eq!(Layout::new(64).header_len, 9 * PAGE);
     }

@@ -6,8 +6,11 @@
 //!   to whole pages. A read opens and maps the segment: O(1) and zero-copy whatever the size,
 //!   and the returned payload keeps the mapping alive even after the value is deleted.
 //! - Small values (up to 4 KiB) share arenas: 256 KiB segments cut into slots of 64 to 4096
-//!   bytes. A value takes the smallest slot that holds it and is copied out on reads, so a
-//!   50-byte value costs 64 bytes, not a page, a segment and a mapping. Slots are allocated
+//!   bytes, in steps of a half and a third (64, 96, 128, 192, 256, 384, ...), so that a slot
+//!   is at most a third empty and about a seventh on average (a quarter with powers of
+//!   two). A value takes the smallest slot that holds its record and is copied out on
+//!   reads, so a 50-byte value (90 bytes with its record's header and checksum) costs 96
+//!   bytes, not a page, a segment and a mapping. Slots are allocated
 //!   lock-free, by any number of processes at once. Arenas are created on demand and kept
 //!   until the context is destroyed.
 //! - Pages are reserved (`fallocate`) before any byte is written, so a full `/dev/shm` makes
@@ -72,8 +75,10 @@ use crate::arena::{Arena, Created, Opened, io_err, is_no_space};
 
 /// Page size used for the footprint of large objects.
 const PAGE: u64 = 4096;
-/// Slot sizes of the arena classes; objects up to the last one are small.
-const SLOT_SIZES: [usize; 7] = [64, 128, 256, 512, 1024, 2048, 4096];
+/// Slot sizes of the arena classes; objects up to the last one are small. Each power of two
+/// has a class half as big again beside it: the RAM budget is charged the slot, so a record
+/// of 91 bytes (a 50-byte string) costs 96 bytes, not 128.
+const SLOT_SIZES: [usize; 13] = [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096];
 /// The largest small object.
 const SMALL_MAX: usize = SLOT_SIZES[SLOT_SIZES.len() - 1];
 /// Marks a slot word that names an arena slot.
@@ -619,9 +624,18 @@ mod tests {
         assert_eq!(class_of(0), Some(0));
         assert_eq!(class_of(64), Some(0));
         assert_eq!(class_of(65), Some(1));
-        assert_eq!(class_of(4096), Some(6));
+        assert_eq!(class_of(96), Some(1));
+        assert_eq!(class_of(97), Some(2));
+        assert_eq!(class_of(4096), Some(SLOT_SIZES.len() - 1));
         assert_eq!(class_of(4097), None);
         assert_eq!(footprint_of(50), 64);
+        assert_eq!(footprint_of(91), 96);
+        assert_eq!(footprint_of(129), 192);
+        assert_eq!(footprint_of(3000), 3072);
+        // Past the smallest class, no slot is more than a third empty.
+        for len in 65..=4096u64 {
+            assert!(2 * footprint_of(len) <= 3 * len, "{len} bytes take a {}-byte slot", footprint_of(len));
+        }
         assert_eq!(footprint_of(4097), 8192);
         assert_eq!(footprint_of(u64::MAX), u64::MAX);
     }
@@ -635,7 +649,7 @@ mod tests {
         }
         assert_eq!(decode_slot(0), None);
         assert_eq!(decode_slot(ObjectRef::UNKNOWN_SLOT), None);
-        assert_eq!(decode_slot(SLOT_TAG | 7 << 48), None);
+        assert_eq!(decode_slot(SLOT_TAG | (SLOT_SIZES.len() as u64) << 48), None);
     }
 
     #[test]

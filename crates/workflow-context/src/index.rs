@@ -52,8 +52,10 @@ use crate::table::{Lookup, Table};
 pub(crate) const META_LEN: u64 = 4096;
 const META_MAGIC: u64 = u64::from_le_bytes(*b"WFCMETA1");
 /// Version 3: the index lock moved from `flock` on the `lock` file into this page (a
-/// process of an older build would not respect it, so it must not attach).
-const META_VERSION: u64 = 3;
+/// process of an older build would not respect it, so it must not attach). Version 4: the
+/// shared-memory tier's location words number more slot sizes (an older build would look
+/// for small values in the wrong arenas).
+const META_VERSION: u64 = 4;
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_STATE: usize = 16;
