@@ -88,6 +88,14 @@ fn subjects_for(f: &Filled) -> Vec<Subject<'_>> {
             })
         }));
     }
+    // The index's share of a load: the same random picks, looked up without reading the value.
+    let mut rng = XorShift::new(seed + 2);
+    out.push(Subject::new(format!("contains all {}", f.n), move |reps| {
+        let keys = picks(&mut rng, &f.keys, f.n, reps);
+        per_op(&keys, |k| {
+            black_box(ok(f.ctx.contains(k), "contains"));
+        })
+    }));
     // The reference needs its own map to insert into.
     let mut map = f.map.clone();
     let mut rng = XorShift::new(seed + 3);
@@ -153,7 +161,7 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
     let mut tbl = Section::new(
         "Small values at 100, 10,000 and 100,000 keys",
         "Per operation, median of rounds (best in brackets). `save`: `save` of a 50-byte string over an existing \
-         key; `load`: `load::<String>` of one. `random keys`: picked at random over the whole context, so the \
+         key; `load`: `load::<String>` of one; `contains`: the lookup of a load without the value's read. `random keys`: picked at random over the whole context, so the \
          index and the values are mostly outside the CPU caches at 100,000 keys; `100 hot keys`: picked among \
          100 keys of the same context (what the index costs without the cache misses). Reference: a `std` \
          `HashMap<String, String>` with the same keys and the same random picks; and one read of a random cycle \
@@ -177,6 +185,7 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
         ("map save", "reference: HashMap insert, random keys"),
         ("load", "small load, random keys"),
         ("load hot", "small load, 100 hot keys"),
+        ("contains", "its lookup alone (`contains`), random keys"),
         ("map load", "reference: HashMap get + clone, random keys"),
     ] {
         let (op, hot) = match prefix.split_once(' ') {
@@ -247,14 +256,23 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
             |v| format!("{v:.2}x"),
             format!(
                 "{} vs {}, {:.1} dependent random reads' worth more (one costs {} over the {} of 100,000 keys); \
-                 100 hot keys of the 100,000: {:.2}x; a std HashMap with the same picks: {:.2}x",
+                 100 hot keys of the 100,000: {:.2}x; a std HashMap with the same picks: {:.2}x{}",
                 show_secs(med(&format!("{op} all {last}"))),
                 show_secs(med(&format!("{op} all {first}"))),
                 (med(&format!("{op} all {last}")) - med(&format!("{op} all {first}"))) / med(&format!("chase {last}")),
                 show_secs(med(&format!("chase {last}"))),
                 show_size(footprints[footprints.len() - 1]),
                 ratio(op, true),
-                ratio(&format!("map {op}"), false)
+                ratio(&format!("map {op}"), false),
+                if op == "load" {
+                    format!(
+                        "; its lookup alone (`contains`): {} vs {}",
+                        show_secs(med(&format!("contains all {last}"))),
+                        show_secs(med(&format!("contains all {first}")))
+                    )
+                } else {
+                    String::new()
+                }
             ),
         ));
     }
