@@ -858,9 +858,14 @@ impl Replica {
     /// process already holds when it can ([`open_journal`](Self::open_journal)). A process
     /// that still reads the old generation through an open descriptor may see it rewritten;
     /// `catch_up` throws away what it read if the head has moved on meanwhile.
+    ///
+    /// A writer that died between publishing a compaction and renaming the generation before
+    /// it left that file under its own name (the generation before the current one) and no
+    /// spare: that file is the spare, and taking it leaves no orphan behind.
     fn reuse_spare(&mut self, path: &Path, cap: u64) -> Option<Journal> {
         let spare = self.dir.join(SPARE_JOURNAL);
-        std::fs::rename(&spare, path).ok()?;
+        let orphan = journal_path(&self.dir, self.head.generation.wrapping_sub(1));
+        std::fs::rename(&spare, path).or_else(|_| std::fs::rename(&orphan, path)).ok()?;
         match self.open_journal(path) {
             Ok(journal) if journal.cap() >= cap => Some(journal),
             _ => {
@@ -1186,6 +1191,30 @@ mod tests {
             Err(Error::Corrupt { detail, .. }) => assert!(detail.contains("past the journal"), "{detail}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_generation_left_under_its_name_by_a_dead_writer_becomes_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
+        let mut w = Replica::create(dir.path()).unwrap();
+        let at = placed(w.allocate_id(), StorageKind::Ram, 1);
+        w.append(&meta, &[Rec::Pending { at, owner: 1 }]).unwrap();
+        w.compact(&meta, 0).unwrap();
+        // The writer died before renaming generation 0 to the spare.
+        std::fs::rename(dir.path().join(SPARE_JOURNAL), journal_path(dir.path(), 0)).unwrap();
+        let orphan = w.spare.take().unwrap().id;
+        let mut next = Replica::open(dir.path(), &meta).unwrap();
+        next.compact(&meta, 0).unwrap();
+        assert_eq!(next.journal.id, orphan, "generation 2 went into generation 0's file");
+        let mut journals: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("journal."))
+            .collect();
+        journals.sort();
+        assert_eq!(journals, ["journal.2".to_owned(), SPARE_JOURNAL.to_owned()], "no orphan is left");
+        assert_eq!(Replica::open(dir.path(), &meta).unwrap().pending.len(), 1);
     }
 
     #[test]
