@@ -161,7 +161,8 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
     let mut tbl = Section::new(
         "Small values at 100, 10,000 and 100,000 keys",
         "Per operation, median of rounds (best in brackets). `save`: `save` of a 50-byte string over an existing \
-         key; `load`: `load::<String>` of one; `contains`: the lookup of a load without the value's read. `random keys`: picked at random over the whole context, so the \
+         key; `load`: `load::<String>` of one; `contains`: the lookup of a load without the value's read. \
+         `random keys`: picked at random over the whole context, so the \
          index and the values are mostly outside the CPU caches at 100,000 keys; `100 hot keys`: picked among \
          100 keys of the same context (what the index costs without the cache misses). Reference: a `std` \
          `HashMap<String, String>` with the same keys and the same random picks; and one read of a random cycle \
