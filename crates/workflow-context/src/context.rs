@@ -633,10 +633,11 @@ impl WorkflowContext {
 
     /// Takes the context's index lock for this handle (whose mutex the caller holds).
     fn take_index_lock(&self) {
-        let procs = self.dir.join(PROCS_DIR);
         // A lock taken over from a dead holder needs nothing more: what it left half done
-        // is repaired by the catch-up every writer starts with.
-        let _taken = self.meta.lock().acquire(self.token, |t| holder_alive(&procs.join(format!("{t:016x}"))));
+        // is repaired by the catch-up every writer starts with. (The liveness file's path is
+        // built only when a holder is suspected dead, not at every save.)
+        let _taken =
+            self.meta.lock().acquire(self.token, |t| holder_alive(&self.dir.join(PROCS_DIR).join(format!("{t:016x}"))));
     }
 
     /// A view of the index for reading: the current key table, and the journal followed
