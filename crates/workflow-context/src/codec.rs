@@ -1,6 +1,9 @@
 //! Typed values: postcard, written straight into the tier's memory.
 
-use context_core::{Error, Result};
+use std::io::Write;
+
+use context_core::record::{self, FLAG_TYPED, RecordWriter};
+use context_core::{Error, ObjectId, Result};
 use postcard::ser_flavors::Flavor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -35,24 +38,42 @@ pub(crate) fn encoded_len<T: Serialize + ?Sized>(value: &T, key: &str) -> Result
 /// Values up to this many bytes are encoded on the stack and written to the tier at once.
 const SMALL: usize = 512;
 
-/// Encodes `value`, whose encoding is `len` bytes long ([`encoded_len`]), into `out` in
-/// large pieces: at once if it is small, else through a buffer of up to 64 KiB (a buffer
-/// as large for every value made each small save allocate and free 64 KiB).
-pub(crate) fn encode_to<T: Serialize + ?Sized>(
+/// Writes the record of `value` as object `id` into `out`; `len` is the length of the
+/// value's encoding ([`encoded_len`]), which the record's header announces. A small value is
+/// encoded on the stack and its record written at once, checksummed in one call; a larger
+/// one is encoded through a buffer of up to 64 KiB into a [`RecordWriter`], which checksums
+/// it as it goes (a buffer as large for every value made each small save allocate and free
+/// 64 KiB, and the streaming checksum's state is an allocation of its own).
+pub(crate) fn write_record<T: Serialize + ?Sized>(
     value: &T,
     len: usize,
-    out: &mut dyn std::io::Write,
+    id: ObjectId,
+    out: &mut dyn Write,
     key: &str,
 ) -> Result<()> {
+    let stream = |e: std::io::Error| Error::io("stream value into", format!("object {id}"), e);
     let write_err = |e: std::io::Error| Error::Codec { key: key.to_owned(), op: "encode", message: e.to_string() };
     if len <= SMALL {
         let mut buf = [0u8; SMALL];
         let encoded = postcard::to_slice(value, &mut buf).map_err(|e| codec_err(key, "encode", e))?;
-        return out.write_all(encoded).map_err(write_err);
+        if encoded.len() != len {
+            return Err(Error::Codec {
+                key: key.to_owned(),
+                op: "encode",
+                message: format!(
+                    "the value encoded to {} bytes, then to {len}: its encoding is not stable",
+                    encoded.len()
+                ),
+            });
+        }
+        return record::write_record(out, id, FLAG_TYPED, encoded).map_err(stream);
     }
-    let mut buffered = std::io::BufWriter::with_capacity(len.min(64 << 10), out);
+    let mut rec = RecordWriter::new(out, id, FLAG_TYPED, len as u64).map_err(stream)?;
+    let mut buffered = std::io::BufWriter::with_capacity(len.min(64 << 10), &mut rec);
     postcard::to_io(value, &mut buffered).map_err(|e| codec_err(key, "encode", e))?;
-    std::io::Write::flush(&mut buffered).map_err(write_err)
+    buffered.flush().map_err(write_err)?;
+    drop(buffered);
+    rec.finish().map_err(stream)
 }
 
 /// Decodes a value, requiring every byte to be used (trailing bytes mean the wrong type).
@@ -84,9 +105,10 @@ mod tests {
             let n = encoded_len(&v, "k").unwrap();
             assert_eq!(n, postcard::to_stdvec(&v).unwrap().len());
             let mut buf = Vec::new();
-            encode_to(&v, n, &mut buf, "k").unwrap();
-            assert_eq!(buf.len(), n);
-            let back: (String, Vec<f32>, Option<u64>) = decode(&buf, "k").unwrap();
+            write_record(&v, n, ObjectId(5), &mut buf, "k").unwrap();
+            let header = record::check(&buf, ObjectId(5), true).unwrap();
+            assert_eq!((header.payload_len, header.flags), (n as u64, FLAG_TYPED));
+            let back: (String, Vec<f32>, Option<u64>) = decode(record::payload(&buf), "k").unwrap();
             assert_eq!(back, v);
         }
     }

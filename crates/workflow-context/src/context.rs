@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use context_core::record::{self, FLAG_TYPED, HEADER_LEN, OVERHEAD, RecordWriter, TRAILER_LEN};
+use context_core::record::{self, FLAG_TYPED, HEADER_LEN, OVERHEAD, TRAILER_LEN};
 use context_core::{
     Budget, Error, NewObject, ObjectData, ObjectId, PassBy, Payload, PlacementPolicy, PlacementRequest, PutOutcome,
     RamFirst, Result, SaveOptions, StorageInfo, StorageKind, StorageTier, TierStatus, Usage, validate_key,
@@ -807,15 +807,15 @@ impl WorkflowContext {
                 None => g.insert(self.write_lock()?),
             };
             let choice = self.candidates(pool, &guard.replica, len, opts, Some(id));
-            let cands: Vec<usize> = choice.fitting.iter().copied().filter(|i| !tried.contains(i)).collect();
-            if cands.is_empty() && !recovered {
+            let next = choice.fitting.iter().copied().find(|i| !tried.contains(i));
+            if next.is_none() && !recovered {
                 // Space may be held by writers that died mid-save: reclaim it and look again.
                 recovered = true;
                 if self.recover_dead(guard)? > 0 {
                     continue;
                 }
             }
-            let Some(&choice) = cands.first() else {
+            let Some(choice) = next else {
                 if guard.replica.pending.contains_key(&id) {
                     guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
                 }
@@ -998,12 +998,7 @@ impl WorkflowContext {
         let payload_len = encoded as u64;
         let len = record::record_len(payload_len);
         self.store(key, len, opts, pass_by, FLAG_TYPED, pool, &mut |tier, id| {
-            let mut write = |out: &mut dyn io::Write| -> Result<()> {
-                let stream = |e: io::Error| Error::io("stream value into", format!("object {id}"), e);
-                let mut rec = RecordWriter::new(out, id, FLAG_TYPED, payload_len).map_err(stream)?;
-                codec::encode_to(value, encoded, &mut rec, key)?;
-                rec.finish().map_err(stream)
-            };
+            let mut write = |out: &mut dyn io::Write| codec::write_record(value, encoded, id, out, key);
             tier.put(NewObject { id, len, data: ObjectData::Write(&mut write) })
         })
     }
