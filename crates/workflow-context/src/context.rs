@@ -995,8 +995,7 @@ impl WorkflowContext {
     ) -> Result<()> {
         validate_key(key)?;
         let encoded = codec::encoded_len(value, key)?;
-        let payload_len = encoded as u64;
-        let len = record::record_len(payload_len);
+        let len = record::record_len(encoded as u64);
         self.store(key, len, opts, pass_by, FLAG_TYPED, pool, &mut |tier, id| {
             let mut write = |out: &mut dyn io::Write| codec::write_record(value, encoded, id, out, key);
             tier.put(NewObject { id, len, data: ObjectData::Write(&mut write) })

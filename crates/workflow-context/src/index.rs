@@ -952,6 +952,31 @@ mod tests {
         Placed { obj, tier: "t".into(), kind, footprint, slot: 0, len: footprint }
     }
 
+    /// A new index in a temporary directory, with no budget: the directory, its meta page
+    /// and the creating process's replica.
+    fn new_index() -> (tempfile::TempDir, Meta, Replica) {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
+        let replica = Replica::create(dir.path()).unwrap();
+        (dir, meta, replica)
+    }
+
+    /// The meta page of the index in `dir` as another process maps it.
+    fn other_process(dir: &tempfile::TempDir) -> Meta {
+        Meta::open(&dir.path().join("meta")).unwrap()
+    }
+
+    /// The names of the journal files in `dir`, sorted.
+    fn journal_files(dir: &tempfile::TempDir) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("journal."))
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
     fn frames_round_trip_and_damage_is_detected() {
         let recs = vec![
@@ -1049,9 +1074,7 @@ mod tests {
 
     #[test]
     fn compaction_keeps_pending_objects_and_opening_reads_little() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
-        let mut r = Replica::create(dir.path()).unwrap();
+        let (dir, meta, mut r) = new_index();
         let stuck = placed(r.allocate_id(), StorageKind::Ram, 5);
         r.append(&meta, &[Rec::Pending { at: stuck.clone(), owner: 7 }]).unwrap();
         let mut current: Vec<Option<Placed>> = vec![None; 2_000];
@@ -1115,15 +1138,13 @@ mod tests {
 
     #[test]
     fn what_a_reader_read_from_a_reused_generation_is_thrown_away() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
-        let mut w = Replica::create(dir.path()).unwrap();
+        let (dir, meta, mut w) = new_index();
         for _ in 0..50 {
             let at = placed(w.allocate_id(), StorageKind::Ram, 1);
             w.append(&meta, &[Rec::Pending { at, owner: 1 }]).unwrap();
         }
         // Another process, on generation 0, with its own descriptor of the file.
-        let other_meta = Meta::open(&dir.path().join("meta")).unwrap();
+        let other_meta = other_process(&dir);
         let mut r = Replica::open(dir.path(), &other_meta).unwrap();
         let at = placed(w.allocate_id(), StorageKind::Ram, 1);
         w.append(&meta, &[Rec::Pending { at, owner: 1 }]).unwrap();
@@ -1143,10 +1164,8 @@ mod tests {
 
     #[test]
     fn compaction_writes_into_the_spare_this_process_holds_and_a_follower_reuses_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
-        let mut w = Replica::create(dir.path()).unwrap();
-        let other_meta = Meta::open(&dir.path().join("meta")).unwrap();
+        let (dir, meta, mut w) = new_index();
+        let other_meta = other_process(&dir);
         let mut r = Replica::open(dir.path(), &other_meta).unwrap();
         let pend = |w: &mut Replica| {
             let at = placed(w.allocate_id(), StorageKind::Ram, 1);
@@ -1186,10 +1205,8 @@ mod tests {
 
     #[test]
     fn a_lock_holder_reads_the_journal_in_place_and_sees_what_a_reader_copies() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
-        let mut w = Replica::create(dir.path()).unwrap();
-        let other_meta = Meta::open(&dir.path().join("meta")).unwrap();
+        let (dir, meta, mut w) = new_index();
+        let other_meta = other_process(&dir);
         let mut copied = Replica::open(dir.path(), &other_meta).unwrap();
         let mut in_place = Replica::open(dir.path(), &other_meta).unwrap();
         for round in 0..2_000u64 {
@@ -1222,9 +1239,7 @@ mod tests {
 
     #[test]
     fn a_generation_left_under_its_name_by_a_dead_writer_becomes_the_next_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
-        let mut w = Replica::create(dir.path()).unwrap();
+        let (dir, meta, mut w) = new_index();
         let at = placed(w.allocate_id(), StorageKind::Ram, 1);
         w.append(&meta, &[Rec::Pending { at, owner: 1 }]).unwrap();
         w.compact(&meta, 0).unwrap();
@@ -1234,21 +1249,14 @@ mod tests {
         let mut next = Replica::open(dir.path(), &meta).unwrap();
         next.compact(&meta, 0).unwrap();
         assert_eq!(next.journal.id, orphan, "generation 2 went into generation 0's file");
-        let mut journals: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("journal."))
-            .collect();
-        journals.sort();
+        let journals = journal_files(&dir);
         assert_eq!(journals, ["journal.2".to_owned(), SPARE_JOURNAL.to_owned()], "no orphan is left");
         assert_eq!(Replica::open(dir.path(), &meta).unwrap().pending.len(), 1);
     }
 
     #[test]
     fn a_full_journal_moves_to_a_bigger_generation_and_loses_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
-        let mut r = Replica::create(dir.path()).unwrap();
+        let (dir, meta, mut r) = new_index();
         assert_eq!(r.journal.cap(), JOURNAL_MIN);
         // Objects that stay pending (being written) take more room than a generation starts
         // with, and compaction cannot shrink them.
@@ -1261,12 +1269,7 @@ mod tests {
         assert!(r.journal.cap().is_power_of_two() && r.journal.cap() > meta.head().len, "{}", r.journal.cap());
         // Every generation but the current one is gone, the one before it kept as the spare
         // (too small to be reused here).
-        let mut journals: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("journal."))
-            .collect();
-        journals.sort();
+        let journals = journal_files(&dir);
         assert_eq!(journals, [format!("journal.{}", meta.head().generation), SPARE_JOURNAL.to_owned()]);
         let fresh = Replica::open(dir.path(), &meta).unwrap();
         assert_eq!(fresh.pending.len(), 3_000);
