@@ -8,8 +8,15 @@
 //! offset 8            geometry     slot size (low 32 bits) | slot count (high 32 bits)
 //! offset 16           bitmap       one bit per slot, set while the slot is allocated
 //! after the bitmap    slot ids     one word per slot: object id + 1, or 0 when empty
-//! header_len (4 KiB multiple)      the slots, slot_size bytes each, 256 KiB in all
+//! header_len (4 KiB multiple)      the slots, slot_size bytes each
 //! ```
+//!
+//! A class's first arena has 256 KiB of slots, so that a context with a few small values
+//! takes little shared memory. Every later arena is one 2 MiB segment, header included,
+//! mapped at a 2 MiB-aligned address and, where the kernel allows, backed by one huge page
+//! (`MADV_COLLAPSE`, which works on `/dev/shm` even where tmpfs is mounted without
+//! `huge=`): a random read of a value then needs no 4 KiB page walk, which in a virtual
+//! machine costs as much as the read itself.
 //!
 //! Protocol (lock-free, across processes). A slot belongs to whoever holds its id word; the
 //! bitmap is only a hint of which slots are taken, so that allocation need not scan the id
@@ -35,19 +42,21 @@ use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use context_core::{Error, Result, cache};
-use memmap2::{MmapOptions, MmapRaw};
 use rustix::fd::OwnedFd;
 use rustix::fs::{FallocateFlags, Mode};
 use rustix::io::Errno;
+use rustix::mm::{MapFlags, ProtFlags};
 use rustix::shm;
 
 /// Written last by an arena's creator: the header is initialised.
-const MAGIC: u64 = u64::from_le_bytes(*b"wfctxAR1");
+const MAGIC: u64 = u64::from_le_bytes(*b"wfctxAR2");
 /// Written by `destroy` before it unlinks an arena, so that processes which still have it
 /// mapped stop using it.
 const DESTROYED: u64 = u64::from_le_bytes(*b"wfctxDED");
-/// Bytes of slots in every arena.
-pub(crate) const DATA_BYTES: usize = 256 * 1024;
+/// Bytes of slots in a class's first arena.
+const FIRST_DATA_BYTES: usize = 256 * 1024;
+/// The size of every later arena, header included: one huge page.
+const HUGE_ARENA: usize = 2 << 20;
 /// How long to wait for another process to finish creating an arena.
 const CREATE_WAIT: Duration = Duration::from_millis(200);
 const PAGE: usize = 4096;
@@ -70,12 +79,41 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(slot_size: usize) -> Self {
-        let slot_count = DATA_BYTES / slot_size;
+    /// The layout of arena `n` of the class of `slot_size`-byte slots.
+    fn new(slot_size: usize, n: usize) -> Self {
+        if n == 0 {
+            let l = Self::with_slots(slot_size, FIRST_DATA_BYTES / slot_size);
+            return Layout { total: l.header_len + FIRST_DATA_BYTES, ..l };
+        }
+        // The most slots that fit in one huge page with their header: each slot takes its
+        // bytes, its id word and a bit, and the header is rounded up to a page.
+        let mut slot_count = (HUGE_ARENA - PAGE) / (slot_size + 8);
+        while Self::with_slots(slot_size, slot_count + 1).end() <= HUGE_ARENA {
+            slot_count += 1;
+        }
+        while Self::with_slots(slot_size, slot_count).end() > HUGE_ARENA {
+            slot_count -= 1;
+        }
+        Layout { total: HUGE_ARENA, ..Self::with_slots(slot_size, slot_count) }
+    }
+
+    /// A layout of `slot_count` slots, its size their end.
+    fn with_slots(slot_size: usize, slot_count: usize) -> Self {
         let bitmap_words = slot_count.div_ceil(64);
         let ids_offset = 16 + 8 * bitmap_words;
         let header_len = (ids_offset + 8 * slot_count).div_ceil(PAGE) * PAGE;
-        Layout { slot_size, slot_count, bitmap_words, ids_offset, header_len, total: header_len + DATA_BYTES }
+        let total = header_len + slot_count * slot_size;
+        Layout { slot_size, slot_count, bitmap_words, ids_offset, header_len, total }
+    }
+
+    /// Where the last slot ends.
+    fn end(&self) -> usize {
+        self.header_len + self.slot_count * self.slot_size
+    }
+
+    /// Whether the arena is one huge page, to be mapped at an address aligned to it.
+    fn is_huge(&self) -> bool {
+        self.total == HUGE_ARENA
     }
 
     fn geometry(&self) -> u64 {
@@ -103,11 +141,17 @@ pub(crate) enum Created {
     Skip,
 }
 
+/// How many slots arena `n` of the class of `slot_size`-byte slots has.
+#[cfg(test)]
+pub(crate) fn slot_count(slot_size: usize, n: usize) -> usize {
+    Layout::new(slot_size, n).slot_count
+}
+
 /// One mapped arena.
 pub(crate) struct Arena {
     name: String,
     layout: Layout,
-    map: MmapRaw,
+    map: Mapping,
 }
 
 impl std::fmt::Debug for Arena {
@@ -127,13 +171,13 @@ pub(crate) fn io_err(op: &'static str, name: &str, e: impl Into<io::Error>) -> E
 
 impl Arena {
     /// Opens an existing arena without waiting for it to become ready.
-    pub(crate) fn open(name: &str, slot_size: usize) -> Result<Opened> {
+    pub(crate) fn open(name: &str, slot_size: usize, n: usize) -> Result<Opened> {
         let fd = match shm::open(name, shm::OFlags::RDWR, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => return Ok(Opened::Missing),
             Err(e) => return Err(io_err("open shared-memory arena", name, e)),
         };
-        let layout = Layout::new(slot_size);
+        let layout = Layout::new(slot_size, n);
         let stat = rustix::fs::fstat(&fd).map_err(|e| io_err("read size of shared-memory arena", name, e))?;
         if u64::try_from(stat.st_size).ok() != Some(layout.total as u64) {
             // Still being created (the size is set by fallocate before the header is written).
@@ -160,8 +204,8 @@ impl Arena {
     }
 
     /// Creates an arena, or opens the one another process is creating under this name.
-    pub(crate) fn open_or_create(name: &str, slot_size: usize) -> Result<Created> {
-        let layout = Layout::new(slot_size);
+    pub(crate) fn open_or_create(name: &str, slot_size: usize, n: usize) -> Result<Created> {
+        let layout = Layout::new(slot_size, n);
         // An arena that vanishes between our create and open attempts was being created by a
         // process that found shared memory full; try again a few times.
         for _ in 0..3 {
@@ -173,7 +217,7 @@ impl Arena {
             }
             let deadline = Instant::now() + CREATE_WAIT;
             loop {
-                match Self::open(name, slot_size)? {
+                match Self::open(name, slot_size, n)? {
                     Opened::Ready(arena) => return Ok(Created::Ready(arena)),
                     Opened::Missing => break,
                     Opened::NotReady if Instant::now() >= deadline => return Ok(Created::Skip),
@@ -202,35 +246,56 @@ impl Arena {
         };
         // The pages are fresh from fallocate, hence zero: an empty bitmap and empty id words.
         arena.words(8, 1)[0].store(layout.geometry(), Ordering::Relaxed);
+        if layout.is_huge() {
+            // Before any other process uses it: one huge page in place of 512 small ones,
+            // which the mappings of later openers (aligned too) then map whole.
+            arena.map.collapse();
+        }
         arena.magic().store(MAGIC, Ordering::Release);
         Ok(Created::Ready(Arc::new(arena)))
     }
 
     fn map(name: &str, layout: Layout, fd: &OwnedFd) -> Result<Self> {
-        let map =
-            MmapOptions::new().len(layout.total).map_raw(fd).map_err(|e| io_err("map shared-memory arena", name, e))?;
-        if map.len() != layout.total {
-            return Err(Error::corrupt(name, format!("mapped {} bytes, expected {}", map.len(), layout.total)));
-        }
+        let align = if layout.is_huge() { HUGE_ARENA } else { PAGE };
+        let map = Mapping::new(fd, layout.total, align).map_err(|e| io_err("map shared-memory arena", name, e))?;
         Ok(Arena { name: name.to_owned(), layout, map })
+    }
+
+    /// Whether the arena is mapped with huge pages in this process (`smaps`). For tests.
+    #[cfg(test)]
+    pub(crate) fn is_huge_mapped(&self) -> bool {
+        let start = self.map.ptr as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((from, _)) = range.split_once('-')
+                && let Ok(from) = usize::from_str_radix(from, 16)
+            {
+                inside = from == start;
+            } else if inside && let Some(kb) = line.strip_prefix("ShmemPmdMapped:") {
+                return kb.trim().trim_end_matches(" kB").parse::<usize>().is_ok_and(|kb| kb * 1024 >= HUGE_ARENA);
+            }
+        }
+        false
     }
 
     /// `count` atomic words starting at byte `offset` of the mapping.
     fn words(&self, offset: usize, count: usize) -> &[AtomicU64] {
         assert!(
-            offset.is_multiple_of(8) && offset.checked_add(count * 8).is_some_and(|end| end <= self.map.len()),
+            offset.is_multiple_of(8) && offset.checked_add(count * 8).is_some_and(|end| end <= self.map.len),
             "arena word range {offset}+{count}×8 outside the {}-byte mapping",
-            self.map.len()
+            self.map.len
         );
         // SAFETY: the range [offset, offset + 8 * count) lies inside the mapping (asserted
-        // above), which is readable and writable (map_raw of a read-write descriptor) and
+        // above), which is readable and writable (`Mapping::new` maps it so) and
         // stays mapped for as long as `self`, which the returned borrow cannot outlive. The
         // mapping starts on a page boundary and `offset` is a multiple of 8, so every word
         // is aligned for `AtomicU64`. Every process touches arena memory only through
         // atomic operations (this function is the only way in), so the memory is never
         // accessed non-atomically while these references exist, and `AtomicU64` allows
         // mutation through a shared reference.
-        unsafe { std::slice::from_raw_parts(self.map.as_mut_ptr().add(offset).cast::<AtomicU64>(), count) }
+        unsafe { std::slice::from_raw_parts(self.map.ptr.add(offset).cast::<AtomicU64>(), count) }
     }
 
     fn magic(&self) -> &AtomicU64 {
@@ -390,6 +455,87 @@ impl Arena {
     }
 }
 
+/// A shared read-write mapping of a whole segment, at an address that is a multiple of
+/// `align`; unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; it is accessed only
+// through atomic words (`Arena::words`), which any thread may use.
+unsafe impl Send for Mapping {}
+// SAFETY: as for `Send`: shared references only ever reach the memory through atomics.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps the first `len` bytes of `fd` (a multiple of the page size) at an address that
+    /// is a multiple of `align` (a power of two, at least a page).
+    fn new(fd: &OwnedFd, len: usize, align: usize) -> io::Result<Self> {
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        if align <= PAGE {
+            // SAFETY: a new shared mapping at an address the kernel picks: it overlaps no
+            // memory this process uses, and `Drop` unmaps exactly [ptr, ptr + len).
+            let ptr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
+            return Ok(Mapping { ptr: ptr.cast(), len });
+        }
+        // Reserve `len + align` bytes of address space, inaccessible and backed by nothing,
+        // then map the segment over the aligned part of it and give back the rest.
+        let room = len + align;
+        // SAFETY: a new private mapping with no access at an address the kernel picks: it
+        // overlaps no memory this process uses.
+        let base = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                room,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )?
+        }
+        .cast::<u8>();
+        let lead = (base as usize).next_multiple_of(align) - base as usize;
+        // SAFETY: [base + lead, base + lead + len) lies inside the reservation just made
+        // (lead < align), which nothing else in this process knows of, so MAP_FIXED
+        // replaces only our own inaccessible pages.
+        let mapped =
+            unsafe { rustix::mm::mmap(base.add(lead).cast(), len, prot, MapFlags::SHARED | MapFlags::FIXED, fd, 0) };
+        if let Err(e) = mapped {
+            // SAFETY: the whole reservation is ours and nothing points into it.
+            let _ = unsafe { rustix::mm::munmap(base.cast(), room) };
+            return Err(e.into());
+        }
+        // SAFETY: the two ends of the reservation outside the segment's mapping, ours and
+        // unused (either may be empty, which munmap is not asked for).
+        unsafe {
+            if lead > 0 {
+                let _ = rustix::mm::munmap(base.cast(), lead);
+            }
+            let _ = rustix::mm::munmap(base.add(lead + len).cast(), align - lead);
+        }
+        // SAFETY: `base + lead` is inside the reservation (see above).
+        Ok(Mapping { ptr: unsafe { base.add(lead) }, len })
+    }
+
+    /// Asks the kernel to back the mapping with huge pages now (`MADV_COLLAPSE`, Linux 6.1;
+    /// honoured for shared memory whatever tmpfs's `huge=` says). Only a hint: the
+    /// contents stay as they are, and where the kernel cannot (an older kernel, no free
+    /// 2 MiB of memory) the small pages stay. Returns whether it was done.
+    fn collapse(&self) -> bool {
+        // SAFETY: the range is exactly this mapping. MADV_COLLAPSE moves its pages into
+        // one huge page with the same contents, visible to every process mapping them; it
+        // changes no byte and unmaps nothing.
+        unsafe { libc::madvise(self.ptr.cast(), self.len, libc::MADV_COLLAPSE) == 0 }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: [ptr, ptr + len) is the mapping this value made; every reference into
+        // it borrows the `Arena` that owns this value, so none outlives it.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,14 +543,56 @@ mod tests {
     #[test]
     fn layouts_fit() {
         for slot_size in [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096] {
-            let l = Layout::new(slot_size);
-            // Sizes that do not divide the slot bytes leave less than a slot unused.
-            assert!(l.slot_count * slot_size <= DATA_BYTES && DATA_BYTES - l.slot_count * slot_size < slot_size);
-            assert!(l.ids_offset + 8 * l.slot_count <= l.header_len);
-            assert!(16 + 8 * l.bitmap_words <= l.ids_offset && l.bitmap_words * 64 >= l.slot_count);
-            assert_eq!(l.header_len % PAGE, 0);
-            assert_eq!(l.total, l.header_len + DATA_BYTES);
+            for n in [0, 1, 7] {
+                let l = Layout::new(slot_size, n);
+                assert!(l.ids_offset + 8 * l.slot_count <= l.header_len);
+                assert!(16 + 8 * l.bitmap_words <= l.ids_offset && l.bitmap_words * 64 >= l.slot_count);
+                assert_eq!(l.header_len % PAGE, 0);
+                assert!(l.end() <= l.total);
+                if n == 0 {
+                    // Sizes that do not divide the slot bytes leave less than a slot unused.
+                    assert_eq!(l.total, l.header_len + FIRST_DATA_BYTES);
+                    assert!(FIRST_DATA_BYTES - l.slot_count * slot_size < slot_size);
+                } else {
+                    // One huge page, filled but for less than a slot and its header's page.
+                    assert!(l.is_huge());
+                    assert!(l.total - l.end() < slot_size + 8 + PAGE, "{slot_size}: {l:?}");
+                    assert_eq!(Layout::with_slots(slot_size, l.slot_count).end(), l.end());
+                    assert!(Layout::with_slots(slot_size, l.slot_count + 1).end() > HUGE_ARENA);
+                }
+            }
         }
-        assert_eq!(Layout::new(64).header_len, 9 * PAGE);
+        assert_eq!(Layout::new(64, 0).header_len, 9 * PAGE);
+    }
+
+    #[test]
+    fn later_arenas_are_one_huge_page() {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let name = format!("/wfctx.huge-{}-{nanos}.a96.1", std::process::id());
+        let Ok(Created::Ready(arena)) = Arena::open_or_create(&name, 96, 1) else { panic!("created {name}") };
+        let addr = arena.map.ptr as usize;
+        assert_eq!(addr % HUGE_ARENA, 0, "mapped at {addr:#x}");
+        // Another mapping (as another process makes it) is aligned and usable too.
+        let Ok(Opened::Ready(other)) = Arena::open(&name, 96, 1) else { panic!("opened {name}") };
+        assert_eq!(other.map.ptr as usize % HUGE_ARENA, 0);
+        let slot = arena.store(5, b"forty-two", None).unwrap();
+        assert_eq!(other.read(slot, 5, 9).as_deref(), Some(&b"forty-two"[..]));
+        // Where the kernel can collapse shared memory (Linux 6.1 with THP), the segment is
+        // one huge page, and a new mapping of it maps that page whole.
+        if arena.map.collapse() {
+            assert!(arena.is_huge_mapped(), "{name} is not mapped with a huge page");
+            assert_eq!(other.read(slot, 5, 9).as_deref(), Some(&b"forty-two"[..]));
+            let third = match Arena::open(&name, 96, 1) {
+                Ok(Opened::Ready(a)) => a,
+                _ => panic!("opened {name}"),
+            };
+            assert_eq!(third.read(slot, 5, 9).as_deref(), Some(&b"forty-two"[..]));
+            assert!(third.is_huge_mapped(), "a new mapping of {name} uses small pages");
+        } else {
+            eprintln!("skipped: this kernel does not collapse shared memory into huge pages (MADV_COLLAPSE)");
+        }
+        // The first arena of a class stays small.
+        assert!(!Layout::new(96, 0).is_huge());
+        let _ = shm::unlink(&name);
     }
 }

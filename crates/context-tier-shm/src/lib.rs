@@ -196,14 +196,14 @@ fn is_large_name(rest: &[u8]) -> bool {
 }
 
 /// The slot size of an arena, from the part of its name after the prefix (`a<size>.<n>`).
-fn arena_slot_size(rest: &[u8]) -> Option<usize> {
+fn arena_geometry(rest: &[u8]) -> Option<(usize, usize)> {
     let rest = std::str::from_utf8(rest.strip_prefix(b"a")?).ok()?;
     let (size, n) = rest.split_once('.')?;
     let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if !all_digits(size) || !all_digits(n) {
         return None;
     }
-    size.parse().ok()
+    Some((size.parse().ok()?, n.parse().ok()?))
 }
 
 /// Where a small object is: its class, arena and slot.
@@ -252,7 +252,7 @@ impl ShmTier {
             // Destroyed by another process: forget it.
             state.arenas[n] = Entry::Unknown;
         }
-        let opened = Arena::open(&self.arena_name(class, n), SLOT_SIZES[class])?;
+        let opened = Arena::open(&self.arena_name(class, n), SLOT_SIZES[class], n)?;
         if let Opened::Ready(arena) = &opened {
             state.set(n, Entry::Ready(Arc::clone(arena)));
         }
@@ -287,7 +287,7 @@ impl ShmTier {
                     Some(Entry::Dead) => None,
                     _ => {
                         let name = self.arena_name(class, n);
-                        match Arena::open(&name, slot_size)? {
+                        match Arena::open(&name, slot_size, n)? {
                             Opened::Ready(arena) => {
                                 state.set(n, Entry::Ready(Arc::clone(&arena)));
                                 Some(arena)
@@ -297,7 +297,7 @@ impl ShmTier {
                                 n = 0;
                                 continue;
                             }
-                            Opened::Missing | Opened::NotReady => match Arena::open_or_create(&name, slot_size)? {
+                            Opened::Missing | Opened::NotReady => match Arena::open_or_create(&name, slot_size, n)? {
                                 Created::Ready(arena) => {
                                     state.set(n, Entry::Ready(Arc::clone(&arena)));
                                     Some(arena)
@@ -554,7 +554,7 @@ impl StorageTier for ShmTier {
         let mut usage = TierUsage::default();
         for (class, &slot_size) in SLOT_SIZES.iter().enumerate() {
             for n in 0..MAX_ARENAS {
-                match Arena::open(&self.arena_name(class, n), slot_size)? {
+                match Arena::open(&self.arena_name(class, n), slot_size, n)? {
                     Opened::Ready(arena) => {
                         let objects = arena.allocated();
                         usage.objects += objects;
@@ -592,9 +592,9 @@ impl StorageTier for ShmTier {
                     let file_name = entry.file_name();
                     let Some(rest) = file_name.as_bytes().strip_prefix(self.prefix.as_bytes()) else { continue };
                     // Tell processes that still have the arena mapped to stop using it.
-                    if let Some(slot_size) = arena_slot_size(rest).filter(|size| SLOT_SIZES.contains(size))
+                    if let Some((slot_size, n)) = arena_geometry(rest).filter(|(size, _)| SLOT_SIZES.contains(size))
                         && let Some(name) = file_name.to_str()
-                        && let Ok(Opened::Ready(arena)) = Arena::open(&format!("/{name}"), slot_size)
+                        && let Ok(Opened::Ready(arena)) = Arena::open(&format!("/{name}"), slot_size, n)
                     {
                         arena.mark_destroyed();
                     }
@@ -656,10 +656,10 @@ mod tests {
     fn names_are_told_apart() {
         assert!(is_large_name(b"00000000000000ff"));
         assert!(!is_large_name(b"a64.0"));
-        assert_eq!(arena_slot_size(b"a64.0"), Some(64));
-        assert_eq!(arena_slot_size(b"a4096.12"), Some(4096));
-        assert_eq!(arena_slot_size(b"a64."), None);
-        assert_eq!(arena_slot_size(b"00000000000000ff"), None);
+        assert_eq!(arena_geometry(b"a64.0"), Some((64, 0)));
+        assert_eq!(arena_geometry(b"a4096.12"), Some((4096, 12)));
+        assert_eq!(arena_geometry(b"a64."), None);
+        assert_eq!(arena_geometry(b"00000000000000ff"), None);
         assert_eq!(ShmConfig::new("r").prefix(), "wfctx.r.");
     }
 
@@ -675,17 +675,18 @@ mod tests {
             };
         let arena_of = |r: &ObjectRef| decode_slot(r.slot).unwrap().1;
         // Three full arenas of the smallest class and a fourth with room.
-        let per_arena = arena::DATA_BYTES / SLOT_SIZES[0];
-        let refs: Vec<ObjectRef> = (1..=(3 * per_arena + 1) as u64).map(put).collect();
+        let first = arena::slot_count(SLOT_SIZES[0], 0);
+        let per_arena = arena::slot_count(SLOT_SIZES[0], 1);
+        let refs: Vec<ObjectRef> = (1..=(first + 2 * per_arena + 1) as u64).map(put).collect();
         assert_eq!(arena_of(refs.last().unwrap()), 3);
         // Room in arena 1 and arena 0; a store takes arena 0's.
-        assert!(tier.delete(&refs[per_arena + 5]).unwrap());
+        assert!(tier.delete(&refs[first + 5]).unwrap());
         assert!(tier.delete(&refs[3]).unwrap());
         assert_eq!(decode_slot(put(1_000_000).slot), decode_slot(refs[3].slot));
         // An overwrite frees a slot in arena 2: the next store goes straight there rather
         // than scanning from the first arena with room.
-        assert!(tier.delete(&refs[2 * per_arena + 9]).unwrap());
-        assert_eq!(decode_slot(put(1_000_001).slot), decode_slot(refs[2 * per_arena + 9].slot));
+        assert!(tier.delete(&refs[first + per_arena + 9]).unwrap());
+        assert_eq!(decode_slot(put(1_000_001).slot), decode_slot(refs[first + per_arena + 9].slot));
         // The next store goes on from there, to arena 3, which has room.
         assert_eq!(arena_of(&put(1_000_002)), 3);
         // Within an arena, the slot freed last is taken first, though a lower one is free;

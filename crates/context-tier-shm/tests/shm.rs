@@ -48,9 +48,10 @@ fn get(tier: &ShmTier, r: &ObjectRef) -> Option<Vec<u8>> {
 
 #[test]
 fn many_small_objects_span_arenas() {
+    const N: u64 = 40_000;
     let run = unique_run_id();
     let tier = tier(&run);
-    let refs: Vec<(ObjectRef, Vec<u8>)> = (0..10_000u64)
+    let refs: Vec<(ObjectRef, Vec<u8>)> = (0..N)
         .map(|i| {
             let bytes = pattern(i, 50);
             (put(&tier, i, &bytes), bytes)
@@ -59,8 +60,9 @@ fn many_small_objects_span_arenas() {
     for (r, bytes) in &refs {
         assert_eq!(get(&tier, r).as_ref(), Some(bytes), "object {}", r.id);
     }
-    assert_eq!(tier.usage().unwrap(), TierUsage { bytes: 10_000 * 64, objects: 10_000 });
-    // 4096 slots of 64 bytes per arena: three arenas, and nothing else.
+    assert_eq!(tier.usage().unwrap(), TierUsage { bytes: N * 64, objects: N });
+    // 4,096 slots of 64 bytes in the first arena and 29,000 in each later one: three
+    // arenas, and nothing else.
     let prefix = ShmConfig::new(&run).prefix();
     assert_eq!(segments(&run), ["a64.0", "a64.1", "a64.2"].map(|s| format!("{prefix}{s}")));
     let slots: HashSet<u64> = refs.iter().map(|(r, _)| r.slot).collect();
@@ -69,17 +71,17 @@ fn many_small_objects_span_arenas() {
     for (r, _) in refs.iter().step_by(2) {
         assert!(tier.delete(r).unwrap());
     }
-    assert_eq!(tier.usage().unwrap(), TierUsage { bytes: 5_000 * 64, objects: 5_000 });
+    assert_eq!(tier.usage().unwrap(), TierUsage { bytes: N / 2 * 64, objects: N / 2 });
     for (i, (r, bytes)) in refs.iter().enumerate() {
         let expected = if i % 2 == 0 { None } else { Some(bytes) };
         assert_eq!(get(&tier, r).as_ref(), expected, "object {}", r.id);
     }
     // Freed slots are reused before a new arena is made.
-    for i in 0..5_000u64 {
+    for i in 0..N / 2 {
         put(&tier, 20_000 + i, &pattern(i, 60));
     }
     assert_eq!(segments(&run).len(), 3);
-    assert_eq!(tier.usage().unwrap(), TierUsage { bytes: 10_000 * 64, objects: 10_000 });
+    assert_eq!(tier.usage().unwrap(), TierUsage { bytes: N * 64, objects: N });
     tier.destroy().unwrap();
     assert!(segments(&run).is_empty());
 }
