@@ -54,8 +54,9 @@ const META_MAGIC: u64 = u64::from_le_bytes(*b"WFCMETA1");
 /// Version 3: the index lock moved from `flock` on the `lock` file into this page (a
 /// process of an older build would not respect it, so it must not attach). Version 4: the
 /// shared-memory tier's location words number more slot sizes (an older build would look
-/// for small values in the wrong arenas).
-const META_VERSION: u64 = 4;
+/// for small values in the wrong arenas). Version 5: the shared-memory tier's arenas after
+/// a class's first are 2 MiB (an older build would not find them ready).
+const META_VERSION: u64 = 5;
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_STATE: usize = 16;
@@ -137,7 +138,13 @@ impl Meta {
             return Err(Error::corrupt(path.display().to_string(), "not a workflow-context meta file (bad magic)"));
         }
         if version != META_VERSION {
-            return Err(Error::corrupt(path.display().to_string(), format!("unsupported meta version {version}")));
+            return Err(Error::corrupt(
+                path.display().to_string(),
+                format!(
+                    "unsupported meta version {version}: this build of workflow-context reads version \
+                     {META_VERSION} (the context was made by another build; a run's processes must all use one)"
+                ),
+            ));
         }
         Ok(meta)
     }
@@ -975,6 +982,20 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn a_meta_page_of_another_version_is_refused_by_name() {
+        let (dir, meta, _replica) = new_index();
+        meta.word(OFF_VERSION).store(META_VERSION - 1, Ordering::Release);
+        let Err(Error::Corrupt { what, detail, .. }) = Meta::open(&dir.path().join("meta")) else {
+            panic!("a meta page of version {} was accepted", META_VERSION - 1)
+        };
+        assert!(what.ends_with("meta"), "{what}");
+        assert!(detail.contains(&format!("version {}", META_VERSION - 1)), "{detail}");
+        assert!(detail.contains(&format!("reads version {META_VERSION}")), "{detail}");
+        meta.word(OFF_VERSION).store(META_VERSION, Ordering::Release);
+        other_process(&dir);
     }
 
     #[test]
