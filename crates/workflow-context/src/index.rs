@@ -65,12 +65,13 @@ const OFF_RAM_CAP: usize = 32;
 const OFF_DISK_CAP: usize = 40;
 const OFF_TABLE: usize = 48;
 /// The index lock's words ([`crate::lock`]), in a cache line of their own so that taking
-/// the lock does not disturb readers of the head: the holder's token, then two 32-bit
-/// futex words.
+/// the lock does not disturb readers of the head: the holder's token, two 32-bit futex
+/// words, the spinner's deadline and the count of wakes that found nobody.
 const OFF_LOCK_OWNER: usize = 128;
 const OFF_LOCK_SEQ: usize = 136;
 const OFF_LOCK_SLEEPERS: usize = 140;
 const OFF_LOCK_SPINNER: usize = 144;
+const OFF_LOCK_IDLE_WAKES: usize = 152;
 
 /// The context is open for business.
 pub(crate) const STATE_OPEN: u64 = 1;
@@ -179,6 +180,7 @@ impl Meta {
             self.word(OFF_LOCK_OWNER),
             self.word32(OFF_LOCK_SEQ),
             self.word32(OFF_LOCK_SLEEPERS),
+            self.word32(OFF_LOCK_IDLE_WAKES),
             self.word(OFF_LOCK_SPINNER),
         )
     }

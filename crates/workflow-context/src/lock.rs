@@ -14,6 +14,7 @@
 //! - `seq`: a futex word, advanced by a release that finds sleepers, which it wakes one
 //!   at a time.
 //! - `sleepers`: how many threads sleep on `seq`.
+//! - `idle_wakes`: how many releases in a row found `sleepers` above zero but woke nobody.
 //! - `spinner`: until when (nanoseconds of `CLOCK_MONOTONIC`) a waiter watches `owner`.
 //!   One waiter spins at a time; the others give their CPU away once (the holder may be
 //!   waiting for it) and then sleep: with more waiting processes than cores, spinners
@@ -29,9 +30,17 @@
 //! death. The new holder then does what every writer does first: it catches up with the
 //! journal and repairs whatever the dead writer left half done.
 //!
-//! A process killed while it sleeps leaves `sleepers` counted up: each release then makes
-//! one futex wake call that may wake nobody. That costs a system call per release, never
-//! correctness. One killed while it spins holds `spinner` until its deadline passes.
+//! A process killed while it sleeps leaves `sleepers` counted up, and each release would
+//! make a futex wake call that wakes nobody: a system call per release, for the rest of the
+//! context's life. So a release that wakes nobody counts it in `idle_wakes` (a wake that
+//! wakes someone clears it), and after [`STALE_AFTER`] in a row takes one off `sleepers`:
+//! a live sleeper is on the futex, or a few instructions from it, so wakes miss it only
+//! for as long as it is between its count and its wait. Were a sleeper preempted there
+//! for all those releases, the count would end one too low; the release that should wake
+//! it then does not, and it takes the lock after its nap (10 ms), which a sleeper does
+//! anyway when a wake misses it. Sleepers take themselves off with a subtraction that
+//! stops at zero, so the count never wraps. One killed while it spins holds `spinner`
+//! until its deadline passes.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -42,6 +51,8 @@ use rustix::thread::futex;
 const SPIN: Duration = Duration::from_micros(20);
 /// How long a sleeper sleeps before it looks at the holder again (whether it died).
 const NAP: Duration = Duration::from_millis(10);
+/// How many releases in a row must wake nobody before `sleepers` is taken as one too high.
+pub(crate) const STALE_AFTER: u32 = 256;
 
 /// The lock's words, in memory every attached process maps.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +60,7 @@ pub(crate) struct IndexLock<'a> {
     owner: &'a AtomicU64,
     seq: &'a AtomicU32,
     sleepers: &'a AtomicU32,
+    idle_wakes: &'a AtomicU32,
     spinner: &'a AtomicU64,
 }
 
@@ -66,9 +78,10 @@ impl<'a> IndexLock<'a> {
         owner: &'a AtomicU64,
         seq: &'a AtomicU32,
         sleepers: &'a AtomicU32,
+        idle_wakes: &'a AtomicU32,
         spinner: &'a AtomicU64,
     ) -> Self {
-        IndexLock { owner, seq, sleepers, spinner }
+        IndexLock { owner, seq, sleepers, idle_wakes, spinner }
     }
 
     /// Takes the lock for `token` (never 0), waiting as long as a live handle holds it.
@@ -157,7 +170,8 @@ impl<'a> IndexLock<'a> {
             let nap = futex::Timespec { tv_sec: 0, tv_nsec: NAP.as_nanos() as _ };
             futex::wait(self.seq, futex::Flags::empty(), seq, Some(&nap)) == Err(rustix::io::Errno::TIMEDOUT)
         };
-        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        // Never below zero: a release may have taken this thread's count for a dead one's.
+        let _ = self.sleepers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         timed_out
     }
 
@@ -167,9 +181,23 @@ impl<'a> IndexLock<'a> {
         if self.owner.compare_exchange(token, 0, Ordering::SeqCst, Ordering::Relaxed).is_err() {
             return;
         }
-        if self.sleepers.load(Ordering::SeqCst) > 0 {
+        let sleepers = self.sleepers.load(Ordering::SeqCst);
+        if sleepers > 0 {
             self.seq.fetch_add(1, Ordering::SeqCst);
-            let _ = futex::wake(self.seq, futex::Flags::empty(), 1);
+            match futex::wake(self.seq, futex::Flags::empty(), 1) {
+                Ok(0) => self.woke_nobody(sleepers),
+                Ok(_) if self.idle_wakes.load(Ordering::Relaxed) != 0 => self.idle_wakes.store(0, Ordering::Relaxed),
+                _ => {}
+            }
+        }
+    }
+
+    /// After a release's wake found nobody asleep though `sleepers` said so: after
+    /// [`STALE_AFTER`] such wakes in a row, one sleeper is taken for dead.
+    fn woke_nobody(&self, sleepers: u32) {
+        if self.idle_wakes.fetch_add(1, Ordering::Relaxed) + 1 >= STALE_AFTER {
+            self.idle_wakes.store(0, Ordering::Relaxed);
+            let _ = self.sleepers.compare_exchange(sleepers, sleepers - 1, Ordering::SeqCst, Ordering::Relaxed);
         }
     }
 
@@ -197,6 +225,7 @@ mod tests {
         owner: AtomicU64,
         seq: AtomicU32,
         sleepers: AtomicU32,
+        idle_wakes: AtomicU32,
         spinner: AtomicU64,
     }
 
@@ -206,11 +235,12 @@ mod tests {
                 owner: AtomicU64::new(0),
                 seq: AtomicU32::new(0),
                 sleepers: AtomicU32::new(0),
+                idle_wakes: AtomicU32::new(0),
                 spinner: AtomicU64::new(0),
             })
         }
         fn lock(&self) -> IndexLock<'_> {
-            IndexLock::new(&self.owner, &self.seq, &self.sleepers, &self.spinner)
+            IndexLock::new(&self.owner, &self.seq, &self.sleepers, &self.idle_wakes, &self.spinner)
         }
     }
 
@@ -271,6 +301,48 @@ mod tests {
         assert_eq!(words.seq.load(Ordering::SeqCst), seq + 1);
         assert_eq!(waiter.join().unwrap(), Taken::Free);
         assert_eq!(words.lock().holder(), 2);
+    }
+
+    #[test]
+    fn sleepers_killed_asleep_stop_costing_a_wake_per_release() {
+        let words = Words::new();
+        // Three processes were killed on the futex: their counts stay.
+        words.sleepers.store(3, Ordering::SeqCst);
+        let mut releases = 0;
+        while words.sleepers.load(Ordering::SeqCst) > 0 {
+            assert_eq!(words.lock().acquire(1, |_| true), Taken::Free);
+            words.lock().release(1);
+            releases += 1;
+            assert!(releases <= 3 * STALE_AFTER, "still {} sleepers", words.sleepers.load(Ordering::SeqCst));
+        }
+        assert_eq!(releases, 3 * STALE_AFTER);
+        // With the count right again, a release makes no wake call: `seq` stays.
+        let seq = words.seq.load(Ordering::SeqCst);
+        assert_eq!(words.lock().acquire(1, |_| true), Taken::Free);
+        words.lock().release(1);
+        assert_eq!(words.seq.load(Ordering::SeqCst), seq);
+        assert_eq!(words.idle_wakes.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_sleeper_never_takes_the_count_below_zero() {
+        let words = Words::new();
+        // The count was taken for a dead sleeper's while this one slept: its own
+        // decrement stops at zero.
+        assert_eq!(words.lock().acquire(1, |_| true), Taken::Free);
+        let waiter = {
+            let words = words.clone();
+            std::thread::spawn(move || words.lock().acquire(2, |_| true))
+        };
+        while words.sleepers.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        words.sleepers.store(0, Ordering::SeqCst);
+        // No wake (the count says nobody sleeps): the waiter takes the lock after its nap.
+        words.lock().release(1);
+        assert_eq!(waiter.join().unwrap(), Taken::Free);
+        assert_eq!(words.sleepers.load(Ordering::SeqCst), 0);
+        words.lock().release(2);
     }
 
     #[test]
