@@ -825,7 +825,7 @@ impl WorkflowContext {
             let tier = Arc::clone(&pool.tiers(self)[choice]);
             let at = Placed {
                 obj: id,
-                tier: tier.name().to_owned(),
+                tier: guard.replica.shared_tier_name(tier.name())?,
                 kind: tier.kind(),
                 footprint: tier.footprint(len),
                 slot: context_core::ObjectRef::UNKNOWN_SLOT,
@@ -1078,7 +1078,7 @@ impl WorkflowContext {
             }
             let tier = self
                 .tier(&entry.at.tier)
-                .ok_or_else(|| Error::TierUnavailable { key: key.to_owned(), tier: entry.at.tier.clone() })?;
+                .ok_or_else(|| Error::TierUnavailable { key: key.to_owned(), tier: entry.at.tier.to_string() })?;
             let problem = match tier.get(&entry.at.object_ref()).map_err(|e| e.with_key(key))? {
                 None => "its object is missing".to_owned(),
                 Some(rec) => match record::check(&rec, ObjectId(entry.at.obj), true) {
@@ -1155,7 +1155,7 @@ impl WorkflowContext {
         validate_key(key)?;
         let Some(entry) = self.lookup(key)? else { return Ok(None) };
         let len = entry.at.len.saturating_sub(OVERHEAD as u64);
-        let info = StorageInfo::new(entry.at.kind, entry.at.tier.clone(), entry.at.footprint, len, entry.pass_by);
+        let info = StorageInfo::new(entry.at.kind, entry.at.tier.to_string(), entry.at.footprint, len, entry.pass_by);
         Ok(Some(match self.tier(&entry.at.tier) {
             Some(t) => {
                 let loc = t.locate(&entry.at.object_ref());

@@ -37,8 +37,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Mutex};
 
 use context_core::{Error, ObjectId, ObjectRef, PassBy, Payload, Result, StorageKind};
 use memmap2::MmapRaw;
@@ -228,7 +228,7 @@ pub(crate) fn journal_path(dir: &Path, generation: u32) -> PathBuf {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Placed {
     pub(crate) obj: u64,
-    pub(crate) tier: String,
+    pub(crate) tier: Arc<str>,
     pub(crate) kind: StorageKind,
     pub(crate) footprint: u64,
     pub(crate) slot: u64,
@@ -756,6 +756,12 @@ impl Replica {
         let old = std::mem::replace(&mut self.table, grown);
         let _ = std::fs::remove_file(old.path());
         Ok(())
+    }
+
+    /// The name of tier `name` as the index's entries share it (one string for all),
+    /// registering it in the key table if new. The caller holds the write lock.
+    pub(crate) fn shared_tier_name(&self, name: &str) -> Result<Arc<str>> {
+        self.table.shared_tier_name(name)
     }
 
     /// Appends records and publishes them, then applies them to the table. The caller

@@ -41,6 +41,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::{Arc, OnceLock};
 
 use context_core::{Error, MAX_KEY_LEN, PassBy, Result, StorageKind};
 use memmap2::MmapRaw;
@@ -138,10 +139,17 @@ pub(crate) struct Table {
     generation: u32,
     capacity: u64,
     heap_cap: u64,
+    /// The registered tier names read so far, by index: a name never changes once
+    /// published, so every entry that names a tier shares one string.
+    names: Box<[OnceLock<Arc<str>>]>,
 }
 
 fn bytes_for(capacity: u64, heap_cap: u64) -> u64 {
     HEADER as u64 + capacity * SLOT_BYTES + heap_cap
+}
+
+fn no_names() -> Box<[OnceLock<Arc<str>>]> {
+    (0..MAX_TIERS).map(|_| OnceLock::new()).collect()
 }
 
 fn key_words(key_len: usize) -> usize {
@@ -204,7 +212,7 @@ impl Table {
             return Err(Error::io("reserve space for key table", &path, e));
         }
         let map = map_table(&file, &path)?;
-        let table = Table { map, path, generation, capacity, heap_cap };
+        let table = Table { map, path, generation, capacity, heap_cap, names: no_names() };
         table.set(H_VERSION, VERSION);
         table.set(H_CAPACITY, capacity);
         table.set(H_HEAP_CAP, heap_cap);
@@ -227,7 +235,7 @@ impl Table {
         if (map.len() as u64) < file_len {
             return Err(corrupt("the key table shrank while being mapped".to_owned()));
         }
-        let mut table = Table { map, path: path.clone(), generation, capacity: 0, heap_cap: 0 };
+        let mut table = Table { map, path: path.clone(), generation, capacity: 0, heap_cap: 0, names: no_names() };
         let magic = table.get(H_MAGIC);
         let version = table.get(H_VERSION);
         if magic != MAGIC {
@@ -337,10 +345,19 @@ impl Table {
         self.set(H_DISK, c.disk);
     }
 
-    fn tier_name(&self, i: usize) -> Option<String> {
+    fn tier_name(&self, i: usize) -> Option<Arc<str>> {
         if i >= (self.get(H_TIERS) as usize).min(MAX_TIERS) {
             return None;
         }
+        if let Some(name) = self.names[i].get() {
+            return Some(Arc::clone(name));
+        }
+        let name: Arc<str> = self.read_tier_name(i)?.into();
+        Some(Arc::clone(self.names[i].get_or_init(|| name)))
+    }
+
+    /// Tier name `i` as the table holds it, if it is one (valid UTF-8 of a valid length).
+    fn read_tier_name(&self, i: usize) -> Option<String> {
         let base = H_TIER_NAMES + i * TIER_RECORD;
         let len = self.get(base) as usize;
         if len > TIER_NAME_MAX {
@@ -352,6 +369,12 @@ impl Table {
         }
         bytes.truncate(len);
         String::from_utf8(bytes).ok()
+    }
+
+    /// The name of tier `name` as entries share it, registering it if new. Writers only.
+    pub(crate) fn shared_tier_name(&self, name: &str) -> Result<Arc<str>> {
+        let i = self.tier_index(name)?;
+        self.tier_name(i.into()).ok_or_else(|| self.corrupt(format!("tier name {i} is damaged")))
     }
 
     /// The index of tier `name`, registering it if new. Writers only.
