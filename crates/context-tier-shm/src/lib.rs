@@ -15,14 +15,17 @@
 //!   until the context is destroyed.
 //! - A size's first arena has 256 KiB of slots, so a context with a few small values takes
 //!   little shared memory. Each later one is 2 MiB (29,056 slots of 64 bytes, 510 of 4 KiB),
-//!   reserved whole when it is created and, where the kernel can (Linux 6.1 or later, with
-//!   transparent huge pages built in), backed by one huge page: `MADV_COLLAPSE`, which works
-//!   on `/dev/shm` even when tmpfs is mounted without `huge=`. (With less than 2 MiB of
-//!   `/dev/shm` left, small values of a size whose arenas are full go to the next tier.)
-//!   Every process maps it at a 2 MiB-aligned address, so a read of a random small value
-//!   walks no 4 KiB page tables. On the 2-core VM of `docs/benchmarks.md`, creating such an arena takes about 1 ms
-//!   (once per 2 MiB of values), and a random load among 100,000 small values went from
-//!   about 555 to 520 ns.
+//!   reserved whole when it is created (with less than 2 MiB of `/dev/shm` left, small
+//!   values of a size whose arenas are full go to the next tier). Where the kernel can
+//!   (Linux 6.1 or later, with transparent huge pages), it is one huge page:
+//!   `MADV_COLLAPSE`, which works on `/dev/shm` even when tmpfs is mounted without `huge=`,
+//!   and every process maps it at a 2 MiB-aligned address, so a read of a random small
+//!   value walks no 4 KiB page tables. On the 2-core VM of `docs/benchmarks.md`, creating
+//!   such an arena takes about 1 ms (once per 2 MiB of values), and a random load among
+//!   100,000 small values went from about 555 to 520 ns.
+//! - A small value's footprint is its slot. Shared memory also holds the arenas' free
+//!   slots, which later stores reuse (filling arenas from the first) and which are given
+//!   back when the context is destroyed.
 //! - Pages are reserved (`fallocate`) before any byte is written, so a full `/dev/shm` makes
 //!   `put` answer [`PutOutcome::NoSpace`] (the context then falls back to disk), never
 //!   SIGBUS.
