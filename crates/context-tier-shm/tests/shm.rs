@@ -67,6 +67,14 @@ fn many_small_objects_span_arenas() {
     assert_eq!(segments(&run), ["a64.0", "a64.1", "a64.2"].map(|s| format!("{prefix}{s}")));
     let slots: HashSet<u64> = refs.iter().map(|(r, _)| r.slot).collect();
     assert_eq!(slots.len(), refs.len(), "two objects share a slot");
+    // An object in the last arena is found by id alone too (a 2 MiB arena is searched
+    // with its own geometry), and another process's instance reads it.
+    let (last, bytes) = refs.last().unwrap();
+    let other = crate::tier(&run);
+    assert_eq!(get(&other, last).as_ref(), Some(bytes));
+    let lost = ObjectRef { slot: ObjectRef::UNKNOWN_SLOT, ..*last };
+    assert_eq!(other.locate(&lost).shm_name, Some(format!("/{prefix}a64.2")));
+    assert_eq!(get(&other, &lost).as_ref(), Some(bytes));
 
     for (r, _) in refs.iter().step_by(2) {
         assert!(tier.delete(r).unwrap());
