@@ -16,7 +16,8 @@
 //! mapped at a 2 MiB-aligned address and, where the kernel allows, backed by one huge page
 //! (`MADV_COLLAPSE`, which works on `/dev/shm` even where tmpfs is mounted without
 //! `huge=`): a random read of a value then needs no 4 KiB page walk, which in a virtual
-//! machine costs as much as the read itself.
+//! machine costs as much as the read itself. An arena created with less than 2 MiB of
+//! shared memory left is small like the first; its segment's size says which it is.
 //!
 //! Protocol (lock-free, across processes). A slot belongs to whoever holds its id word; the
 //! bitmap is only a hint of which slots are taken, so that allocation need not scan the id
@@ -79,12 +80,26 @@ struct Layout {
 }
 
 impl Layout {
-    /// The layout of arena `n` of the class of `slot_size`-byte slots.
+    /// The layout arena `n` of the class of `slot_size`-byte slots is created with: small
+    /// for the first, one huge page for the others. (One that finds too little shared
+    /// memory left for a huge page is made small; the size of its segment tells which.)
     fn new(slot_size: usize, n: usize) -> Self {
-        if n == 0 {
-            let l = Self::with_slots(slot_size, FIRST_DATA_BYTES / slot_size);
-            return Layout { total: l.header_len + FIRST_DATA_BYTES, ..l };
-        }
+        if n == 0 { Self::small(slot_size) } else { Self::huge(slot_size) }
+    }
+
+    /// The layout of an arena whose segment is `size` bytes, if it is one of the two.
+    fn of_size(slot_size: usize, size: u64) -> Option<Self> {
+        [Self::small(slot_size), Self::huge(slot_size)].into_iter().find(|l| l.total as u64 == size)
+    }
+
+    /// [`FIRST_DATA_BYTES`] of slots.
+    fn small(slot_size: usize) -> Self {
+        let l = Self::with_slots(slot_size, FIRST_DATA_BYTES / slot_size);
+        Layout { total: l.header_len + FIRST_DATA_BYTES, ..l }
+    }
+
+    /// One huge page.
+    fn huge(slot_size: usize) -> Self {
         // The most slots that fit in one huge page with their header: each slot takes its
         // bytes, its id word and a bit, and the header is rounded up to a page.
         let mut slot_count = (HUGE_ARENA - PAGE) / (slot_size + 8);
@@ -171,18 +186,17 @@ pub(crate) fn io_err(op: &'static str, name: &str, e: impl Into<io::Error>) -> E
 
 impl Arena {
     /// Opens an existing arena without waiting for it to become ready.
-    pub(crate) fn open(name: &str, slot_size: usize, n: usize) -> Result<Opened> {
+    pub(crate) fn open(name: &str, slot_size: usize) -> Result<Opened> {
         let fd = match shm::open(name, shm::OFlags::RDWR, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => return Ok(Opened::Missing),
             Err(e) => return Err(io_err("open shared-memory arena", name, e)),
         };
-        let layout = Layout::new(slot_size, n);
         let stat = rustix::fs::fstat(&fd).map_err(|e| io_err("read size of shared-memory arena", name, e))?;
-        if u64::try_from(stat.st_size).ok() != Some(layout.total as u64) {
+        let Some(layout) = u64::try_from(stat.st_size).ok().and_then(|size| Layout::of_size(slot_size, size)) else {
             // Still being created (the size is set by fallocate before the header is written).
             return Ok(Opened::NotReady);
-        }
+        };
         let arena = Self::map(name, layout, &fd)?;
         match arena.magic().load(Ordering::Acquire) {
             MAGIC => {
@@ -203,7 +217,8 @@ impl Arena {
         }
     }
 
-    /// Creates an arena, or opens the one another process is creating under this name.
+    /// Creates arena `n` of its class, or opens the one another process is creating under
+    /// this name.
     pub(crate) fn open_or_create(name: &str, slot_size: usize, n: usize) -> Result<Created> {
         let layout = Layout::new(slot_size, n);
         // An arena that vanishes between our create and open attempts was being created by a
@@ -217,7 +232,7 @@ impl Arena {
             }
             let deadline = Instant::now() + CREATE_WAIT;
             loop {
-                match Self::open(name, slot_size, n)? {
+                match Self::open(name, slot_size)? {
                     Opened::Ready(arena) => return Ok(Created::Ready(arena)),
                     Opened::Missing => break,
                     Opened::NotReady if Instant::now() >= deadline => return Ok(Created::Skip),
@@ -228,9 +243,17 @@ impl Arena {
         Ok(Created::Skip)
     }
 
-    /// Reserves, maps and initialises a segment this process just created.
-    fn init(name: &str, layout: Layout, fd: OwnedFd) -> Result<Created> {
-        if let Err(e) = rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, layout.total as u64) {
+    /// Reserves, maps and initialises a segment this process just created: with `layout`,
+    /// or small if there is no room for a huge one.
+    fn init(name: &str, mut layout: Layout, fd: OwnedFd) -> Result<Created> {
+        let reserve = |l: &Layout| rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, l.total as u64);
+        let mut reserved = reserve(&layout);
+        if reserved.is_err_and(is_no_space) && layout.is_huge() {
+            // Use what is left (a failed fallocate leaves the size as it was: zero).
+            layout = Layout::small(layout.slot_size);
+            reserved = reserve(&layout);
+        }
+        if let Err(e) = reserved {
             let _ = shm::unlink(name);
             if is_no_space(e) {
                 return Ok(Created::NoSpace);
@@ -573,7 +596,7 @@ mod tests {
         let addr = arena.map.ptr as usize;
         assert_eq!(addr % HUGE_ARENA, 0, "mapped at {addr:#x}");
         // Another mapping (as another process makes it) is aligned and usable too.
-        let Ok(Opened::Ready(other)) = Arena::open(&name, 96, 1) else { panic!("opened {name}") };
+        let Ok(Opened::Ready(other)) = Arena::open(&name, 96) else { panic!("opened {name}") };
         assert_eq!(other.map.ptr as usize % HUGE_ARENA, 0);
         let slot = arena.store(5, b"forty-two", None).unwrap();
         assert_eq!(other.read(slot, 5, 9).as_deref(), Some(&b"forty-two"[..]));
@@ -582,7 +605,7 @@ mod tests {
         if arena.map.collapse() {
             assert!(arena.is_huge_mapped(), "{name} is not mapped with a huge page");
             assert_eq!(other.read(slot, 5, 9).as_deref(), Some(&b"forty-two"[..]));
-            let third = match Arena::open(&name, 96, 1) {
+            let third = match Arena::open(&name, 96) {
                 Ok(Opened::Ready(a)) => a,
                 _ => panic!("opened {name}"),
             };

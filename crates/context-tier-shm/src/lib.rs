@@ -15,8 +15,8 @@
 //!   until the context is destroyed.
 //! - A size's first arena has 256 KiB of slots, so a context with a few small values takes
 //!   little shared memory. Each later one is 2 MiB (29,056 slots of 64 bytes, 510 of 4 KiB),
-//!   reserved whole when it is created (with less than 2 MiB of `/dev/shm` left, small
-//!   values of a size whose arenas are full go to the next tier). Where the kernel can
+//!   reserved whole when it is created (one that finds less than 2 MiB of `/dev/shm` left
+//!   is made small, so a small `/dev/shm` fills up as before). Where the kernel can
 //!   (Linux 6.1 or later, with transparent huge pages), it is one huge page:
 //!   `MADV_COLLAPSE`, which works on `/dev/shm` even when tmpfs is mounted without `huge=`,
 //!   and every process maps it at a 2 MiB-aligned address, so a read of a random small
@@ -209,14 +209,14 @@ fn is_large_name(rest: &[u8]) -> bool {
 }
 
 /// The slot size of an arena, from the part of its name after the prefix (`a<size>.<n>`).
-fn arena_geometry(rest: &[u8]) -> Option<(usize, usize)> {
+fn arena_slot_size(rest: &[u8]) -> Option<usize> {
     let rest = std::str::from_utf8(rest.strip_prefix(b"a")?).ok()?;
     let (size, n) = rest.split_once('.')?;
     let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if !all_digits(size) || !all_digits(n) {
         return None;
     }
-    Some((size.parse().ok()?, n.parse().ok()?))
+    size.parse().ok()
 }
 
 /// Where a small object is: its class, arena and slot.
@@ -265,7 +265,7 @@ impl ShmTier {
             // Destroyed by another process: forget it.
             state.arenas[n] = Entry::Unknown;
         }
-        let opened = Arena::open(&self.arena_name(class, n), SLOT_SIZES[class], n)?;
+        let opened = Arena::open(&self.arena_name(class, n), SLOT_SIZES[class])?;
         if let Opened::Ready(arena) = &opened {
             state.set(n, Entry::Ready(Arc::clone(arena)));
         }
@@ -300,7 +300,7 @@ impl ShmTier {
                     Some(Entry::Dead) => None,
                     _ => {
                         let name = self.arena_name(class, n);
-                        match Arena::open(&name, slot_size, n)? {
+                        match Arena::open(&name, slot_size)? {
                             Opened::Ready(arena) => {
                                 state.set(n, Entry::Ready(Arc::clone(&arena)));
                                 Some(arena)
@@ -567,7 +567,7 @@ impl StorageTier for ShmTier {
         let mut usage = TierUsage::default();
         for (class, &slot_size) in SLOT_SIZES.iter().enumerate() {
             for n in 0..MAX_ARENAS {
-                match Arena::open(&self.arena_name(class, n), slot_size, n)? {
+                match Arena::open(&self.arena_name(class, n), slot_size)? {
                     Opened::Ready(arena) => {
                         let objects = arena.allocated();
                         usage.objects += objects;
@@ -605,9 +605,9 @@ impl StorageTier for ShmTier {
                     let file_name = entry.file_name();
                     let Some(rest) = file_name.as_bytes().strip_prefix(self.prefix.as_bytes()) else { continue };
                     // Tell processes that still have the arena mapped to stop using it.
-                    if let Some((slot_size, n)) = arena_geometry(rest).filter(|(size, _)| SLOT_SIZES.contains(size))
+                    if let Some(slot_size) = arena_slot_size(rest).filter(|size| SLOT_SIZES.contains(size))
                         && let Some(name) = file_name.to_str()
-                        && let Ok(Opened::Ready(arena)) = Arena::open(&format!("/{name}"), slot_size, n)
+                        && let Ok(Opened::Ready(arena)) = Arena::open(&format!("/{name}"), slot_size)
                     {
                         arena.mark_destroyed();
                     }
@@ -669,10 +669,10 @@ mod tests {
     fn names_are_told_apart() {
         assert!(is_large_name(b"00000000000000ff"));
         assert!(!is_large_name(b"a64.0"));
-        assert_eq!(arena_geometry(b"a64.0"), Some((64, 0)));
-        assert_eq!(arena_geometry(b"a4096.12"), Some((4096, 12)));
-        assert_eq!(arena_geometry(b"a64."), None);
-        assert_eq!(arena_geometry(b"00000000000000ff"), None);
+        assert_eq!(arena_slot_size(b"a64.0"), Some(64));
+        assert_eq!(arena_slot_size(b"a4096.12"), Some(4096));
+        assert_eq!(arena_slot_size(b"a64."), None);
+        assert_eq!(arena_slot_size(b"00000000000000ff"), None);
         assert_eq!(ShmConfig::new("r").prefix(), "wfctx.r.");
     }
 

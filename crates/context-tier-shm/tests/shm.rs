@@ -321,6 +321,8 @@ fn inner_no_space_in_tiny_shm() {
     assert!(tier.delete(&r).unwrap());
 
     // Small objects fill arenas until an arena cannot be created; all of them stay readable.
+    // Arenas after the first are 2 MiB where they fit and small where they do not, so the
+    // 1 MiB holds three arenas of 256 slots of 1 KiB.
     let mut stored = Vec::new();
     for id in 100u64.. {
         let bytes = pattern(id, 1000);
@@ -330,7 +332,9 @@ fn inner_no_space_in_tiny_shm() {
             PutOutcome::NoSpace => break,
         }
     }
-    assert!(stored.len() >= 256, "only {} small objects fit", stored.len());
+    assert_eq!(stored.len(), 3 * 256, "small objects that fit");
+    let prefix = ShmConfig::new(&run).prefix();
+    assert_eq!(segments(&run), ["a1024.0", "a1024.1", "a1024.2"].map(|s| format!("{prefix}{s}")));
     for (r, bytes) in &stored {
         assert_eq!(get(&tier, r).as_ref(), Some(bytes));
     }
