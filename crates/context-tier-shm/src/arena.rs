@@ -269,12 +269,14 @@ impl Arena {
         };
         // The pages are fresh from fallocate, hence zero: an empty bitmap and empty id words.
         arena.words(8, 1)[0].store(layout.geometry(), Ordering::Relaxed);
+        arena.magic().store(MAGIC, Ordering::Release);
         if layout.is_huge() {
-            // Before any other process uses it: one huge page in place of 512 small ones,
-            // which the mappings of later openers (aligned too) then map whole.
+            // One huge page in place of 512 small ones. After the arena is published, so
+            // that nobody waits for it: the kernel moves the contents under every mapping
+            // (other processes' mappings, aligned too, then fault the huge page in whole),
+            // and a collapse that must first compact memory delays only this store.
             arena.map.collapse();
         }
-        arena.magic().store(MAGIC, Ordering::Release);
         Ok(Created::Ready(Arc::new(arena)))
     }
 
@@ -605,6 +607,7 @@ mod tests {
         if arena.map.collapse() {
             assert!(arena.is_huge_mapped(), "{name} is not mapped with a huge page");
             assert_eq!(other.read(slot, 5, 9).as_deref(), Some(&b"forty-two"[..]));
+            assert!(other.is_huge_mapped(), "the other mapping of {name} uses small pages");
             let third = match Arena::open(&name, 96) {
                 Ok(Opened::Ready(a)) => a,
                 _ => panic!("opened {name}"),
