@@ -530,7 +530,8 @@ impl Mapping {
             return Err(e.into());
         }
         // SAFETY: the two ends of the reservation outside the segment's mapping, ours and
-        // unused (either may be empty, which munmap is not asked for).
+        // unused: the head (empty, and left alone, when the reservation came aligned) and
+        // the tail (never empty, since lead < align).
         unsafe {
             if lead > 0 {
                 let _ = rustix::mm::munmap(base.cast(), lead);
