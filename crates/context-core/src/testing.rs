@@ -50,6 +50,34 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The value of `field` (`VmFlags`, `ShmemPmdMapped`, ...) in `/proc/self/smaps` for the
+/// mapping of this process that holds address `addr`, trimmed; `None` if there is no such
+/// mapping or field (or no `/proc`). For tests that check how memory is mapped.
+///
+/// ```
+/// let words = vec![0u64; 1 << 16];
+/// # if std::path::Path::new("/proc/self/smaps").exists() {
+/// let flags = context_core::testing::mapping_field(words.as_ptr() as usize, "VmFlags").unwrap();
+/// assert!(flags.split_whitespace().any(|f| f == "rd"));
+/// # }
+/// ```
+pub fn mapping_field(addr: usize, field: &str) -> Option<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        // A mapping's first line starts with its address range, `lo-hi`, in hex.
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((lo, hi)) = range.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        {
+            inside = (lo..hi).contains(&addr);
+        } else if inside && let Some(value) = line.strip_prefix(field).and_then(|rest| rest.strip_prefix(':')) {
+            return Some(value.trim().to_owned());
+        }
+    }
+    None
+}
+
 /// Sizes every check goes through: around pages, slots and a megabyte.
 pub const SIZES: &[usize] = &[32, 33, 64, 100, 4095, 4096, 4097, 65_536 + 7, (1 << 20) + 3];
 

@@ -289,20 +289,9 @@ impl Arena {
     /// Whether the arena is mapped with huge pages in this process (`smaps`). For tests.
     #[cfg(test)]
     pub(crate) fn is_huge_mapped(&self) -> bool {
-        let start = self.map.ptr as usize;
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-        let mut inside = false;
-        for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ')
-                && let Some((from, _)) = range.split_once('-')
-                && let Ok(from) = usize::from_str_radix(from, 16)
-            {
-                inside = from == start;
-            } else if inside && let Some(kb) = line.strip_prefix("ShmemPmdMapped:") {
-                return kb.trim().trim_end_matches(" kB").parse::<usize>().is_ok_and(|kb| kb * 1024 >= HUGE_ARENA);
-            }
-        }
-        false
+        context_core::testing::mapping_field(self.map.ptr as usize, "ShmemPmdMapped")
+            .and_then(|kb| kb.trim_end_matches(" kB").parse::<usize>().ok())
+            .is_some_and(|kb| kb * 1024 >= HUGE_ARENA)
     }
 
     /// `count` atomic words starting at byte `offset` of the mapping.

@@ -925,23 +925,6 @@ mod tests {
         assert!(matches!(Table::open(dir.path(), 1), Err(Error::Corrupt { .. })));
     }
 
-    /// The `VmFlags` line of the mapping of this process that holds address `addr`.
-    fn vm_flags(addr: usize) -> Option<String> {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-        let mut inside = false;
-        for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ')
-                && let Some((lo, hi)) = range.split_once('-')
-                && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-            {
-                inside = (lo..hi).contains(&addr);
-            } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
-                return Some(flags.to_owned());
-            }
-        }
-        None
-    }
-
     #[test]
     fn tables_are_mapped_with_the_huge_page_advice() {
         if !Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
@@ -952,7 +935,8 @@ mod tests {
         let created = Table::create(dir.path(), 0, 1 << 17, 2 << 20).unwrap();
         let opened = Table::open(dir.path(), 0).unwrap();
         for (how, t) in [("created", &created), ("opened", &opened)] {
-            let flags = vm_flags(t.map.as_ptr() as usize).expect("the table's mapping is in smaps");
+            let flags = context_core::testing::mapping_field(t.map.as_ptr() as usize, "VmFlags")
+                .expect("the table's mapping is in smaps");
             assert!(flags.split_whitespace().any(|f| f == "hg"), "{how} table mapped without MADV_HUGEPAGE: {flags}");
         }
     }
