@@ -68,8 +68,8 @@ impl<'a> Subject<'a> {
 
 /// Measures `subjects` against each other: a warm-up round (which also sizes each
 /// subject's measurement to last about `target` by the wall clock, between 1 and its cap
-/// or `max_reps` operations), then `counted` rounds. Each round runs every subject once, starting from
-/// a different subject each time, so none always runs first (first touches of memory are
+/// or `max_reps` operations: see [`reps_for`]), then `counted` rounds. Each round runs
+/// every subject once, starting from a different subject each time, so none always runs first (first touches of memory are
 /// slow on a VM) and a drift in the machine's speed falls on all alike. A measurement of
 /// several short operations is preceded by an untimed quarter of it, so that it starts
 /// with the caches and the allocator warmed by its own kind of work rather than by the
@@ -80,18 +80,7 @@ pub fn rounds(subjects: &mut [Subject<'_>], counted: usize, target: Duration, ma
     let n = subjects.len();
     let trace = std::env::var_os("WFBENCH_TRACE").is_some();
     for s in subjects.iter_mut() {
-        // The fastest of two single runs (the very first may pay for one-time setup), by
-        // the wall clock: untimed setup and cleanup count against the target too.
-        let once = (0..2)
-            .map(|_| {
-                let t = Instant::now();
-                let timed = (s.run)(1);
-                timed.max(t.elapsed().as_secs_f64())
-            })
-            .fold(f64::INFINITY, f64::min)
-            .max(1e-9);
-        let cap = s.cap.unwrap_or(max_reps).max(1);
-        s.reps = ((target.as_secs_f64() / once) as usize).clamp(1, cap);
+        s.reps = reps_for(s, target, max_reps);
     }
     for round in 0..counted {
         for k in 0..n {
@@ -106,6 +95,32 @@ pub fn rounds(subjects: &mut [Subject<'_>], counted: usize, target: Duration, ma
             s.samples.push(per_op);
         }
     }
+}
+
+/// How many operations of `s` last about `target` by the wall clock (untimed setup and
+/// cleanup count against the target too), between 1 and its cap or `max_reps`.
+///
+/// Sized from a batch of at least a fortieth of the target, doubling from one operation,
+/// and the faster of two runs of that batch (the very first may pay for one-time setup). A
+/// single short operation costs what a cold one costs, plus the clock's own overhead, and
+/// would size the measurement at a fraction of the target: a small load at 100,000 keys
+/// measured 15,000 operations instead of about 40,000.
+fn reps_for(s: &mut Subject<'_>, target: Duration, max_reps: usize) -> usize {
+    let cap = s.cap.unwrap_or(max_reps).max(1);
+    let enough = target.as_secs_f64() / 40.0;
+    let mut batch = |n: usize| {
+        let t = Instant::now();
+        let timed = (s.run)(n) * n as f64;
+        t.elapsed().as_secs_f64().max(timed).max(1e-9)
+    };
+    let mut n = 1;
+    let mut wall = batch(n);
+    while wall < enough && n < cap {
+        n = (n * 2).min(cap);
+        wall = batch(n);
+    }
+    let wall = wall.min(batch(n));
+    ((target.as_secs_f64() * n as f64 / wall) as usize).clamp(1, cap)
 }
 
 /// A field of `/proc/self/status` in KiB (`VmHWM`, `VmRSS`, `RssAnon`, `RssShmem`, ...).
@@ -186,6 +201,19 @@ mod tests {
         assert!(subjects.iter().all(|s| s.samples.len() == 3 && s.reps == 1));
         // Warm-up 0,0,1,1,2,2; then rounds starting at 0, 1, 2.
         assert_eq!(*order.borrow(), [0, 0, 1, 1, 2, 2, 0, 1, 2, 1, 2, 0, 2, 0, 1]);
+    }
+
+    #[test]
+    fn short_operations_are_sized_from_a_batch() {
+        // Each call costs 5 us beyond its operations of 1 us each (a cold first operation,
+        // the clock): sized from one operation, the measurement would do 10 ms / 6 us = 1,666.
+        let mut s = Subject::new("short", |n| (5e-6 + n as f64 * 1e-6) / n as f64);
+        let reps = reps_for(&mut s, Duration::from_millis(10), 1_000_000);
+        assert!((9_000..=10_000).contains(&reps), "{reps}");
+        // The cap holds, and so does the least of one operation.
+        assert_eq!(reps_for(&mut s, Duration::from_millis(10), 100), 100);
+        let mut slow = Subject::new("slow", |_| 1.0);
+        assert_eq!(reps_for(&mut slow, Duration::from_millis(10), 100), 1);
     }
 
     #[test]
