@@ -68,12 +68,12 @@ impl<'a> Subject<'a> {
 
 /// Measures `subjects` against each other: a warm-up round (which also sizes each
 /// subject's measurement to last about `target` by the wall clock, between 1 and its cap
-/// or `max_reps` operations: see [`reps_for`]), then `counted` rounds. Each round runs
-/// every subject once, starting from a different subject each time, so none always runs first (first touches of memory are
-/// slow on a VM) and a drift in the machine's speed falls on all alike. A measurement of
-/// several short operations is preceded by an untimed quarter of it, so that it starts
-/// with the caches and the allocator warmed by its own kind of work rather than by the
-/// subject before it.
+/// or `max_reps` operations, timed on a batch of them rather than on one), then `counted`
+/// rounds. Each round runs every subject once, starting from a different subject each
+/// time, so none always runs first (first touches of memory are slow on a VM) and a drift
+/// in the machine's speed falls on all alike. A measurement of several short operations is
+/// preceded by an untimed quarter of it, so that it starts with the caches and the
+/// allocator warmed by its own kind of work rather than by the subject before it.
 ///
 /// With `WFBENCH_TRACE` set in the environment, every measurement is printed to stderr.
 pub fn rounds(subjects: &mut [Subject<'_>], counted: usize, target: Duration, max_reps: usize) {
