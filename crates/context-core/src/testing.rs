@@ -162,13 +162,21 @@ pub fn delete_reports_existence(tier: &dyn StorageTier) {
     finish(tier);
 }
 
-/// Delete finds an object by id alone when the slot is unknown.
+/// Delete finds an object by id alone when the slot is unknown, whether or not the length
+/// is known (a context that cleans up after a writer that died may know only the id).
 pub fn delete_with_unknown_slot(tier: &dyn StorageTier) {
     for (i, &len) in SIZES.iter().enumerate() {
-        let r = put_parts(tier, 400 + i as u64, &pattern(i as u64, len));
-        let lost = ObjectRef { slot: ObjectRef::UNKNOWN_SLOT, held: 0, ..r };
-        assert!(tier.delete(&lost).unwrap(), "{}: delete by id of a {len}-byte object failed to find it", tier.name());
-        assert!(get(tier, &r).is_none(), "{}: object still readable after delete by id", tier.name());
+        for (j, known_len) in [(0, true), (1, false)] {
+            let r = put_parts(tier, 400 + 2 * i as u64 + j, &pattern(i as u64, len));
+            let lost =
+                ObjectRef { slot: ObjectRef::UNKNOWN_SLOT, held: 0, len: if known_len { r.len } else { 0 }, ..r };
+            assert!(
+                tier.delete(&lost).unwrap(),
+                "{}: delete by id of a {len}-byte object (length known: {known_len}) failed to find it",
+                tier.name()
+            );
+            assert!(get(tier, &r).is_none(), "{}: object still readable after delete by id", tier.name());
+        }
     }
     finish(tier);
 }

@@ -327,8 +327,9 @@ pub trait StorageTier: Send + Sync + fmt::Debug {
     /// # Behavior
     /// - `Ok(true)` if it existed, `Ok(false)` if it did not: deleting a missing object
     ///   succeeds.
-    /// - With [`ObjectRef::UNKNOWN_SLOT`], the tier finds the object by id (this may be slow;
-    ///   it only happens when cleaning up after a writer that died).
+    /// - With [`ObjectRef::UNKNOWN_SLOT`], the tier finds the object by id alone, its `len`
+    ///   being 0 when the caller does not know it either (this may be slow; it only happens
+    ///   when cleaning up after a writer that died).
     /// - Payloads already returned by `get` stay valid.
     fn delete(&self, object: &ObjectRef) -> Result<bool>;
 

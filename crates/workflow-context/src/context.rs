@@ -583,8 +583,9 @@ impl WorkflowContext {
         let replica = Replica::open(&dir, &meta)?;
         let attached = Attached { token, meta, replica, liveness: (live_file, live_path) };
         let ctx = Self::assemble(run_id, dir, false, attached, setup)?;
+        // Objects a dead writer held: pending ones, or one it was writing under the lock.
         let has_pending = !ctx.replica.read().unwrap_or_else(lock_poisoned).pending.is_empty();
-        if has_pending {
+        if has_pending || ctx.meta.in_flight() != 0 {
             let mut g = ctx.write_lock()?;
             ctx.recover_dead(&mut g)?;
         }
@@ -628,7 +629,40 @@ impl WorkflowContext {
         guard.replica.catch_up_locked(&self.meta)?;
         // A writer that died between committing and applying left the table behind.
         guard.replica.repair_table(&self.meta)?;
+        if self.meta.in_flight() != 0 {
+            self.reclaim_in_flight(&guard);
+        }
         Ok(guard)
+    }
+
+    /// Deletes the object a small save left in flight, unless its `Put` committed: the
+    /// holder of the lock before this one died (or failed) between writing it and
+    /// committing it, and no key or pending record names it. Ids are never reused, so
+    /// every tier is asked to delete it by id. If a tier fails to, the note stays for the
+    /// next holder to try again. The caller holds the write lock and has caught up.
+    fn reclaim_in_flight(&self, g: &WriteGuard<'_>) {
+        let obj = self.meta.in_flight();
+        let deleted = match g.replica.commits_put_of(obj) {
+            Ok(true) => true,
+            Ok(false) => {
+                let object = context_core::ObjectRef {
+                    id: ObjectId(obj),
+                    len: 0,
+                    slot: context_core::ObjectRef::UNKNOWN_SLOT,
+                    held: 0,
+                };
+                // Every tier is asked, even after one fails.
+                let mut all = true;
+                for tier in self.tiers.iter().chain(&self.recipe_tier) {
+                    all &= tier.delete(&object).is_ok();
+                }
+                all
+            }
+            Err(_) => false,
+        };
+        if deleted {
+            self.meta.set_in_flight(0);
+        }
     }
 
     /// Takes the context's index lock for this handle (whose mutex the caller holds).
@@ -774,6 +808,12 @@ impl WorkflowContext {
 
     /// Stores a record of `len` bytes under `key`, written by `put` into the tier it is
     /// given with the object id it is given.
+    ///
+    /// A large record is written outside the index lock, so its object is recorded as
+    /// pending first (whoever finds its writer dead deletes it). A small one is written
+    /// under the lock, from its id to its commit, and noted in the meta page's in-flight word
+    /// instead ([`Meta::in_flight`](crate::index::Meta::in_flight)), which the next holder of
+    /// the lock reads ([`reclaim_in_flight`](Self::reclaim_in_flight)).
     #[allow(clippy::too_many_arguments)]
     fn store(
         &self,
@@ -831,10 +871,11 @@ impl WorkflowContext {
                 slot: context_core::ObjectRef::UNKNOWN_SLOT,
                 len,
             };
-            guard.replica.append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }])?;
             if small {
+                self.meta.set_in_flight(id);
                 guard.replica.prefetch_entry(key, |slot| self.prefetch(slot));
             } else {
+                guard.replica.append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }])?;
                 g = None; // write large values outside the lock
             }
             let outcome = put(&*tier, ObjectId(id));
@@ -857,12 +898,22 @@ impl WorkflowContext {
                     let at = Placed { slot: r.slot, footprint: r.held.min(at.footprint), ..at };
                     return self.commit(guard, key, at, pass_by, flags);
                 }
-                Ok(PutOutcome::NoSpace) => match tier.kind() {
-                    StorageKind::Ram => refused.ram = true,
-                    StorageKind::Disk => refused.disk = true,
-                },
+                // The tier kept nothing of the object.
+                Ok(PutOutcome::NoSpace) => {
+                    if small {
+                        self.meta.set_in_flight(0);
+                    }
+                    match tier.kind() {
+                        StorageKind::Ram => refused.ram = true,
+                        StorageKind::Disk => refused.disk = true,
+                    }
+                }
                 Err(e) => {
-                    guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
+                    if small {
+                        self.meta.set_in_flight(0);
+                    } else {
+                        guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
+                    }
                     return Err(e.with_key(key));
                 }
             }
@@ -878,12 +929,15 @@ impl WorkflowContext {
         if let Err(e) = g.replica.append(&self.meta, &[put]) {
             // Not committed (no room for the index to grow, say): the new object goes
             // back, and the key keeps its old value. If the key does point to it (the
-            // failure came after the commit), it stays.
+            // failure came after the commit), it stays. A small save's object stays noted
+            // in flight: the next holder of the lock deletes it again if this could not.
             if g.replica.get_locked(key).is_ok_and(|now| now.is_none_or(|now| now.at.obj != obj)) {
                 let _ = self.free(g, &at);
             }
             return Err(e.with_key(key));
         }
+        // Committed: the object is the key's now.
+        self.meta.set_in_flight(0);
         if let Some(old) = old {
             self.free(g, &old)?;
         }
@@ -1295,16 +1349,21 @@ impl Drop for WorkflowContext {
 mod tests {
     use std::time::{Duration, Instant};
 
+    use context_core::ObjectRef;
+
     use super::*;
 
-    fn context(base: &Path) -> WorkflowContext {
-        WorkflowContext::builder().contexts_dir(base).max_ram_bytes(64 << 20).run_id("lock-test").create().unwrap()
+    /// A context with a run id of its own: shared-memory segments are named by run id, and
+    /// tests run side by side.
+    fn context(base: &Path, run_id: &str) -> WorkflowContext {
+        let run_id = format!("{run_id}-{}", std::process::id());
+        WorkflowContext::builder().contexts_dir(base).max_ram_bytes(64 << 20).run_id(run_id).create().unwrap()
     }
 
     #[test]
     fn a_dead_handles_index_lock_is_taken_over() {
         let base = tempfile::tempdir().unwrap();
-        let ctx = context(base.path());
+        let ctx = context(base.path(), "lock-dead");
         // A handle that took the lock and died: it has no liveness file any more.
         let dead = 0xdead_u64;
         ctx.meta.lock().acquire(dead, |_| true);
@@ -1317,10 +1376,88 @@ mod tests {
         ctx.meta.lock().release(1);
     }
 
+    /// A writer that holds the index lock, dead: it allocated an object and wrote it for a
+    /// small save of `key` (into the tier `like` is in), noted it in flight, and, if
+    /// `committed`, committed its `Put` too, then died before clearing the note. Returns
+    /// the tier and the object.
+    fn died_mid_small_save(
+        ctx: &WorkflowContext,
+        like: &str,
+        key: &str,
+        bytes: &[u8],
+        committed: bool,
+    ) -> (Arc<dyn StorageTier>, ObjectRef) {
+        let tier = Arc::clone(ctx.tier(&ctx.lookup(like).unwrap().unwrap().at.tier).unwrap());
+        ctx.meta.lock().acquire(0xdead, |_| true);
+        let mut replica = ctx.replica.write().unwrap();
+        replica.catch_up_locked(&ctx.meta).unwrap();
+        let id = replica.allocate_id();
+        let record = record::encode(ObjectId(id), 0, bytes);
+        let len = record.len() as u64;
+        ctx.meta.set_in_flight(id);
+        let PutOutcome::Stored(r) =
+            tier.put(NewObject { id: ObjectId(id), len, data: ObjectData::Parts(&[&record]) }).unwrap()
+        else {
+            panic!("no room for a small object");
+        };
+        if committed {
+            let at = Placed {
+                obj: id,
+                tier: replica.shared_tier_name(tier.name()).unwrap(),
+                kind: tier.kind(),
+                footprint: r.held,
+                slot: r.slot,
+                len,
+            };
+            let put = Rec::Put { key: key.to_owned(), at, old: None, pass_by: PassBy::Val, flags: 0, owner: 0xdead };
+            replica.append(&ctx.meta, &[put]).unwrap();
+        }
+        (tier, r)
+    }
+
+    /// What the tiers hold, against what the index says the keys hold.
+    fn held(ctx: &WorkflowContext, tier: &dyn StorageTier) -> (u64, u64) {
+        let keys: u64 = ctx.list_keys().unwrap().iter().map(|k| ctx.storage_info(k).unwrap().unwrap().size).sum();
+        (tier.usage().unwrap().bytes, keys)
+    }
+
+    #[test]
+    fn an_object_a_dead_writer_left_in_flight_is_deleted_by_the_next_writer() {
+        let base = tempfile::tempdir().unwrap();
+        let ctx = context(base.path(), "in-flight-lost");
+        ctx.save_bytes("k", b"kept", SaveOptions::new()).unwrap();
+        let (tier, orphan) = died_mid_small_save(&ctx, "k", "lost", b"never committed", false);
+        assert!(tier.get(&orphan).unwrap().is_some());
+        // The next save takes the lock over and deletes the object no key names.
+        ctx.save_bytes("k2", b"after the takeover", SaveOptions::new()).unwrap();
+        assert_eq!(ctx.meta.in_flight(), 0);
+        assert!(tier.get(&orphan).unwrap().is_none(), "the object left in flight is still there");
+        let (stored, keys) = held(&ctx, &*tier);
+        assert_eq!(stored, keys, "the tier holds exactly what the keys hold");
+        assert!(!ctx.contains("lost").unwrap());
+        assert_eq!(&*ctx.load_bytes("k").unwrap(), b"kept");
+    }
+
+    #[test]
+    fn an_object_in_flight_whose_put_committed_is_kept() {
+        let base = tempfile::tempdir().unwrap();
+        let ctx = context(base.path(), "in-flight-kept");
+        ctx.save_bytes("k", b"kept", SaveOptions::new()).unwrap();
+        let (tier, object) = died_mid_small_save(&ctx, "k", "made it", b"committed", true);
+        // Opening (which reclaims what dead writers left) and a save: the value stays.
+        let other = WorkflowContext::builder().contexts_dir(base.path()).run_id(ctx.run_id()).open().unwrap();
+        assert_eq!(ctx.meta.in_flight(), 0, "opening did not take the note up");
+        ctx.save_bytes("k2", b"after the takeover", SaveOptions::new()).unwrap();
+        assert!(tier.get(&object).unwrap().is_some());
+        assert_eq!(&*other.load_bytes("made it").unwrap(), b"committed");
+        let (stored, keys) = held(&ctx, &*tier);
+        assert_eq!(stored, keys, "the tier holds exactly what the keys hold");
+    }
+
     #[test]
     fn a_live_handles_index_lock_is_waited_for() {
         let base = tempfile::tempdir().unwrap();
-        let ctx = context(base.path());
+        let ctx = context(base.path(), "lock-live");
         // Another handle, alive (its liveness file is locked), holds the lock.
         let other = 0x0123_u64;
         let (_live, _) = register_liveness(&ctx.dir, other).unwrap();

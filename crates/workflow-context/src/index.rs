@@ -4,7 +4,7 @@
 //! The index has three kinds of files in the context directory:
 //! - `meta`, one page every attached process maps. It holds the *head* (the journal's
 //!   generation and committed length, packed in one atomic word), the generation of the
-//!   key table, and the index lock ([`crate::lock`]).
+//!   key table, the index lock ([`crate::lock`]) and the object a small save is writing.
 //! - `journal.<generation>`, an append-only log of changes: the commit point of every
 //!   operation, and the record of *pending* objects (being written, or replaced and about
 //!   to be deleted). Its room is allocated when the generation is made and it is mapped, so
@@ -31,7 +31,11 @@
 //! Space is accounted exactly: every object is either *live* (a key points to it; the
 //! table counts these bytes) or *pending* (in the journal), and both count against the
 //! budgets. A pending object belongs to an owner (one attached handle); if its owner dies,
-//! the next writer that needs the space deletes the object.
+//! the next writer that needs the space deletes the object. The one exception is the object
+//! of a small save, which is written under the index lock from its id to its commit: it is
+//! noted in the meta page's in-flight word instead of a pending record (one store instead
+//! of an append), and the next holder of the lock that finds it there, its writer having
+//! died before the commit, deletes it ([`Meta::in_flight`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -55,8 +59,11 @@ const META_MAGIC: u64 = u64::from_le_bytes(*b"WFCMETA1");
 /// process of an older build would not respect it, so it must not attach). Version 4: the
 /// shared-memory tier's location words number more slot sizes (an older build would look
 /// for small values in the wrong arenas). Version 5: the shared-memory tier's arenas after
-/// a class's first are 2 MiB (an older build would not find them ready).
-const META_VERSION: u64 = 5;
+/// a class's first are 2 MiB (an older build would not find them ready). Version 6: a
+/// small save notes its object in the meta page's in-flight word instead of a pending
+/// record (an older build taking the lock over from a dead writer would leave the object
+/// behind).
+const META_VERSION: u64 = 6;
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_STATE: usize = 16;
@@ -72,6 +79,9 @@ const OFF_LOCK_SEQ: usize = 136;
 const OFF_LOCK_SLEEPERS: usize = 140;
 const OFF_LOCK_SPINNER: usize = 144;
 const OFF_LOCK_IDLE_WAKES: usize = 152;
+/// The object a small save is writing ([`Meta::in_flight`]), in the lock's cache line: only
+/// the holder writes it, and the holder has that line already.
+const OFF_IN_FLIGHT: usize = 160;
 
 /// The context is open for business.
 pub(crate) const STATE_OPEN: u64 = 1;
@@ -187,6 +197,26 @@ impl Meta {
 
     pub(crate) fn state(&self) -> u64 {
         self.word(OFF_STATE).load(Ordering::Acquire)
+    }
+
+    /// The object a holder of the index lock is writing for a small save, or 0.
+    ///
+    /// A small save writes its value under the lock, from its id's allocation to its
+    /// commit, and notes the object here instead of appending a pending record: one store
+    /// instead of an append (a small save went from about 1.15 to 1.0 µs). It clears the
+    /// note right after its `Put` record commits. A holder that takes the lock and still
+    /// finds an object here knows that the holder before it died (or failed) in between,
+    /// and that nothing else names the object unless that `Put` committed, which it would
+    /// find in the journal's current generation: no compaction runs between a note and its
+    /// clearing, but for one before the `Put`'s own append.
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.word(OFF_IN_FLIGHT).load(Ordering::Acquire)
+    }
+
+    /// Notes (or, with 0, clears) the object a small save is writing. Holders of the index
+    /// lock only.
+    pub(crate) fn set_in_flight(&self, obj: u64) {
+        self.word(OFF_IN_FLIGHT).store(obj, Ordering::Release);
     }
 
     pub(crate) fn set_state(&self, state: u64) {
@@ -730,6 +760,10 @@ impl Replica {
                 }
             }
             Rec::Put { key, at, pass_by, flags, .. } => {
+                // A small save's object has no `Pending` record before its `Put`.
+                if self.table.next_obj() <= at.obj {
+                    self.table.set_next_obj(at.obj + 1);
+                }
                 if !self.table.put(key, at, *pass_by, *flags)? {
                     // Only when repairing (`append` grows first): grow and apply again.
                     self.grow(meta, key.len())?;
@@ -923,6 +957,15 @@ impl Replica {
         let id = self.table.next_obj();
         self.table.set_next_obj(id + 1);
         id
+    }
+
+    /// Whether the journal's current generation commits a `Put` of object `obj`. The
+    /// caller holds the write lock and has caught up. (See [`Meta::in_flight`]: a small
+    /// save's object is noted there until its `Put` commits, and no compaction runs in
+    /// between, so a committed `Put` of it is in the current generation.)
+    pub(crate) fn commits_put_of(&self, obj: u64) -> Result<bool> {
+        let recs = self.read_journal(0, self.head.len, Held::Locked)?;
+        Ok(recs.iter().any(|(rec, _)| matches!(rec, Rec::Put { at, .. } if at.obj == obj)))
     }
 
     /// Looks a key up holding the write lock (no writer can be in the middle).
