@@ -99,17 +99,38 @@ const SLOT_TAG: u64 = 1 << 62;
 /// Arenas per class the slot word can name.
 const MAX_ARENAS: usize = 1 << 24;
 
-/// Configuration of a [`ShmTier`]: the run id and where segments are listed.
+/// Configuration of a [`ShmTier`]: the run id (and instance) that name its segments, and
+/// where segments are listed.
 #[derive(Clone, Debug)]
 pub struct ShmConfig {
     run_id: String,
+    instance: Option<u64>,
     shm_dir: PathBuf,
 }
 
 impl ShmConfig {
     /// The configuration for the context of `run_id` (1 to 64 of `[A-Za-z0-9_-]`).
     pub fn new(run_id: &str) -> Self {
-        ShmConfig { run_id: run_id.to_owned(), shm_dir: PathBuf::from("/dev/shm") }
+        ShmConfig { run_id: run_id.to_owned(), instance: None, shm_dir: PathBuf::from("/dev/shm") }
+    }
+
+    /// Tells this context apart from others of the same run id (in other contexts
+    /// directories, say), whose segments would otherwise have the same names: shared
+    /// memory is one namespace for the whole machine. Every process attached to one context
+    /// must give the same instance; a context picks it at random when it is created.
+    ///
+    /// The names of a tier without an instance begin as those of every instance of its run
+    /// id do, so its [`destroy`](StorageTier::destroy) removes their segments too.
+    ///
+    /// ```
+    /// use context_tier_shm::ShmConfig;
+    /// assert_eq!(ShmConfig::new("run-7").instance(0xab).prefix(), "wfctx.run-7.00000000000000ab.");
+    /// assert_eq!(ShmConfig::new("run-7").prefix(), "wfctx.run-7.");
+    /// ```
+    #[must_use]
+    pub fn instance(mut self, instance: u64) -> Self {
+        self.instance = Some(instance);
+        self
     }
 
     /// Where shared-memory segments appear as files, listed by `usage` and `destroy`;
@@ -120,9 +141,14 @@ impl ShmConfig {
         self
     }
 
-    /// `wfctx.<run_id>.`: every segment of this context is named `/` followed by this.
+    /// `wfctx.<run_id>.`, or `wfctx.<run_id>.<instance, 16 hex digits>.` with an
+    /// [`instance`](Self::instance): every segment of this context is named `/` followed by
+    /// this.
     pub fn prefix(&self) -> String {
-        format!("wfctx.{}.", self.run_id)
+        match self.instance {
+            Some(instance) => format!("wfctx.{}.{instance:016x}.", self.run_id),
+            None => format!("wfctx.{}.", self.run_id),
+        }
     }
 }
 

@@ -343,3 +343,27 @@ fn inner_no_space_in_tiny_shm() {
     assert!(segments(&run).is_empty());
     println!("inner_no_space_in_tiny_shm: {} small objects fit in 1 MiB", stored.len());
 }
+
+#[test]
+fn instances_of_one_run_id_keep_apart() {
+    let run = unique_run_id();
+    let (a, b) = (
+        ShmTier::new(ShmConfig::new(&run).instance(1)).unwrap(),
+        ShmTier::new(ShmConfig::new(&run).instance(2)).unwrap(),
+    );
+    // The same ids in both, small and large.
+    let in_a: Vec<ObjectRef> = [100usize, 5000].iter().map(|&len| put(&a, len as u64, &pattern(1, len))).collect();
+    let in_b: Vec<ObjectRef> = [100usize, 5000].iter().map(|&len| put(&b, len as u64, &pattern(2, len))).collect();
+    assert_eq!(a.usage().unwrap(), b.usage().unwrap());
+    assert_eq!(a.usage().unwrap().objects, 2);
+    a.destroy().unwrap();
+    assert_eq!(a.usage().unwrap(), TierUsage::default());
+    for r in &in_a {
+        assert_eq!(get(&a, r), None);
+    }
+    for (r, len) in in_b.iter().zip([100usize, 5000]) {
+        assert_eq!(get(&b, r).as_deref(), Some(&pattern(2, len)[..]), "instance 2 lost its {len}-byte object");
+    }
+    b.destroy().unwrap();
+    assert!(segments(&run).is_empty(), "{:?}", segments(&run));
+}

@@ -442,7 +442,7 @@ impl WorkflowContext {
         let staging = base.join(format!("{}{run_id}-{token:016x}", crate::gc::STAGING_PREFIX));
         fsutil::create_dir(&staging, "create context staging directory")?;
         let built = (|| {
-            let meta = Meta::create(&staging.join(META_FILE), capacity.0, capacity.1)?;
+            let meta = Meta::create(&staging.join(META_FILE), capacity.0, capacity.1, random_u64(base)?)?;
             let replica = Replica::create(&staging)?;
             fsutil::create_dir(&staging.join(PROCS_DIR), "create liveness directory")?;
             fsutil::create_dir(&staging.join(tiers::VALUES_DIR), "create values directory")?;
@@ -506,7 +506,7 @@ impl WorkflowContext {
 
     /// Builds the tiers and the handle around an attached context.
     fn assemble(run_id: String, dir: PathBuf, owner: bool, parts: Attached, setup: Setup) -> Result<Self> {
-        let mut tiers = tiers::build(&run_id, &dir)?;
+        let mut tiers = tiers::build(&run_id, Some(parts.meta.instance()), &dir)?;
         let recipe_tier = tiers::recipes(&dir)?;
         for extra in setup.extra_tiers {
             if extra.name().len() > crate::table::TIER_NAME_MAX || extra.name().is_empty() {
@@ -1322,11 +1322,13 @@ impl WorkflowContext {
 
 /// Removes a context that no process holds: its segments, files and directory.
 pub(crate) fn remove_dead_context(run_id: &str, dir: &Path) -> Result<()> {
+    // Without its meta page, the context's shared memory cannot be told apart from that of
+    // another context of the same run id: it is left alone (its files go with the directory).
     if let Ok(meta) = Meta::open(&dir.join(META_FILE)) {
         meta.set_state(STATE_CLOSED);
-    }
-    for tier in tiers::build(run_id, dir)? {
-        tier.destroy()?;
+        for tier in tiers::build(run_id, Some(meta.instance()), dir)? {
+            tier.destroy()?;
+        }
     }
     match fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),

@@ -9,8 +9,10 @@ use context_core::{Error, Result, validate_run_id};
 
 use crate::context::{META_FILE, is_live, remove_dead_context};
 use crate::fsutil;
+use crate::index::Meta;
 
 /// Where shared-memory segments show up as files.
+#[cfg(feature = "tier-shm")]
 const SHM_DIR: &str = "/dev/shm";
 /// The prefix of a context's staging directory while it is being created.
 pub(crate) const STAGING_PREFIX: &str = ".staging-";
@@ -92,7 +94,8 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
             report.live_contexts += 1;
             continue;
         }
-        let (segments, shm_bytes) = shm_usage(name);
+        let instance = Meta::open(&path.join(META_FILE)).ok().map(|m| m.instance());
+        let (segments, shm_bytes) = instance.map_or((0, 0), |instance| shm_usage(name, instance));
         let bytes = disk_bytes(&path) + shm_bytes;
         remove_dead_context(name, &path)?;
         report.contexts_removed += 1;
@@ -102,15 +105,23 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
     Ok(report)
 }
 
-/// The shared-memory segments of run `run_id`: how many, and the bytes they hold.
-pub(crate) fn shm_usage(run_id: &str) -> (usize, u64) {
-    let prefix = format!("wfctx.{run_id}.");
+/// The shared-memory segments of the context `run_id` of instance `instance`: how many,
+/// and the bytes they hold.
+#[cfg(feature = "tier-shm")]
+pub(crate) fn shm_usage(run_id: &str, instance: u64) -> (usize, u64) {
+    let prefix = context_tier_shm::ShmConfig::new(run_id).instance(instance).prefix();
     let Ok(entries) = fs::read_dir(SHM_DIR) else { return (0, 0) };
     entries
         .flatten()
         .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)))
         .filter_map(|e| e.metadata().ok())
         .fold((0, 0), |(n, bytes), m| (n + 1, bytes + m.blocks() * 512))
+}
+
+/// A build without the shared-memory tier makes no segments.
+#[cfg(not(feature = "tier-shm"))]
+pub(crate) fn shm_usage(_run_id: &str, _instance: u64) -> (usize, u64) {
+    (0, 0)
 }
 
 /// The allocated bytes of every file below `dir`, not following symlinks.

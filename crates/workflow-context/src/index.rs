@@ -62,8 +62,9 @@ const META_MAGIC: u64 = u64::from_le_bytes(*b"WFCMETA1");
 /// a class's first are 2 MiB (an older build would not find them ready). Version 6: a
 /// small save notes its object in the meta page's in-flight word instead of a pending
 /// record (an older build taking the lock over from a dead writer would leave the object
-/// behind).
-const META_VERSION: u64 = 6;
+/// behind). Version 7: shared-memory segments are named by the context's instance as well
+/// as its run id (an older build would look for them under the run id alone).
+const META_VERSION: u64 = 7;
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_STATE: usize = 16;
@@ -71,6 +72,9 @@ const OFF_HEAD: usize = 24;
 const OFF_RAM_CAP: usize = 32;
 const OFF_DISK_CAP: usize = 40;
 const OFF_TABLE: usize = 48;
+/// This context's instance: random, chosen at creation, naming its shared-memory segments
+/// together with the run id ([`Meta::instance`]).
+const OFF_INSTANCE: usize = 56;
 /// The index lock's words ([`crate::lock`]), in a cache line of their own so that taking
 /// the lock does not disturb readers of the head: the holder's token, two 32-bit futex
 /// words, the spinner's deadline and the count of wakes that found nobody.
@@ -117,8 +121,9 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
-    /// Writes a new meta file at `path` (which must not exist) and maps it.
-    pub(crate) fn create(path: &Path, ram_capacity: u64, disk_capacity: Option<u64>) -> Result<Meta> {
+    /// Writes a new meta file at `path` (which must not exist) for a context of instance
+    /// `instance`, and maps it.
+    pub(crate) fn create(path: &Path, ram_capacity: u64, disk_capacity: Option<u64>, instance: u64) -> Result<Meta> {
         let file = fsutil::create_new(path, "create context meta file")?;
         let mut page = vec![0u8; META_LEN as usize];
         let mut put = |off: usize, v: u64| page[off..off + 8].copy_from_slice(&v.to_le_bytes());
@@ -128,6 +133,7 @@ impl Meta {
         put(OFF_HEAD, Head { generation: 0, len: 0 }.pack());
         put(OFF_RAM_CAP, ram_capacity);
         put(OFF_DISK_CAP, disk_capacity.unwrap_or(u64::MAX));
+        put(OFF_INSTANCE, instance);
         file.write_all_at(&page, 0).map_err(|e| Error::io("write context meta file", path, e))?;
         Self::map(&file, path)
     }
@@ -197,6 +203,13 @@ impl Meta {
 
     pub(crate) fn state(&self) -> u64 {
         self.word(OFF_STATE).load(Ordering::Acquire)
+    }
+
+    /// This context's instance, which tells it apart from contexts of the same run id in
+    /// other contexts directories: shared memory is one namespace for the whole machine, so
+    /// its segments are named by both.
+    pub(crate) fn instance(&self) -> u64 {
+        self.word(OFF_INSTANCE).load(Ordering::Relaxed)
     }
 
     /// The object a holder of the index lock is writing for a small save, or 0.
@@ -1014,7 +1027,7 @@ mod tests {
     /// and the creating process's replica.
     fn new_index() -> (tempfile::TempDir, Meta, Replica) {
         let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None).unwrap();
+        let meta = Meta::create(&dir.path().join("meta"), u64::MAX, None, 1).unwrap();
         let replica = Replica::create(dir.path()).unwrap();
         (dir, meta, replica)
     }
@@ -1096,7 +1109,7 @@ mod tests {
     #[test]
     fn accounting_follows_records() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::create(&dir.path().join("meta"), 1000, None).unwrap();
+        let meta = Meta::create(&dir.path().join("meta"), 1000, None, 1).unwrap();
         let mut r = Replica::create(dir.path()).unwrap();
         let a = placed(r.allocate_id(), StorageKind::Ram, 100);
         r.append(&meta, &[Rec::Pending { at: a.clone(), owner: 1 }]).unwrap();
@@ -1123,7 +1136,7 @@ mod tests {
     #[test]
     fn a_table_left_behind_the_journal_is_repaired() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::create(&dir.path().join("meta"), 1000, None).unwrap();
+        let meta = Meta::create(&dir.path().join("meta"), 1000, None, 1).unwrap();
         let mut r = Replica::create(dir.path()).unwrap();
         let a = placed(r.allocate_id(), StorageKind::Ram, 10);
         let b = placed(r.allocate_id(), StorageKind::Ram, 20);
@@ -1173,7 +1186,7 @@ mod tests {
     fn a_reader_following_the_journal_while_it_is_compacted_and_reused_sees_no_damage() {
         let dir = tempfile::tempdir().unwrap();
         let meta_path = dir.path().join("meta");
-        let meta = Meta::create(&meta_path, u64::MAX, None).unwrap();
+        let meta = Meta::create(&meta_path, u64::MAX, None, 1).unwrap();
         let mut w = Replica::create(dir.path()).unwrap();
         let stuck = placed(w.allocate_id(), StorageKind::Ram, 5);
         w.append(&meta, &[Rec::Pending { at: stuck.clone(), owner: 7 }]).unwrap();

@@ -35,13 +35,15 @@ pub mod testing {
     use context_core::{Result, StorageTier};
 
     /// The tiers of this build as a context `run_id` in directory `dir` uses them (the
-    /// directory must exist). Run the conformance kit on them to check the composition.
+    /// directory must exist; if it holds a context, its shared memory is named by that
+    /// context's instance). Run the conformance kit on them to check the composition.
     pub fn context_tiers(run_id: &str, dir: &Path) -> Result<Vec<Arc<dyn StorageTier>>> {
         let values = dir.join(crate::tiers::VALUES_DIR);
         if !values.exists() {
             std::fs::create_dir(&values).map_err(|e| context_core::Error::io("create values directory", &values, e))?;
         }
-        crate::tiers::build(run_id, dir)
+        let instance = crate::index::Meta::open(&dir.join(crate::context::META_FILE)).ok().map(|m| m.instance());
+        crate::tiers::build(run_id, instance, dir)
     }
 }
 

@@ -12,12 +12,21 @@ pub(crate) const VALUES_DIR: &str = "values";
 #[cfg(feature = "tier-redb")]
 pub(crate) const REDB_FILE: &str = "values.redb";
 
-/// Builds the tiers of this build for the context `run_id` in `dir`, RAM tiers first.
+/// Builds the tiers of this build for the context `run_id` of instance `instance` (see
+/// [`Meta::instance`](crate::index::Meta::instance); `None` names shared memory by the run
+/// id alone) in `dir`, RAM tiers first.
 #[allow(unused_variables, unused_mut, clippy::vec_init_then_push)]
-pub(crate) fn build(run_id: &str, dir: &Path) -> Result<Vec<Arc<dyn StorageTier>>> {
+pub(crate) fn build(run_id: &str, instance: Option<u64>, dir: &Path) -> Result<Vec<Arc<dyn StorageTier>>> {
     let mut tiers: Vec<Arc<dyn StorageTier>> = Vec::new();
     #[cfg(feature = "tier-shm")]
-    tiers.push(Arc::new(context_tier_shm::ShmTier::new(context_tier_shm::ShmConfig::new(run_id))?));
+    {
+        let config = context_tier_shm::ShmConfig::new(run_id);
+        let config = match instance {
+            Some(instance) => config.instance(instance),
+            None => config,
+        };
+        tiers.push(Arc::new(context_tier_shm::ShmTier::new(config)?));
+    }
     #[cfg(feature = "tier-redb")]
     tiers.push(Arc::new(context_tier_redb::RedbTier::new(context_tier_redb::RedbConfig::new(dir.join(REDB_FILE)))?));
     #[cfg(feature = "tier-mmap")]

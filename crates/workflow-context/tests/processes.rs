@@ -476,3 +476,39 @@ fn collecting_refuses_an_unsafe_directory() {
     let report = workflow_context::collect_orphans(b.path().join("missing")).unwrap();
     assert_eq!(report, workflow_context::GcReport::default());
 }
+
+/// Shared memory is one namespace for the whole machine: two contexts of one run id, in two
+/// contexts directories, must not share (or remove) each other's segments.
+#[test]
+fn one_run_id_in_two_contexts_directories_keeps_two_contexts() {
+    let (here, there) = (base(), base());
+    let run = run_id("twin");
+    let value = |i: u64| context_core::testing::pattern(i, 200_000);
+    let ours = builder(here.path()).run_id(&run).create().unwrap();
+    ours.save("small", "ours").unwrap();
+    ours.save_bytes("ram", &value(7), SaveOptions::new()).unwrap();
+    // A twin elsewhere saves under the same keys (so the same object ids), then dies.
+    let mut twin = creator_that_waits(there.path(), &run);
+    let alive = builder(there.path()).run_id(&run).open().unwrap();
+    alive.save_bytes("mine", &value(8), SaveOptions::new()).unwrap();
+    assert_eq!(alive.load::<String>("small").unwrap(), "value");
+    drop(alive);
+    twin.kill().unwrap();
+    twin.wait().unwrap();
+    let report = workflow_context::collect_orphans(there.path()).unwrap();
+    assert_eq!(report.contexts_removed, 1, "{report:?}");
+    if cfg!(feature = "tier-shm") {
+        assert!(report.segments_removed >= 2, "the twin's segments are counted as its own: {report:?}");
+    }
+    assert_eq!(ours.load::<String>("small").unwrap(), "ours");
+    assert_eq!(&*ours.load_bytes("ram").unwrap(), &value(7)[..]);
+    // A second twin, shut down by its owner, removes only its own segments too.
+    let second = builder(there.path()).run_id(&run).create().unwrap();
+    second.save_bytes("ram", &value(9), SaveOptions::new()).unwrap();
+    second.shutdown().unwrap();
+    let reopened = builder(here.path()).run_id(&run).open().unwrap();
+    assert_eq!(&*reopened.load_bytes("ram").unwrap(), &value(7)[..]);
+    drop(reopened);
+    ours.shutdown().unwrap();
+    assert!(shm_segments(&run).is_empty());
+}
