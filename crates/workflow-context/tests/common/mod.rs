@@ -47,10 +47,13 @@ pub fn shm_segments(run_id: &str) -> Vec<String> {
 }
 
 /// The segments of `run_id` that hold one large value each (not the small-value arenas,
-/// named `wfctx.<run id>.a<slot size>.<n>`).
+/// named `wfctx.<run id>.<instance>.a<slot size>.<n>`).
 pub fn large_segments(run_id: &str) -> Vec<String> {
     let prefix = format!("wfctx.{run_id}.");
-    shm_segments(run_id).into_iter().filter(|s| !s[prefix.len()..].starts_with('a')).collect()
+    shm_segments(run_id)
+        .into_iter()
+        .filter(|s| s[prefix.len()..].split_once('.').is_some_and(|(_, name)| !name.starts_with('a')))
+        .collect()
 }
 
 /// Every path below `dir`, relative.
