@@ -1417,6 +1417,14 @@ mod tests {
         (tier, r)
     }
 
+    /// A context (and its directory) holding `k` = `kept`.
+    fn holding_k(run_id: &str) -> (tempfile::TempDir, WorkflowContext) {
+        let base = tempfile::tempdir().unwrap();
+        let ctx = context(base.path(), run_id);
+        ctx.save_bytes("k", b"kept", SaveOptions::new()).unwrap();
+        (base, ctx)
+    }
+
     /// What the tiers hold, against what the index says the keys hold.
     fn held(ctx: &WorkflowContext, tier: &dyn StorageTier) -> (u64, u64) {
         let keys: u64 = ctx.list_keys().unwrap().iter().map(|k| ctx.storage_info(k).unwrap().unwrap().size).sum();
@@ -1425,9 +1433,7 @@ mod tests {
 
     #[test]
     fn an_object_a_dead_writer_left_in_flight_is_deleted_by_the_next_writer() {
-        let base = tempfile::tempdir().unwrap();
-        let ctx = context(base.path(), "in-flight-lost");
-        ctx.save_bytes("k", b"kept", SaveOptions::new()).unwrap();
+        let (_base, ctx) = holding_k("in-flight-lost");
         let (tier, orphan) = died_mid_small_save(&ctx, "k", "lost", b"never committed", false);
         assert!(tier.get(&orphan).unwrap().is_some());
         // The next save takes the lock over and deletes the object no key names.
@@ -1442,9 +1448,7 @@ mod tests {
 
     #[test]
     fn an_object_in_flight_whose_put_committed_is_kept() {
-        let base = tempfile::tempdir().unwrap();
-        let ctx = context(base.path(), "in-flight-kept");
-        ctx.save_bytes("k", b"kept", SaveOptions::new()).unwrap();
+        let (base, ctx) = holding_k("in-flight-kept");
         let (tier, object) = died_mid_small_save(&ctx, "k", "made it", b"committed", true);
         // Opening (which reclaims what dead writers left) and a save: the value stays.
         let other = WorkflowContext::builder().contexts_dir(base.path()).run_id(ctx.run_id()).open().unwrap();
