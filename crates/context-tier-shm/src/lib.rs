@@ -1,5 +1,7 @@
 //! The RAM tier of workflow-context: values in POSIX shared memory (`/dev/shm`), readable by
-//! every process of the same user that builds the tier for the same run id.
+//! every process of the same user that builds the tier for the same run id (and instance:
+//! [`ShmConfig::instance`], which a context sets so that contexts of one run id in different
+//! contexts directories keep apart).
 //!
 //! # What it costs
 //! - A large value (more than 4 KiB) takes one shared-memory segment of its own, rounded up
@@ -41,7 +43,8 @@
 //! - Protect values from the same user: segments are created with mode 0600, so any process
 //!   of the same user can read or delete them.
 //! - Clean up after a context nobody destroys: segments of a run whose processes all died
-//!   stay in `/dev/shm` until [`StorageTier::destroy`] is called for that run id.
+//!   stay in `/dev/shm` until [`StorageTier::destroy`] is called for that run id and
+//!   instance.
 //! - Run anywhere but Linux.
 //!
 //! # Example
