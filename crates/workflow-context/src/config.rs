@@ -120,6 +120,10 @@ fn check_dir_name(s: &str) -> std::result::Result<(), &'static str> {
     if s.contains('\0') {
         return Err("must not contain a NUL character");
     }
+    if Path::new(s).components().any(|c| matches!(c, Component::RootDir | Component::Prefix(_))) {
+        return Err("must be a directory name under the temp directory, not an absolute path (a program picks \
+                    another place with ContextBuilder::contexts_dir)");
+    }
     if Path::new(s).components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
         return Err("must not contain '.' or '..' components");
     }
@@ -183,6 +187,7 @@ mod tests {
             (r#"{"MAX_RAM_GB": true}"#, Some("MAX_RAM_GB")),
             (r#"{"MAX_RAM_GB": 1e300}"#, Some("MAX_RAM_GB")),
             (r#"{"CONTEXTS_DIR_NAME": ".."}"#, Some("CONTEXTS_DIR_NAME")),
+            (r#"{"CONTEXTS_DIR_NAME": "/etc/cron.d"}"#, Some("CONTEXTS_DIR_NAME")),
             (r#"{"CONTEXTS_DIR_NAME": ""}"#, Some("CONTEXTS_DIR_NAME")),
             (r#"{"CONTEXTS_DIR_NAME": 3}"#, Some("CONTEXTS_DIR_NAME")),
             (r#"{"MAX_RAM": 3}"#, Some("MAX_RAM")),
