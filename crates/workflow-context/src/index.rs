@@ -516,6 +516,28 @@ const COMPACT_MIN: u64 = 16 << 10;
 /// Compaction runs when the journal is this many times the size of its pending records.
 const COMPACT_RATIO: u64 = 4;
 
+/// Opens generation `current()` of an index file with `open`, and the newer one if a writer
+/// replaced it meanwhile (the file of the generation read a moment ago is then gone).
+fn follow_generation<T>(
+    dir: &Path,
+    what: &str,
+    current: impl Fn() -> u32,
+    open: impl Fn(u32) -> Result<T>,
+) -> Result<(T, u32)> {
+    for _ in 0..64 {
+        let generation = current();
+        match open(generation) {
+            Err(Error::Io { ref source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound && current() != generation =>
+            {
+                continue;
+            }
+            other => return other.map(|t| (t, generation)),
+        }
+    }
+    Err(Error::corrupt(dir.display().to_string(), format!("the {what} kept changing generation while being opened")))
+}
+
 impl Replica {
     /// A replica of an empty index whose journal and table, generation 0, are created in
     /// `dir`.
@@ -527,28 +549,19 @@ impl Replica {
 
     /// Attaches to the index `meta` describes: maps its table and reads the journal.
     pub(crate) fn open(dir: &Path, meta: &Meta) -> Result<Replica> {
-        let head = meta.head();
-        let journal = Journal::open(&journal_path(dir, head.generation))?;
+        // A writer may compact the journal (or grow the table) meanwhile, renaming the file
+        // the meta page named a moment ago.
+        let (journal, generation) =
+            follow_generation(dir, "journal", || meta.head().generation, |g| Journal::open(&journal_path(dir, g)))?;
         let table = Self::map_table(dir, meta)?;
-        let mut replica = Self::empty(dir, journal, Head { generation: head.generation, len: 0 }, table);
+        let mut replica = Self::empty(dir, journal, Head { generation, len: 0 }, table);
         replica.catch_up(meta)?;
         Ok(replica)
     }
 
     /// Maps the table generation `meta` names (following it if it changes meanwhile).
     fn map_table(dir: &Path, meta: &Meta) -> Result<Table> {
-        for _ in 0..64 {
-            let generation = meta.table_generation();
-            match Table::open(dir, generation) {
-                Err(Error::Io { ref source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound && meta.table_generation() != generation =>
-                {
-                    continue;
-                }
-                other => return other,
-            }
-        }
-        Err(Error::corrupt(dir.display().to_string(), "the key table kept changing generation while being opened"))
+        follow_generation(dir, "key table", || meta.table_generation(), |g| Table::open(dir, g)).map(|(t, _)| t)
     }
 
     fn empty(dir: &Path, journal: Journal, head: Head, table: Table) -> Replica {
@@ -1337,6 +1350,31 @@ mod tests {
         let journals = journal_files(&dir);
         assert_eq!(journals, ["journal.2".to_owned(), SPARE_JOURNAL.to_owned()], "no orphan is left");
         assert_eq!(Replica::open(dir.path(), &meta).unwrap().pending.len(), 1);
+    }
+
+    #[test]
+    fn opening_follows_a_compaction_that_renames_the_journal_meanwhile() {
+        let (dir, meta, mut writer) = new_index();
+        let at = placed(writer.allocate_id(), StorageKind::Ram, 10);
+        writer.append(&meta, &[Rec::Pending { at, owner: 1 }]).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let failures = std::thread::scope(|s| {
+            let opener = s.spawn(|| {
+                let meta = other_process(&dir);
+                let failures: Vec<String> =
+                    (0..5_000).filter_map(|_| Replica::open(dir.path(), &meta).err().map(|e| e.to_string())).collect();
+                done.store(true, Ordering::Release);
+                failures
+            });
+            let mut compactions = 0;
+            while !done.load(Ordering::Acquire) {
+                writer.compact(&meta, 0).unwrap();
+                compactions += 1;
+            }
+            assert!(compactions > 10, "the opens raced {compactions} compactions only");
+            opener.join().unwrap()
+        });
+        assert!(failures.is_empty(), "{} of 5,000 opens failed, the first with: {}", failures.len(), failures[0]);
     }
 
     #[test]
