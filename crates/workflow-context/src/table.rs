@@ -262,6 +262,7 @@ impl Table {
         }
         table.capacity = capacity;
         table.heap_cap = heap_cap;
+        table.heap_end()?;
         Ok(table)
     }
 
@@ -572,14 +573,25 @@ impl Table {
     pub(crate) fn needs_room_for(&self, key: &str) -> Result<bool> {
         Ok(match self.probe(key.as_bytes(), |_| {})? {
             Probe::Occupied { .. } => false,
-            Probe::Vacant(_) => !self.has_room(key.len()),
+            Probe::Vacant(_) => !self.has_room(key.len())?,
         })
     }
 
+    /// Where the heap's next entry goes, checked: a damaged header is an error, never an
+    /// entry written out of place (or a panic).
+    fn heap_end(&self) -> Result<u64> {
+        let end = self.get(H_HEAP_END);
+        if end < HEAP_FIRST || !end.is_multiple_of(8) || end > self.heap_cap {
+            return Err(self.corrupt(format!("the heap's end ({end}) is outside its {} bytes", self.heap_cap)));
+        }
+        Ok(end)
+    }
+
     /// Whether one more key of `key_len` bytes fits without growing.
-    fn has_room(&self, key_len: usize) -> bool {
-        let used = self.get(H_COUNT) + self.get(H_TOMBS) + 1;
-        used * 4 <= self.capacity * 3 && self.get(H_HEAP_END) + entry_size(key_len) <= self.heap_cap
+    fn has_room(&self, key_len: usize) -> Result<bool> {
+        let used = self.get(H_COUNT).saturating_add(self.get(H_TOMBS)).saturating_add(1);
+        let slots_free = used.saturating_mul(4) <= self.capacity * 3;
+        Ok(slots_free && self.heap_end()? + entry_size(key_len) <= self.heap_cap)
     }
 
     /// Points `key` at `at`. Idempotent: applying the same record twice changes nothing.
@@ -610,11 +622,13 @@ impl Table {
                 Ok(true)
             }
             Probe::Vacant(slot) => {
-                if !self.has_room(key.len()) {
+                if !self.has_room(key.len())? {
                     return Ok(false);
                 }
-                let off = self.get(H_HEAP_END);
-                let pos = self.entry_at(off, key.len()).expect("has_room checked the heap");
+                let off = self.heap_end()?;
+                let pos = self
+                    .entry_at(off, key.len())
+                    .ok_or_else(|| self.corrupt(format!("no entry fits at the heap's end ({off})")))?;
                 self.word(pos).store(0, Ordering::Relaxed);
                 for (i, v) in
                     [fields.obj, fields.footprint, fields.slot, fields.len, fields.misc].into_iter().enumerate()
@@ -628,7 +642,7 @@ impl Table {
                 }
                 self.set(H_HEAP_END, off + entry_size(key.len()));
                 if self.slot(slot).load(Ordering::Relaxed) == TOMBSTONE {
-                    self.set(H_TOMBS, self.get(H_TOMBS) - 1);
+                    self.set(H_TOMBS, self.get(H_TOMBS).saturating_sub(1));
                 }
                 self.hint(slot).store(fields.slot, Ordering::Relaxed);
                 // Published last, with release ordering: readers see the entry complete.
@@ -648,7 +662,7 @@ impl Table {
             if f.obj == obj {
                 self.slot(slot).store(TOMBSTONE, Ordering::Release);
                 let mut c = self.counters();
-                c.keys -= 1;
+                c.keys = c.keys.saturating_sub(1);
                 sub_kind(&mut c, f.misc & 0xff == 0, f.footprint);
                 self.set_counters(c);
                 self.set(H_TOMBS, self.get(H_TOMBS) + 1);
@@ -719,16 +733,16 @@ impl Table {
         }
         self.set_counters(c);
         self.set(H_TOMBS, tombs);
-        self.set(H_GARBAGE, (self.get(H_HEAP_END) - HEAP_FIRST).saturating_sub(heap));
+        self.set(H_GARBAGE, (self.heap_end()? - HEAP_FIRST).saturating_sub(heap));
         Ok(())
     }
 
     /// Builds generation `generation` with room for the live keys, twice over, and one
     /// more of `key_len` bytes. Writers only; the caller publishes it.
     pub(crate) fn grown(&self, dir: &Path, generation: u32, key_len: usize) -> Result<Table> {
-        let keys = self.get(H_COUNT) + 1;
+        let keys = self.get(H_COUNT).min(self.capacity) + 1;
         let capacity = (keys * 2).next_power_of_two().max(MIN_CAPACITY);
-        let live_heap = (self.get(H_HEAP_END) - HEAP_FIRST).saturating_sub(self.get(H_GARBAGE));
+        let live_heap = (self.heap_end()? - HEAP_FIRST).saturating_sub(self.get(H_GARBAGE));
         let heap_cap = ((live_heap + entry_size(key_len)) * 2 + HEAP_FIRST).next_multiple_of(4096).max(MIN_HEAP);
         if heap_cap > OFFSET_MASK {
             return Err(self.corrupt("the key table reached its maximum size".to_owned()));
@@ -923,6 +937,28 @@ mod tests {
         assert!(t.keys().is_err());
         std::fs::write(table_path(dir.path(), 1), b"short").unwrap();
         assert!(matches!(Table::open(dir.path(), 1), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_heap_end_that_lies_is_corrupt_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Table::create(dir.path(), 0, MIN_CAPACITY, MIN_HEAP).unwrap();
+        t.put("k", &placed(1, "shm", StorageKind::Ram, 10), PassBy::Val, 0).unwrap();
+        let end = t.get(H_HEAP_END);
+        for lie in [end + 4, 0, 4, MIN_HEAP + 8, u64::MAX - 7] {
+            t.set(H_HEAP_END, lie);
+            // A table already mapped: met at the next new key, or the next count.
+            let put = t.put("new", &placed(2, "shm", StorageKind::Ram, 10), PassBy::Val, 0);
+            assert!(matches!(put, Err(Error::Corrupt { .. })), "heap end {lie}: {put:?}");
+            assert!(matches!(t.needs_room_for("new"), Err(Error::Corrupt { .. })), "heap end {lie}");
+            assert!(matches!(t.recount(), Err(Error::Corrupt { .. })), "heap end {lie}");
+            assert!(matches!(t.grown(dir.path(), 1, 3), Err(Error::Corrupt { .. })), "heap end {lie}");
+            // Opened afresh.
+            assert!(matches!(Table::open(dir.path(), 0), Err(Error::Corrupt { .. })), "heap end {lie}");
+        }
+        t.set(H_HEAP_END, end);
+        assert!(Table::open(dir.path(), 0).is_ok());
+        assert!(t.put("new", &placed(2, "shm", StorageKind::Ram, 10), PassBy::Val, 0).unwrap());
     }
 
     #[test]

@@ -125,10 +125,13 @@ fn damaged_context_files_are_corrupt_on_open_and_change_nothing() {
             w[..6].fill(0xff);
         }
     }
+    let mut lying_heap_end = good_table.clone();
+    lying_heap_end[32] ^= 0x04; // the heap's end, off its 8-byte alignment
     for (what, bad) in [
         ("foreign", b"not a table".repeat(500)),
         ("truncated", good_table[..good_table.len() - 8].to_vec()),
         ("lying geometry", lying),
+        ("lying heap end", lying_heap_end),
         ("slot out of bounds", far_slot),
     ] {
         fs::write(&table, &bad).unwrap();
@@ -140,6 +143,26 @@ fn damaged_context_files_are_corrupt_on_open_and_change_nothing() {
     }
     fs::write(&table, &good_table).unwrap();
     assert_eq!(open().unwrap().load::<String>("k").unwrap(), "v");
+
+    // The same lie told to a handle that has the table mapped already: a new key, which
+    // needs the heap, is refused as corrupt before anything is committed, again and again;
+    // never a panic. An overwrite, which does not, still works.
+    let file = fs::OpenOptions::new().write(true).open(&table).unwrap();
+    let end = u64::from_le_bytes(good_table[32..40].try_into().unwrap());
+    std::os::unix::fs::FileExt::write_all_at(&file, &(end + 4).to_le_bytes(), 32).unwrap();
+    for _ in 0..2 {
+        match ctx.save("new", "w") {
+            Err(Error::Corrupt { what, .. }) => assert!(what.contains("table"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    ctx.save("k", "v2").unwrap();
+    assert_eq!(ctx.load::<String>("k").unwrap(), "v2");
+    // Told the truth again, the table takes new keys.
+    std::os::unix::fs::FileExt::write_all_at(&file, &end.to_le_bytes(), 32).unwrap();
+    ctx.save("new", "w").unwrap();
+    assert_eq!(open().unwrap().load::<String>("new").unwrap(), "w");
+    assert_eq!(ctx.usage().unwrap().stored_keys_count, 2);
 }
 
 #[test]
