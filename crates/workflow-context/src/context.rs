@@ -327,21 +327,36 @@ fn register_liveness(dir: &Path, token: u64) -> Result<(File, PathBuf)> {
 }
 
 /// Whether any handle, in any process, holds the context in `dir`.
-pub(crate) fn is_live(dir: &Path) -> bool {
-    let Ok(entries) = fs::read_dir(dir.join(PROCS_DIR)) else { return false };
-    entries.flatten().any(|e| holder_alive(&e.path()))
+///
+/// # Errors
+/// When that cannot be told: its liveness files cannot be listed or opened (out of file
+/// descriptors, say). Callers must then treat the context as live: taking a context for
+/// dead destroys it under the feet of the processes that use it.
+pub(crate) fn is_live(dir: &Path) -> Result<bool> {
+    let procs = dir.join(PROCS_DIR);
+    let entries = match fs::read_dir(&procs) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io("list liveness files", &procs, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list liveness files", &procs, e))?;
+        if holder_alive(&entry.path())? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
-/// Whether the handle whose liveness file is `path` is alive.
-fn holder_alive(path: &Path) -> bool {
-    match fsutil::open_rw(path, "open liveness file") {
-        Ok(f) => match f.try_lock() {
-            Ok(()) => false,
-            Err(std::fs::TryLockError::WouldBlock) => true,
-            Err(std::fs::TryLockError::Error(_)) => true,
-        },
-        Err(_) => false,
-    }
+/// Whether the handle whose liveness file is `path` is alive: `false` only if the file is
+/// gone or nobody holds its lock.
+///
+/// # Errors
+/// If the file cannot be opened for another reason (out of file descriptors or memory, a
+/// permission changed): not knowing is not the same as dead.
+fn holder_alive(path: &Path) -> Result<bool> {
+    // A lock that cannot be tried for another reason than a holder is taken as held.
+    Ok(fsutil::open_rw_if_exists(path, "open liveness file")?.is_some_and(|f| !matches!(f.try_lock(), Ok(()))))
 }
 
 /// Which tiers a save may use: the value tiers, placed by the policy, or the one tier
@@ -442,11 +457,13 @@ impl WorkflowContext {
         let staging = base.join(format!("{}{run_id}-{token:016x}", crate::gc::STAGING_PREFIX));
         fsutil::create_dir(&staging, "create context staging directory")?;
         let built = (|| {
+            // Held first, so that an orphan collection running meanwhile sees the staging
+            // directory live (see `gc::STAGING_GRACE` for the moment before).
+            fsutil::create_dir(&staging.join(PROCS_DIR), "create liveness directory")?;
+            let (live_file, _) = register_liveness(&staging, token)?;
             let meta = Meta::create(&staging.join(META_FILE), capacity.0, capacity.1, random_u64(base)?)?;
             let replica = Replica::create(&staging)?;
-            fsutil::create_dir(&staging.join(PROCS_DIR), "create liveness directory")?;
             fsutil::create_dir(&staging.join(tiers::VALUES_DIR), "create values directory")?;
-            let (live_file, _) = register_liveness(&staging, token)?;
             Ok::<_, Error>((meta, replica, live_file))
         })();
         let (meta, mut replica, live_file) = match built {
@@ -475,13 +492,25 @@ impl WorkflowContext {
                         let _ = fs::remove_dir_all(&staging);
                         return Err(Error::AlreadyExists { what: "something that is not a context", path: final_dir });
                     }
-                    if is_live(&final_dir) {
-                        let _ = fs::remove_dir_all(&staging);
-                        return Err(Error::AlreadyExists { what: "live context", path: final_dir });
+                    match is_live(&final_dir) {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            let _ = fs::remove_dir_all(&staging);
+                            return Err(Error::AlreadyExists { what: "live context", path: final_dir });
+                        }
+                        Err(e) => {
+                            let _ = fs::remove_dir_all(&staging);
+                            return Err(e);
+                        }
                     }
                     // Left behind by a crash: nobody holds it. Remove it and its segments.
                     replaced_stale = true;
-                    if let Err(e) = remove_dead_context(&run_id, &final_dir) {
+                    // A part that could not be removed (a damaged database, say) matters only if
+                    // the directory is still in the way: the new context's segments are named by
+                    // an instance of its own.
+                    if let Err(e) = remove_dead_context(&run_id, &final_dir)
+                        && fs::symlink_metadata(&final_dir).is_ok()
+                    {
                         let _ = fs::remove_dir_all(&staging);
                         return Err(e);
                     }
@@ -580,9 +609,18 @@ impl WorkflowContext {
             Err(_) if meta.state() == STATE_CLOSED => return Err(Error::Closed { run_id }),
             Err(e) => return Err(e),
         };
-        let replica = Replica::open(&dir, &meta)?;
-        let attached = Attached { token, meta, replica, liveness: (live_file, live_path) };
-        let ctx = Self::assemble(run_id, dir, false, attached, setup)?;
+        // Until the handle exists, a failure must take the liveness file back with it.
+        let unregister = |e: Error| {
+            let _ = fs::remove_file(&live_path);
+            e
+        };
+        // Shut down (or collected as dead) between the first check and the registration.
+        if meta.state() == STATE_CLOSED {
+            return Err(unregister(Error::Closed { run_id }));
+        }
+        let replica = Replica::open(&dir, &meta).map_err(unregister)?;
+        let attached = Attached { token, meta, replica, liveness: (live_file, live_path.clone()) };
+        let ctx = Self::assemble(run_id, dir, false, attached, setup).map_err(unregister)?;
         // Objects a dead writer held: pending ones, or one it was writing under the lock.
         let has_pending = !ctx.replica.read().unwrap_or_else(lock_poisoned).pending.is_empty();
         if has_pending || ctx.meta.in_flight() != 0 {
@@ -670,8 +708,11 @@ impl WorkflowContext {
         // A lock taken over from a dead holder needs nothing more: what it left half done
         // is repaired by the catch-up every writer starts with. (The liveness file's path is
         // built only when a holder is suspected dead, not at every save.)
-        let _taken =
-            self.meta.lock().acquire(self.token, |t| holder_alive(&self.dir.join(PROCS_DIR).join(format!("{t:016x}"))));
+        // A holder whose liveness cannot be told is waited for, as a live one is.
+        let _taken = self
+            .meta
+            .lock()
+            .acquire(self.token, |t| holder_alive(&self.dir.join(PROCS_DIR).join(format!("{t:016x}"))).unwrap_or(true));
     }
 
     /// A view of the index for reading: the current key table, and the journal followed
@@ -731,8 +772,11 @@ impl WorkflowContext {
         let mut owners: Vec<u64> = g.replica.pending.values().map(|p| p.owner).filter(|&o| o != self.token).collect();
         owners.sort_unstable();
         owners.dedup();
-        let dead: Vec<u64> =
-            owners.into_iter().filter(|o| !holder_alive(&self.dir.join(PROCS_DIR).join(format!("{o:016x}")))).collect();
+        // An owner whose liveness cannot be told keeps its objects until it can be.
+        let dead: Vec<u64> = owners
+            .into_iter()
+            .filter(|o| matches!(holder_alive(&self.dir.join(PROCS_DIR).join(format!("{o:016x}"))), Ok(false)))
+            .collect();
         if dead.is_empty() {
             return Ok(0);
         }
@@ -1300,6 +1344,11 @@ impl WorkflowContext {
             }
             #[cfg(feature = "tier-graph")]
             self.refs.clear();
+            // The meta page first, while this handle's liveness file still holds the
+            // directory: an orphan collection running meanwhile then never takes the
+            // directory for a dead context (its liveness files going before its meta page)
+            // and never builds tiers in it while it is being removed.
+            let _ = fs::remove_file(self.dir.join(META_FILE));
             if let Err(e) = fs::remove_dir_all(&self.dir)
                 && e.kind() != io::ErrorKind::NotFound
             {
@@ -1321,20 +1370,30 @@ impl WorkflowContext {
 }
 
 /// Removes a context that no process holds: its segments, files and directory.
+///
+/// Every part is removed that can be: a tier that cannot be built or destroyed (a damaged
+/// database, say) keeps neither the other tiers' storage (shared memory above all, which
+/// outlives the directory) nor the directory from going. The first failure is returned.
 pub(crate) fn remove_dead_context(run_id: &str, dir: &Path) -> Result<()> {
+    let mut first_err = None;
     // Without its meta page, the context's shared memory cannot be told apart from that of
     // another context of the same run id: it is left alone (its files go with the directory).
     if let Ok(meta) = Meta::open(&dir.join(META_FILE)) {
         meta.set_state(STATE_CLOSED);
-        for tier in tiers::build(run_id, Some(meta.instance()), dir)? {
-            tier.destroy()?;
+        for tier in tiers::build_each(run_id, Some(meta.instance()), dir) {
+            if let Err(e) = tier.and_then(|tier| tier.destroy()) {
+                first_err.get_or_insert(e);
+            }
         }
     }
     match fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove dead context", dir, e)),
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            first_err.get_or_insert(Error::io("remove dead context", dir, e));
+        }
     }
+    first_err.map_or(Ok(()), Err)
 }
 
 impl Drop for WorkflowContext {

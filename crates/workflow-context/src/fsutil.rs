@@ -27,6 +27,15 @@ pub(crate) fn open_rw(path: &Path, op: &'static str) -> Result<File> {
     OpenOptions::new().read(true).write(true).custom_flags(NOFOLLOW).open(path).map_err(|e| Error::io(op, path, e))
 }
 
+/// [`open_rw`], with `None` if nothing is at `path`.
+pub(crate) fn open_rw_if_exists(path: &Path, op: &'static str) -> Result<Option<File>> {
+    match OpenOptions::new().read(true).write(true).custom_flags(NOFOLLOW).open(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(op, path, e)),
+    }
+}
+
 /// Creates a directory, mode 0700 (the parent must exist).
 pub(crate) fn create_dir(path: &Path, op: &'static str) -> Result<()> {
     DirBuilder::new().mode(0o700).create(path).map_err(|e| Error::io(op, path, e))

@@ -3,7 +3,8 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use context_core::{Error, Result, validate_run_id};
 
@@ -16,6 +17,11 @@ use crate::index::Meta;
 const SHM_DIR: &str = "/dev/shm";
 /// The prefix of a context's staging directory while it is being created.
 pub(crate) const STAGING_PREFIX: &str = ".staging-";
+/// How long a staging directory with no live handle must have been left unchanged before
+/// it is taken for abandoned. Its creator locks its liveness file just after making it, and
+/// changes it until it moves it into place (within milliseconds): only a creator stopped for
+/// this long between the two steps would be mistaken for dead.
+const STAGING_GRACE: Duration = Duration::from_secs(60);
 
 /// What [`collect_orphans`] removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -29,6 +35,26 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Contexts left alone because a live process holds them.
     pub live_contexts: usize,
+    /// Contexts that could not be told live or dead, or not wholly removed, each with what
+    /// went wrong. They do not stop the collection of the others: a context that cannot be
+    /// told dead is left alone, and a dead one loses every part that could be removed.
+    pub failed: Vec<GcFailure>,
+}
+
+/// A context that [`collect_orphans`] could not handle, in [`GcReport::failed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GcFailure {
+    /// The context's directory.
+    pub path: PathBuf,
+    /// What went wrong (the error's message).
+    pub reason: String,
+}
+
+impl GcFailure {
+    fn new(path: &Path, error: &Error) -> Self {
+        GcFailure { path: path.to_owned(), reason: error.to_string() }
+    }
 }
 
 /// Removes every context in `contexts_dir` that no live process holds, with all its
@@ -36,6 +62,12 @@ pub struct GcReport {
 /// process, is alive: each handle keeps a lock on a file of its own in the context, and
 /// the kernel releases that lock when the process dies, however it dies. Live contexts
 /// are never touched, nor is anything in `contexts_dir` that is not a context.
+///
+/// A context whose liveness cannot be told (its liveness files cannot be listed or opened,
+/// as when this process is out of file descriptors) is left alone and listed in
+/// [`GcReport::failed`], as is a dead one that could not be wholly removed; neither stops
+/// the collection of the others. A context still being created counts as abandoned only
+/// once nothing has changed in it for a minute with no live handle.
 ///
 /// Creating a context runs this on its contexts directory by default (see
 /// [`ContextBuilder::collect_orphans`](crate::ContextBuilder::collect_orphans)).
@@ -77,11 +109,21 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
             // A context that was being created when its creator died. Its segments, if any,
             // belong to the run id it was to take, which may be live elsewhere: only the
             // directory goes.
-            if !is_live(&path) {
-                report.bytes_freed += disk_bytes(&path);
-                if fs::remove_dir_all(&path).is_ok() {
-                    report.contexts_removed += 1;
+            match is_live(&path) {
+                Ok(false) if unchanged_for(&meta, STAGING_GRACE) => {
+                    let bytes = disk_bytes(&path);
+                    match fs::remove_dir_all(&path) {
+                        Ok(()) => {
+                            report.contexts_removed += 1;
+                            report.bytes_freed += bytes;
+                        }
+                        Err(e) => {
+                            report.failed.push(GcFailure::new(&path, &Error::io("remove staging directory", &path, e)))
+                        }
+                    }
                 }
+                Ok(_) => {}
+                Err(e) => report.failed.push(GcFailure::new(&path, &e)),
             }
             continue;
         }
@@ -90,19 +132,45 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
         }
         // No handle is attached, so no process is in the middle of an operation: every
         // operation goes through a handle, which holds its liveness file from attaching on.
-        if is_live(&path) {
-            report.live_contexts += 1;
-            continue;
+        // One whose liveness cannot be told is left alone.
+        match is_live(&path) {
+            Ok(false) => {}
+            Ok(true) => {
+                report.live_contexts += 1;
+                continue;
+            }
+            Err(e) => {
+                report.failed.push(GcFailure::new(&path, &e));
+                continue;
+            }
         }
-        let instance = Meta::open(&path.join(META_FILE)).ok().map(|m| m.instance());
+        let instance = match Meta::open(&path.join(META_FILE)) {
+            Ok(meta) => Some(meta.instance()),
+            // Removed meanwhile, by its owner's shutdown (which removes the meta page before
+            // the liveness files) or by another collection: not ours to count.
+            Err(Error::Io { ref source, .. }) if source.kind() == io::ErrorKind::NotFound => continue,
+            // Unreadable: its directory still goes, its shared memory stays (see
+            // `remove_dead_context`).
+            Err(_) => None,
+        };
         let (segments, shm_bytes) = instance.map_or((0, 0), |instance| shm_usage(name, instance));
         let bytes = disk_bytes(&path) + shm_bytes;
-        remove_dead_context(name, &path)?;
-        report.contexts_removed += 1;
-        report.segments_removed += segments;
-        report.bytes_freed += bytes;
+        match remove_dead_context(name, &path) {
+            Ok(()) => {
+                report.contexts_removed += 1;
+                report.segments_removed += segments;
+                report.bytes_freed += bytes;
+            }
+            Err(e) => report.failed.push(GcFailure::new(&path, &e)),
+        }
     }
     Ok(report)
+}
+
+/// Whether the directory `meta` describes has not changed (no entry made or removed in it)
+/// for `grace`; a modification time in the future counts as now.
+fn unchanged_for(meta: &fs::Metadata, grace: Duration) -> bool {
+    meta.modified().is_ok_and(|at| SystemTime::now().duration_since(at).is_ok_and(|age| age >= grace))
 }
 
 /// The shared-memory segments of the context `run_id` of instance `instance`: how many,

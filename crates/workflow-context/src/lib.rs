@@ -24,7 +24,7 @@ pub use context_core::{
 #[cfg(feature = "tier-graph")]
 pub use context_tier_graph::{GraphRunner, Node, WorkflowGraph};
 pub use export::{read_exported, read_exported_bytes};
-pub use gc::{GcReport, collect_orphans};
+pub use gc::{GcFailure, GcReport, collect_orphans};
 
 /// Helpers for tests (feature `testing`): the tiers exactly as a context builds them.
 #[cfg(feature = "testing")]

@@ -15,9 +15,15 @@ pub(crate) const REDB_FILE: &str = "values.redb";
 /// Builds the tiers of this build for the context `run_id` of instance `instance` (see
 /// [`Meta::instance`](crate::index::Meta::instance); `None` names shared memory by the run
 /// id alone) in `dir`, RAM tiers first.
-#[allow(unused_variables, unused_mut, clippy::vec_init_then_push)]
 pub(crate) fn build(run_id: &str, instance: Option<u64>, dir: &Path) -> Result<Vec<Arc<dyn StorageTier>>> {
-    let mut tiers: Vec<Arc<dyn StorageTier>> = Vec::new();
+    build_each(run_id, instance, dir).into_iter().collect()
+}
+
+/// [`build`], each tier on its own: one that cannot be built keeps none of the others from
+/// being built (to destroy them, say).
+#[allow(unused_variables, unused_mut, clippy::vec_init_then_push)]
+pub(crate) fn build_each(run_id: &str, instance: Option<u64>, dir: &Path) -> Vec<Result<Arc<dyn StorageTier>>> {
+    let mut tiers: Vec<Result<Arc<dyn StorageTier>>> = Vec::new();
     #[cfg(feature = "tier-shm")]
     {
         let config = context_tier_shm::ShmConfig::new(run_id);
@@ -25,13 +31,19 @@ pub(crate) fn build(run_id: &str, instance: Option<u64>, dir: &Path) -> Result<V
             Some(instance) => config.instance(instance),
             None => config,
         };
-        tiers.push(Arc::new(context_tier_shm::ShmTier::new(config)?));
+        tiers.push(context_tier_shm::ShmTier::new(config).map(|t| Arc::new(t) as _));
     }
     #[cfg(feature = "tier-redb")]
-    tiers.push(Arc::new(context_tier_redb::RedbTier::new(context_tier_redb::RedbConfig::new(dir.join(REDB_FILE)))?));
+    tiers.push(
+        context_tier_redb::RedbTier::new(context_tier_redb::RedbConfig::new(dir.join(REDB_FILE)))
+            .map(|t| Arc::new(t) as _),
+    );
     #[cfg(feature = "tier-mmap")]
-    tiers.push(Arc::new(context_tier_mmap::MmapTier::new(context_tier_mmap::MmapConfig::new(dir.join(VALUES_DIR)))?));
-    Ok(tiers)
+    tiers.push(
+        context_tier_mmap::MmapTier::new(context_tier_mmap::MmapConfig::new(dir.join(VALUES_DIR)))
+            .map(|t| Arc::new(t) as _),
+    );
+    tiers
 }
 
 /// The directory, inside a context's directory, that holds the recipes of values passed by

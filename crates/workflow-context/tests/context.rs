@@ -407,6 +407,35 @@ fn creating_over_a_live_run_id_never_wipes_it() {
 }
 
 #[test]
+fn a_sweep_never_removes_a_context_being_created() {
+    let b = base();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let failures = std::thread::scope(|s| {
+        let creator = s.spawn(|| {
+            let mut failures = Vec::new();
+            for i in 0..100 {
+                let made = builder(b.path()).run_id(run_id(&format!("being-made-{i}"))).collect_orphans(false).create();
+                let checked = made.and_then(|ctx| {
+                    ctx.save("k", &1u32)?;
+                    ctx.load::<u32>("k")
+                });
+                if let Err(e) = checked {
+                    failures.push(e.to_string());
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::Release);
+            failures
+        });
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            let report = workflow_context::collect_orphans(b.path()).unwrap();
+            assert_eq!(report.contexts_removed, 0, "{report:?}");
+        }
+        creator.join().unwrap()
+    });
+    assert!(failures.is_empty(), "{} of 100 creates failed, the first with: {}", failures.len(), failures[0]);
+}
+
+#[test]
 fn open_errors() {
     let b = base();
     assert!(

@@ -151,6 +151,19 @@ fn child_main() {
             assert!(ctx.remove(&key(1)).unwrap());
             println!("tiny disk: {saved} keys, then: {err}");
         }
+        "sweep-short-of-descriptors" => {
+            // Every descriptor but `WFCTX_SPARE` taken, then a sweep: whatever fails, it must
+            // not take a context for dead because it could not look at it.
+            let spare: usize = env("WFCTX_SPARE").parse().unwrap();
+            let mut held = Vec::new();
+            while let Ok(f) = std::fs::File::open("/dev/null") {
+                held.push(f);
+            }
+            held.truncate(held.len().saturating_sub(spare));
+            let swept = workflow_context::collect_orphans(env("WFCTX_BASE"));
+            drop(held);
+            println!("{spare} spare descriptors: {swept:?}");
+        }
         other => panic!("unknown role {other}"),
     }
 }
@@ -417,10 +430,15 @@ fn orphans_are_collected_and_live_contexts_left_alone() {
     std::fs::write(b.path().join("notes.txt"), b"mine").unwrap();
     std::fs::create_dir(b.path().join("not-a-context")).unwrap();
     std::os::unix::fs::symlink("/tmp", b.path().join("a-link")).unwrap();
-    // A half-made context whose creator died.
+    // A half-made context whose creator died two minutes ago.
     let staging = b.path().join(".staging-gone-00000000000000ff");
     std::fs::create_dir_all(staging.join("procs")).unwrap();
     std::fs::write(staging.join("procs/00000000000000ff"), b"").unwrap();
+    let two_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+    std::fs::File::open(&staging).unwrap().set_modified(two_minutes_ago).unwrap();
+    // One that is still being made (its creator has not locked its liveness file yet).
+    let fresh_staging = b.path().join(".staging-new-00000000000000fe");
+    std::fs::create_dir(&fresh_staging).unwrap();
     let had_segments = shm_segments(&dead_run).len();
     if cfg!(feature = "tier-shm") {
         assert!(had_segments >= 2, "the dead context left segments: {had_segments}");
@@ -434,6 +452,8 @@ fn orphans_are_collected_and_live_contexts_left_alone() {
     assert_eq!(report.live_contexts, 1);
     assert!(shm_segments(&dead_run).is_empty());
     assert!(!b.path().join(&dead_run).exists() && !staging.exists());
+    assert!(fresh_staging.exists(), "a context being created is left to its creator");
+    assert!(report.failed.is_empty(), "{report:?}");
     for kept in ["notes.txt", "not-a-context", "a-link"] {
         assert!(std::fs::symlink_metadata(b.path().join(kept)).is_ok(), "{kept} was touched");
     }
@@ -449,6 +469,105 @@ fn orphans_are_collected_and_live_contexts_left_alone() {
     assert_eq!((report.contexts_removed, report.live_contexts), (1, 0));
     assert!(shm_segments(&live_run).is_empty());
     assert_eq!(workflow_context::collect_orphans(b.path()).unwrap().contexts_removed, 0);
+}
+
+#[test]
+fn a_sweep_short_of_file_descriptors_leaves_a_live_context_alone() {
+    let b = base();
+    let live = run_id("live-fd");
+    let mut creator = creator_that_waits(b.path(), &live);
+    // Each number of spare descriptors fails the sweep at another step.
+    for spare in 0..12 {
+        let out = run_child(
+            ENTRY,
+            "sweep-short-of-descriptors",
+            &[("WFCTX_BASE", b.path().to_str().unwrap()), ("WFCTX_SPARE", &spare.to_string())],
+        );
+        assert_child_ok(&out);
+        let opened = builder(b.path()).run_id(&live).open();
+        let loaded = opened
+            .as_ref()
+            .map_err(ToString::to_string)
+            .and_then(|c| c.load::<String>("small").map_err(|e| e.to_string()));
+        if loaded.as_deref() != Ok("value") {
+            let _ = creator.kill();
+            panic!(
+                "a sweep with {spare} spare descriptors broke a context whose creator is alive: {loaded:?}\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    creator.kill().unwrap();
+    creator.wait().unwrap();
+}
+
+#[test]
+fn a_context_whose_liveness_cannot_be_told_is_left_alone_and_reported() {
+    let b = base();
+    let run = run_id("untold");
+    let mut creator = creator_that_waits(b.path(), &run);
+    creator.kill().unwrap();
+    creator.wait().unwrap();
+    // A liveness file that cannot be opened (a symbolic link, which is never followed):
+    // not knowing whether its holder lives is not knowing that it is dead.
+    let link = b.path().join(&run).join("procs").join("00000000000000aa");
+    std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    assert_eq!((report.contexts_removed, report.live_contexts), (0, 0), "{report:?}");
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].path, b.path().join(&run));
+    assert!(report.failed[0].reason.contains("liveness file"), "{}", report.failed[0].reason);
+    assert!(b.path().join(&run).join("meta").exists(), "the context was left whole");
+    // Nor is it replaced by a new context of the same run id.
+    let err = builder(b.path()).run_id(&run).create().unwrap_err();
+    assert!(matches!(err, workflow_context::Error::Io { .. }), "{err}");
+    // Once it can be told dead, it goes.
+    std::fs::remove_file(&link).unwrap();
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    assert_eq!(report.contexts_removed, 1, "{report:?}");
+    assert!(shm_segments(&run).is_empty());
+}
+
+#[cfg(feature = "tier-redb")]
+#[test]
+fn a_damaged_dead_context_loses_what_can_be_removed_and_stops_no_other() {
+    let b = base();
+    let damaged = run_id("damaged");
+    let healthy = run_id("healthy");
+    // Both made before either dies (creating a context sweeps the dead ones).
+    let creators = [creator_that_waits(b.path(), &damaged), creator_that_waits(b.path(), &healthy)];
+    for mut creator in creators {
+        creator.kill().unwrap();
+        creator.wait().unwrap();
+    }
+    // Its database cannot be opened, so its tier can be neither built nor destroyed.
+    std::fs::write(b.path().join(&damaged).join("values.redb"), vec![0xab; 8192]).unwrap();
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    assert_eq!(report.contexts_removed, 1, "the healthy one: {report:?}");
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].path, b.path().join(&damaged));
+    assert!(report.failed[0].reason.contains("values.redb"), "{}", report.failed[0].reason);
+    for run in [&damaged, &healthy] {
+        assert!(shm_segments(run).is_empty(), "{run}: {:?}", shm_segments(run));
+        assert!(!b.path().join(run).exists(), "{run}");
+    }
+}
+
+#[cfg(feature = "tier-redb")]
+#[test]
+fn a_damaged_dead_context_is_replaced_by_a_new_one_of_its_run_id() {
+    let b = base();
+    let run = run_id("damaged-replaced");
+    let mut creator = creator_that_waits(b.path(), &run);
+    creator.kill().unwrap();
+    creator.wait().unwrap();
+    std::fs::write(b.path().join(&run).join("values.redb"), vec![0xab; 8192]).unwrap();
+    let ctx = builder(b.path()).run_id(&run).collect_orphans(false).create().unwrap();
+    assert!(ctx.list_keys().unwrap().is_empty());
+    ctx.save_bytes("fresh", &[1; 100], common::to_disk()).unwrap();
+    assert_eq!(&*ctx.load_bytes("fresh").unwrap(), &[1; 100]);
+    drop(ctx);
+    assert!(shm_segments(&run).is_empty(), "{:?}", shm_segments(&run));
 }
 
 #[test]
