@@ -228,6 +228,8 @@ impl Arena {
             match shm::open(name, flags, Mode::from_raw_mode(0o600)) {
                 Ok(fd) => return Self::init(name, layout, fd),
                 Err(Errno::EXIST) => {}
+                // Out of space or, on a tmpfs mounted with `nr_inodes`, of inodes.
+                Err(e) if is_no_space(e) => return Ok(Created::NoSpace),
                 Err(e) => return Err(io_err("create shared-memory arena", name, e)),
             }
             let deadline = Instant::now() + CREATE_WAIT;

@@ -206,6 +206,21 @@ impl std::fmt::Debug for ShmTier {
 }
 
 /// The arena class of an object of `len` bytes, or `None` for a large object.
+/// A large segment being written: unlinked when dropped unless `keep` is set, so that a
+/// failed or unwinding write leaves nothing behind.
+struct NewSegment<'a> {
+    name: &'a str,
+    keep: bool,
+}
+
+impl Drop for NewSegment<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = shm::unlink(self.name);
+        }
+    }
+}
+
 fn class_of(len: u64) -> Option<usize> {
     SLOT_SIZES.iter().position(|&size| len <= size as u64)
 }
@@ -375,8 +390,12 @@ impl ShmTier {
         let (id, len) = (object.id, object.len);
         let name = self.large_name(id);
         let flags = shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR;
-        let fd = shm::open(&name, flags, Mode::from_raw_mode(0o600))
-            .map_err(|e| io_err("create shared-memory segment", &name, e))?;
+        let fd = match shm::open(&name, flags, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => fd,
+            // Out of space or, on a tmpfs mounted with `nr_inodes`, of inodes.
+            Err(e) if is_no_space(e) => return Ok(PutOutcome::NoSpace),
+            Err(e) => return Err(io_err("create shared-memory segment", &name, e)),
+        };
         // Reserve every page before writing, so a full /dev/shm is an answer here and never
         // a SIGBUS later.
         if let Err(e) = rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, len) {
@@ -387,19 +406,19 @@ impl ShmTier {
             return Err(io_err("reserve shared-memory segment", &name, e));
         }
         let file = File::from(fd);
+        // Unlinked unless written whole, even if the writer panics.
+        let mut segment = NewSegment { name: &name, keep: false };
         // pwrite copies into the reserved pages without faulting them into this process.
         let mut sink = std::io::BufWriter::with_capacity(WRITE_BUFFER, FileAt::new(&file, 0));
         let written = object.write_to(&mut sink);
         drop(sink);
         match written {
-            Ok(()) => Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0, held: self.footprint(len) })),
-            Err(failure) => {
-                let _ = shm::unlink(&name);
-                match failure {
-                    WriteFailure::Sink(e) => Err(Error::io("write shared-memory segment", PathBuf::from(&name), e)),
-                    WriteFailure::Data(e) => Err(e),
-                }
+            Ok(()) => {
+                segment.keep = true;
+                Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0, held: self.footprint(len) }))
             }
+            Err(WriteFailure::Sink(e)) => Err(Error::io("write shared-memory segment", PathBuf::from(&name), e)),
+            Err(WriteFailure::Data(e)) => Err(e),
         }
     }
 

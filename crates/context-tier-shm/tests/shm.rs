@@ -345,6 +345,74 @@ fn inner_no_space_in_tiny_shm() {
 }
 
 #[test]
+fn a_large_object_whose_writer_panics_leaves_no_segment() {
+    let run = unique_run_id();
+    let tier = tier(&run);
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut fill = |out: &mut dyn std::io::Write| -> context_core::Result<()> {
+            out.write_all(&[1u8; 100_000]).unwrap();
+            panic!("a writer that panics halfway");
+        };
+        tier.put(NewObject { id: ObjectId(7), len: 200_000, data: ObjectData::Write(&mut fill) })
+    }));
+    assert!(unwound.is_err());
+    assert!(segments(&run).is_empty(), "{:?}", segments(&run));
+    assert_eq!(tier.usage().unwrap(), TierUsage::default());
+    // The id can be stored again.
+    let r = put(&tier, 7, &pattern(7, 200_000));
+    assert_eq!(get(&tier, &r), Some(pattern(7, 200_000)));
+    tier.destroy().unwrap();
+}
+
+/// Set for the inner test when the outer one runs it in a /dev/shm of 4 inodes.
+const FEW_INODES_ENV: &str = "CONTEXT_TIER_SHM_FEW_INODES";
+
+#[test]
+fn shm_out_of_inodes_answers_no_space() {
+    let env = [(FEW_INODES_ENV, std::ffi::OsStr::new("1"))];
+    // The size goes into `mount -o size=`, so it can carry a second option.
+    match in_private_tmpfs("inner_out_of_inodes", Path::new("/dev/shm"), "64m,nr_inodes=4", &env) {
+        Sandboxed::Ran(stdout) => stdout.lines().filter(|l| l.contains("inodes")).for_each(|l| println!("{l}")),
+        Sandboxed::Skipped(why) => println!("SKIPPED shm_out_of_inodes_answers_no_space: {why}"),
+    }
+}
+
+#[test]
+#[ignore = "runs inside a private /dev/shm of 4 inodes, started by shm_out_of_inodes_answers_no_space"]
+fn inner_out_of_inodes() {
+    if std::env::var_os(FEW_INODES_ENV).is_none() {
+        println!("SKIPPED inner_out_of_inodes: only meaningful when started by shm_out_of_inodes_answers_no_space");
+        return;
+    }
+    let run = unique_run_id();
+    let tier = tier(&run);
+    // Large objects, a segment each, until no inode is left: then NoSpace (so that a context
+    // falls back to disk), not an error.
+    let mut stored = Vec::new();
+    for id in 0..8u64 {
+        let bytes = pattern(id, 8192);
+        let parts: [&[u8]; 1] = [&bytes];
+        match tier.put(NewObject { id: ObjectId(id), len: 8192, data: ObjectData::Parts(&parts) }) {
+            Ok(PutOutcome::Stored(r)) => stored.push((r, bytes)),
+            Ok(PutOutcome::NoSpace) => break,
+            Err(e) => panic!("a /dev/shm out of inodes must answer NoSpace: {e}"),
+        }
+    }
+    assert!(!stored.is_empty() && stored.len() < 8, "{} large objects stored", stored.len());
+    // A small object of a class with no arena yet needs an inode too.
+    let small = pattern(100, 3000);
+    let parts: [&[u8]; 1] = [&small];
+    let outcome = tier.put(NewObject { id: ObjectId(100), len: 3000, data: ObjectData::Parts(&parts) });
+    assert_eq!(outcome.unwrap(), PutOutcome::NoSpace);
+    for (r, bytes) in &stored {
+        assert_eq!(get(&tier, r).as_ref(), Some(bytes));
+    }
+    tier.destroy().unwrap();
+    assert!(segments(&run).is_empty(), "{:?}", segments(&run));
+    println!("inner_out_of_inodes: {} segments fit in 4 inodes", stored.len());
+}
+
+#[test]
 fn instances_of_one_run_id_keep_apart() {
     let run = unique_run_id();
     let (a, b) = (
