@@ -922,7 +922,15 @@ impl WorkflowContext {
                 guard.replica.append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }])?;
                 g = None; // write large values outside the lock
             }
-            let outcome = put(&*tier, ObjectId(id));
+            // A panic in the value's own code (its `Serialize`, or a caller's writer) must not
+            // leave the object behind, nor its space counted against the budget.
+            let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| put(&*tier, ObjectId(id)))) {
+                Ok(outcome) => outcome,
+                Err(panic) => {
+                    self.take_back_unwound(&*tier, id, small);
+                    std::panic::resume_unwind(panic);
+                }
+            };
             let guard = match g.as_mut() {
                 Some(guard) => guard,
                 None => match self.write_lock() {
@@ -961,6 +969,24 @@ impl WorkflowContext {
                     return Err(e.with_key(key));
                 }
             }
+        }
+    }
+
+    /// Takes back object `id`, whose put into `tier` panicked: deletes whatever the tier kept
+    /// of it and forgets it (its in-flight note, or, for a large value written outside the
+    /// lock, its pending record). What cannot be deleted stays noted, so that the next
+    /// writer (or, for a pending record, the death of this handle) reclaims it.
+    fn take_back_unwound(&self, tier: &dyn StorageTier, id: u64, small: bool) {
+        let object =
+            context_core::ObjectRef { id: ObjectId(id), len: 0, slot: context_core::ObjectRef::UNKNOWN_SLOT, held: 0 };
+        if tier.delete(&object).is_err() {
+            return;
+        }
+        if small {
+            // Written under the lock, which this thread still holds.
+            self.meta.set_in_flight(0);
+        } else if let Ok(mut guard) = self.write_lock() {
+            let _ = guard.replica.append(&self.meta, &[Rec::Gone { obj: id }]);
         }
     }
 

@@ -205,6 +205,57 @@ fn overwrite_frees_the_old_storage() {
     assert!(common::large_segments(&run).is_empty(), "only small-value arenas remain: {:?}", shm_segments(&run));
 }
 
+/// A value whose `Serialize` panics halfway through every call after the first (a save
+/// serializes twice: once to count the bytes, once to write them).
+struct PanicsWhileWritten {
+    len: usize,
+    calls: std::cell::Cell<u32>,
+}
+
+impl Serialize for PanicsWhileWritten {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let call = self.calls.replace(self.calls.get() + 1);
+        let mut seq = s.serialize_tuple(self.len)?;
+        for i in 0..self.len {
+            assert!(call == 0 || i < self.len / 2, "a serializer that panics while the value is written");
+            seq.serialize_element(&(i as u8))?;
+        }
+        seq.end()
+    }
+}
+
+#[test]
+fn a_value_that_panics_while_written_leaves_nothing_behind() {
+    let b = base();
+    for (what, opts) in [("RAM", SaveOptions::new()), ("disk", to_disk())] {
+        let ctx = builder(b.path()).create().unwrap();
+        let run = ctx.run_id().to_owned();
+        ctx.save("kept", "before").unwrap();
+        let before = ctx.usage().unwrap();
+        // Large (written outside the index lock) and small (under it).
+        for len in [1 << 20, 3000] {
+            let value = PanicsWhileWritten { len, calls: 0.into() };
+            let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.save_with("v", &value, opts)));
+            assert!(saved.is_err(), "{what} {len}: the panic goes on to the caller");
+            assert_eq!(value.calls.get(), 2);
+            assert!(!ctx.contains("v").unwrap(), "{what} {len}");
+            assert_eq!(ctx.usage().unwrap(), before, "{what} {len}: nothing is left counted");
+            assert!(common::large_segments(&run).is_empty(), "{what} {len}: {:?}", shm_segments(&run));
+            // The context goes on: the lock was released, the same key saves.
+            ctx.save_with("v", &vec![7u8; len], opts).unwrap();
+            assert_eq!(ctx.load::<Vec<u8>>("v").unwrap().len(), len);
+            assert!(ctx.remove("v").unwrap());
+        }
+        assert_eq!(ctx.load::<String>("kept").unwrap(), "before");
+        assert_eq!(ctx.usage().unwrap(), before, "{what}");
+        if what == "disk" && cfg!(feature = "tier-mmap") {
+            let values = ctx.dir().join("values");
+            assert_eq!(fs::read_dir(&values).unwrap().count(), 0, "{what}: no value file left");
+        }
+    }
+}
+
 #[test]
 fn storage_info_and_usage_agree() {
     let b = base();
