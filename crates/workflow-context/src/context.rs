@@ -659,7 +659,7 @@ impl WorkflowContext {
     fn index_lock(&self) -> Result<WriteGuard<'_>> {
         self.check_open()?;
         let writer = self.writer.lock().unwrap_or_else(lock_poisoned);
-        self.take_index_lock();
+        let taken = self.take_index_lock();
         let replica = self.replica.write().unwrap_or_else(lock_poisoned);
         let mut guard = WriteGuard { replica, meta: &self.meta, token: self.token, _writer: writer };
         // Checked again under the lock: shutdown sets the state while holding it.
@@ -667,6 +667,11 @@ impl WorkflowContext {
         guard.replica.catch_up_locked(&self.meta)?;
         // A writer that died between committing and applying left the table behind.
         guard.replica.repair_table(&self.meta)?;
+        // One that died while growing the table left a table file: the one it was building,
+        // or the one it had just replaced.
+        if matches!(taken, crate::lock::Taken::FromDead(_)) {
+            guard.replica.remove_stale_tables();
+        }
         if self.meta.in_flight() != 0 {
             self.reclaim_in_flight(&guard);
         }
@@ -704,15 +709,14 @@ impl WorkflowContext {
     }
 
     /// Takes the context's index lock for this handle (whose mutex the caller holds).
-    fn take_index_lock(&self) {
+    fn take_index_lock(&self) -> crate::lock::Taken {
         // A lock taken over from a dead holder needs nothing more: what it left half done
         // is repaired by the catch-up every writer starts with. (The liveness file's path is
         // built only when a holder is suspected dead, not at every save.)
         // A holder whose liveness cannot be told is waited for, as a live one is.
-        let _taken = self
-            .meta
+        self.meta
             .lock()
-            .acquire(self.token, |t| holder_alive(&self.dir.join(PROCS_DIR).join(format!("{t:016x}"))).unwrap_or(true));
+            .acquire(self.token, |t| holder_alive(&self.dir.join(PROCS_DIR).join(format!("{t:016x}"))).unwrap_or(true))
     }
 
     /// A view of the index for reading: the current key table, and the journal followed
@@ -915,19 +919,25 @@ impl WorkflowContext {
                 slot: context_core::ObjectRef::UNKNOWN_SLOT,
                 len,
             };
-            if small {
+            // A small value is noted in flight, unless the note holds an object that the
+            // reclaim on taking the lock could not delete (a tier failed): that note must
+            // stay, and this value is recorded pending instead, as a large one is.
+            let noted = small && self.meta.in_flight() == 0;
+            if noted {
                 self.meta.set_in_flight(id);
                 guard.replica.prefetch_entry(key, |slot| self.prefetch(slot));
             } else {
                 guard.replica.append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }])?;
-                g = None; // write large values outside the lock
+                if !small {
+                    g = None; // write large values outside the lock
+                }
             }
             // A panic in the value's own code (its `Serialize`, or a caller's writer) must not
             // leave the object behind, nor its space counted against the budget.
             let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| put(&*tier, ObjectId(id)))) {
                 Ok(outcome) => outcome,
                 Err(panic) => {
-                    self.take_back_unwound(&*tier, id, small);
+                    self.take_back_unwound(g.as_mut(), &*tier, id, noted);
                     std::panic::resume_unwind(panic);
                 }
             };
@@ -952,7 +962,7 @@ impl WorkflowContext {
                 }
                 // The tier kept nothing of the object.
                 Ok(PutOutcome::NoSpace) => {
-                    if small {
+                    if noted {
                         self.meta.set_in_flight(0);
                     }
                     match tier.kind() {
@@ -961,7 +971,7 @@ impl WorkflowContext {
                     }
                 }
                 Err(e) => {
-                    if small {
+                    if noted {
                         self.meta.set_in_flight(0);
                     } else {
                         guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
@@ -973,20 +983,30 @@ impl WorkflowContext {
     }
 
     /// Takes back object `id`, whose put into `tier` panicked: deletes whatever the tier kept
-    /// of it and forgets it (its in-flight note, or, for a large value written outside the
-    /// lock, its pending record). What cannot be deleted stays noted, so that the next
-    /// writer (or, for a pending record, the death of this handle) reclaims it.
-    fn take_back_unwound(&self, tier: &dyn StorageTier, id: u64, small: bool) {
+    /// of it and forgets it (its in-flight note if `noted`, else its pending record, under
+    /// the lock `held`, or taken again for a large value written outside it). What cannot be
+    /// deleted stays noted, so that the next writer (or, for a pending record, the death of
+    /// this handle) reclaims it.
+    fn take_back_unwound(&self, held: Option<&mut WriteGuard<'_>>, tier: &dyn StorageTier, id: u64, noted: bool) {
         let object =
             context_core::ObjectRef { id: ObjectId(id), len: 0, slot: context_core::ObjectRef::UNKNOWN_SLOT, held: 0 };
         if tier.delete(&object).is_err() {
             return;
         }
-        if small {
-            // Written under the lock, which this thread still holds.
+        if noted {
             self.meta.set_in_flight(0);
-        } else if let Ok(mut guard) = self.write_lock() {
-            let _ = guard.replica.append(&self.meta, &[Rec::Gone { obj: id }]);
+            return;
+        }
+        let gone = [Rec::Gone { obj: id }];
+        match held {
+            Some(guard) => {
+                let _ = guard.replica.append(&self.meta, &gone);
+            }
+            None => {
+                if let Ok(mut guard) = self.write_lock() {
+                    let _ = guard.replica.append(&self.meta, &gone);
+                }
+            }
         }
     }
 
@@ -1006,8 +1026,11 @@ impl WorkflowContext {
             }
             return Err(e.with_key(key));
         }
-        // Committed: the object is the key's now.
-        self.meta.set_in_flight(0);
+        // Committed: the object is the key's now. (A note of another object, which a reclaim
+        // could not delete, stays for the next one.)
+        if self.meta.in_flight() == obj {
+            self.meta.set_in_flight(0);
+        }
         if let Some(old) = old {
             self.free(g, &old)?;
         }
@@ -1463,6 +1486,41 @@ mod tests {
         ctx.meta.lock().release(1);
     }
 
+    #[test]
+    fn table_files_a_writer_left_dying_while_growing_are_removed_by_the_next() {
+        let base = tempfile::tempdir().unwrap();
+        let ctx = context(base.path(), "stale-tables");
+        for i in 0..300u32 {
+            ctx.save(&format!("k{i}"), &i).unwrap();
+        }
+        let current = ctx.meta.table_generation();
+        assert!(current > 0, "the table grew");
+        let tables = || {
+            let mut names: Vec<String> = fs::read_dir(ctx.dir())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("table."))
+                .collect();
+            names.sort();
+            names
+        };
+        // What a writer killed in the middle of growing the table leaves: the generation it
+        // had replaced (killed before removing it), or the one it was building.
+        fs::copy(ctx.dir().join(format!("table.{current}")), ctx.dir().join(format!("table.{}", current - 1))).unwrap();
+        fs::write(ctx.dir().join(format!("table.{}", current + 1)), b"half built").unwrap();
+        assert_eq!(tables().len(), 3);
+        // A live writer's leftovers are not looked for at every save.
+        ctx.save("k0", &0u32).unwrap();
+        assert_eq!(tables().len(), 3);
+        // The next writer after the dead one removes them.
+        ctx.meta.lock().acquire(0xdead, |_| true);
+        ctx.save("after", &1u32).unwrap();
+        assert_eq!(tables(), [format!("table.{current}")]);
+        for i in 0..300u32 {
+            assert_eq!(ctx.load::<u32>(&format!("k{i}")).unwrap(), i);
+        }
+    }
+
     /// A writer that holds the index lock, dead: it allocated an object and wrote it for a
     /// small save of `key` (into the tier `like` is in), noted it in flight, and, if
     /// `committed`, committed its `Put` too, then died before clearing the note. Returns
@@ -1543,6 +1601,44 @@ mod tests {
         assert_eq!(&*other.load_bytes("made it").unwrap(), b"committed");
         let (stored, keys) = held(&ctx, &*tier);
         assert_eq!(stored, keys, "the tier holds exactly what the keys hold");
+    }
+
+    #[test]
+    fn a_note_the_reclaim_could_not_clear_outlives_later_saves() {
+        use context_core::testing::{Call, Fault, FaultyTier, MemoryTier};
+        let base = tempfile::tempdir().unwrap();
+        let faulty = Arc::new(FaultyTier::new("faulty", Arc::new(MemoryTier::default())));
+        let ctx = WorkflowContext::builder()
+            .contexts_dir(base.path())
+            .run_id(format!("stuck-note-{}", std::process::id()))
+            .tier(faulty.clone())
+            .policy(crate::core::Prefer::first(crate::core::Rule::named("faulty")).then(crate::core::Rule::any()))
+            .create()
+            .unwrap();
+        ctx.save_bytes("k", b"kept", SaveOptions::new()).unwrap();
+        let (tier, orphan) = died_mid_small_save(&ctx, "k", "lost", b"never committed", false);
+        // The next writer cannot delete the orphan: the note stays.
+        faulty.fail_from(Call::Delete, 1, Fault::Eio);
+        ctx.save_bytes("small", b"while the tier cannot delete", SaveOptions::new()).unwrap();
+        assert_eq!(ctx.meta.in_flight(), orphan.id.0);
+        // Neither a small save nor a large one takes the note over or clears it.
+        ctx.save_bytes("small 2", b"and another", SaveOptions::new()).unwrap();
+        ctx.save_bytes("large", &[3; 100_000], SaveOptions::new()).unwrap();
+        assert_eq!(ctx.meta.in_flight(), orphan.id.0, "a later save lost the note of the orphan");
+        assert!(tier.get(&orphan).unwrap().is_some());
+        // Once the tier deletes again, the next writer reclaims it.
+        faulty.heal();
+        ctx.save_bytes("after", b"healed", SaveOptions::new()).unwrap();
+        assert_eq!(ctx.meta.in_flight(), 0);
+        assert!(tier.get(&orphan).unwrap().is_none());
+        for (key, bytes) in
+            [("k", &b"kept"[..]), ("small", b"while the tier cannot delete"), ("small 2", b"and another")]
+        {
+            assert_eq!(&*ctx.load_bytes(key).unwrap(), bytes);
+        }
+        let (stored, keys) = held(&ctx, &*tier);
+        assert_eq!(stored, keys, "the faulty tier holds exactly what the keys hold");
+        assert!(ctx.replica.read().unwrap().pending.is_empty());
     }
 
     #[test]

@@ -818,6 +818,22 @@ impl Replica {
         Ok(())
     }
 
+    /// Removes every key table file but the current one's: what a writer that died while
+    /// growing the table left (the generation it was building, or the one it had just
+    /// replaced). Only a hint of cleanliness: what cannot be listed or removed stays. The
+    /// caller holds the write lock, so no other table is being built.
+    pub(crate) fn remove_stale_tables(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let current = self.table.generation();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let generation = name.to_str().and_then(|n| n.strip_prefix("table.")).and_then(|g| g.parse::<u32>().ok());
+            if generation.is_some_and(|g| g != current) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     /// The name of tier `name` as the index's entries share it (one string for all),
     /// registering it in the key table if new. The caller holds the write lock.
     pub(crate) fn shared_tier_name(&self, name: &str) -> Result<Arc<str>> {
