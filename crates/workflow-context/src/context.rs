@@ -1218,7 +1218,13 @@ impl WorkflowContext {
             };
             // Only large records are kept as checked views.
             if entry.at.len >= VIEW_CACHE_MIN as u64 {
-                let view = self.read_index()?.views.lock().unwrap_or_else(lock_poisoned).get(&entry.at.obj).cloned();
+                let view = self
+                    .read_index()?
+                    .views
+                    .lock()
+                    .unwrap_or_else(lock_poisoned)
+                    .get(&entry.at.obj)
+                    .map(|view| view.bytes.clone());
                 if let Some(view) = view {
                     return Ok((entry, view));
                 }
@@ -1268,7 +1274,7 @@ impl WorkflowContext {
             if views.len() >= VIEW_CACHE_MAX {
                 views.clear();
             }
-            views.insert(entry.at.obj, rec.clone());
+            views.insert(entry.at.obj, crate::index::View { key: key.into(), bytes: rec.clone() });
         }
         Ok(())
     }
@@ -1343,9 +1349,11 @@ impl WorkflowContext {
     ///
     /// # Errors
     /// [`Error::KeyNotFound`]; [`Error::AlreadyExists`] if `dest` exists and `overwrite` is
-    /// false; [`Error::NotExportable`] for a value stored by reference; [`Error::Io`].
+    /// false; [`Error::NotExportable`] for a value stored by reference; [`Error::Io`],
+    /// also for a destination inside the context's own directory.
     pub fn export_data(&self, key: &str, dest: impl AsRef<Path>, overwrite: bool) -> Result<()> {
         let dest = dest.as_ref();
+        self.check_export_destination(dest).map_err(|e| e.with_key(key))?;
         let (entry, record) = self.load_record(key)?;
         if entry.pass_by == PassBy::Ref {
             return Err(Error::NotExportable {
@@ -1359,6 +1367,28 @@ impl WorkflowContext {
         let mut g = self.write_lock()?;
         if let Some(now) = g.replica.get_locked(key)?.filter(|now| now.at.obj == entry.at.obj) {
             self.remove_entry(&mut g, key, &now)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses an export destination inside this context's directory: the file would be
+    /// one of the context's own (the value's own file, say), which removing the exported
+    /// key, or shutting the context down, deletes.
+    fn check_export_destination(&self, dest: &Path) -> Result<()> {
+        let absolute = if dest.is_absolute() {
+            dest.to_owned()
+        } else {
+            std::env::current_dir().map_err(|e| Error::io("export to", dest, e))?.join(dest)
+        };
+        // The nearest directory of the destination that exists, with links and `..` resolved.
+        let nearest = absolute.ancestors().skip(1).find_map(|a| fs::canonicalize(a).ok());
+        let inside = match (nearest, fs::canonicalize(&self.dir)) {
+            (Some(at), Ok(dir)) => at.starts_with(dir),
+            _ => false,
+        };
+        if inside {
+            let why = "the destination is inside the context's own directory, whose files the context deletes";
+            return Err(Error::io("export to", dest, io::Error::new(io::ErrorKind::InvalidInput, why)));
         }
         Ok(())
     }

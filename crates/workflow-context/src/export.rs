@@ -3,13 +3,17 @@
 //! | offset | size | field |
 //! |-------:|-----:|-------|
 //! | 0  | 8 | magic `WFCXPORT` |
-//! | 8  | 2 | format version (1), little endian |
+//! | 8  | 2 | format version (2), little endian |
 //! | 10 | 2 | flags (bit 0: postcard-encoded typed value) |
 //! | 12 | 4 | key length in bytes |
 //! | 16 | 8 | payload length |
-//! | 24 | 8 | XXH3-64 of the flags, the key bytes and the payload |
+//! | 24 | 8 | XXH3-64 of bytes 8 to 24 (version, flags and both lengths), the key bytes and the payload |
 //! | 32 | key length | the key, UTF-8 |
 //! | …  | payload length | the payload |
+//!
+//! Version 1 files, whose checksum covered the flags but not the lengths (so a file whose
+//! key length grew by as much as its payload length shrank passed its check), are still
+//! read.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -22,7 +26,7 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::fsutil;
 
 const MAGIC: &[u8; 8] = b"WFCXPORT";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const HEADER: usize = 32;
 
 /// A decoded export file.
@@ -33,12 +37,18 @@ pub(crate) struct Exported {
     pub(crate) payload: Vec<u8>,
 }
 
-fn sum(flags: u16, key: &[u8], payload: &[u8]) -> u64 {
-    let mut h = Xxh3::new();
-    h.update(&flags.to_le_bytes());
-    h.update(key);
-    h.update(payload);
-    h.digest()
+/// The checksum of a file whose header (before its checksum) is `h`: version 2 covers the
+/// version, flags and lengths, version 1 only the flags.
+fn sum(h: &[u8], key: &[u8], payload: &[u8]) -> u64 {
+    let mut x = Xxh3::new();
+    if u16::from_le_bytes([h[8], h[9]]) == 1 {
+        x.update(&h[10..12]);
+    } else {
+        x.update(&h[8..24]);
+    }
+    x.update(key);
+    x.update(payload);
+    x.digest()
 }
 
 fn header(key: &str, flags: u16, payload: &[u8]) -> [u8; HEADER] {
@@ -48,7 +58,8 @@ fn header(key: &str, flags: u16, payload: &[u8]) -> [u8; HEADER] {
     h[10..12].copy_from_slice(&flags.to_le_bytes());
     h[12..16].copy_from_slice(&(key.len() as u32).to_le_bytes());
     h[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    h[24..32].copy_from_slice(&sum(flags, key.as_bytes(), payload).to_le_bytes());
+    let checksum = sum(&h, key.as_bytes(), payload);
+    h[24..32].copy_from_slice(&checksum.to_le_bytes());
     h
 }
 
@@ -60,7 +71,7 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Exported> {
         return Err(bad("not a workflow-context export file (bad magic)".to_owned()));
     }
     let version = u16::from_le_bytes([h[8], h[9]]);
-    if version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(bad(format!("unsupported export format version {version}")));
     }
     let flags = u16::from_le_bytes([h[10], h[11]]);
@@ -75,7 +86,7 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Exported> {
         )));
     }
     let (key, payload) = body.split_at(key_len as usize);
-    if sum(flags, key, payload) != stored {
+    if sum(h, key, payload) != stored {
         return Err(bad("checksum mismatch: the file is damaged".to_owned()));
     }
     let key = std::str::from_utf8(key).map_err(|_| bad("the key is not UTF-8".to_owned()))?;
@@ -97,12 +108,12 @@ pub(crate) fn read(path: &Path) -> Result<Exported> {
 /// synced and then linked into place: a process killed before the link leaves nothing
 /// behind, because the kernel frees an unnamed file with its last descriptor. Where the
 /// file system has no unnamed files, or the process cannot link one, a named temporary
-/// file (`.<name>.<random>.tmp`) is written instead and renamed into place; a kill during
+/// file (`.wfx-export.<random>.tmp`) is written instead and renamed into place; a kill during
 /// that write leaves it behind.
 pub(crate) fn write(dest: &Path, key: &str, flags: u16, payload: &[u8], overwrite: bool) -> Result<()> {
-    let file_name = dest
-        .file_name()
-        .ok_or_else(|| Error::io("export to", dest, io::Error::other("the destination has no file name")))?;
+    if dest.file_name().is_none() {
+        return Err(Error::io("export to", dest, io::Error::other("the destination has no file name")));
+    }
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
@@ -116,7 +127,8 @@ pub(crate) fn write(dest: &Path, key: &str, flags: u16, payload: &[u8], overwrit
     let tmp_name = || -> Result<PathBuf> {
         let mut rand = [0u8; 8];
         getrandom::fill(&mut rand).map_err(|e| Error::io("make a temporary name in", &parent, io::Error::other(e)))?;
-        Ok(parent.join(format!(".{}.{:016x}.tmp", file_name.to_string_lossy(), u64::from_le_bytes(rand))))
+        // Not named after the destination, whose name may be as long as a name can be.
+        Ok(parent.join(format!(".wfx-export.{:016x}.tmp", u64::from_le_bytes(rand))))
     };
     if !write_unnamed(&parent, dest, &parts, overwrite, tmp_name)? {
         write_named(&tmp_name()?, dest, &parts, overwrite)?;
@@ -283,6 +295,43 @@ mod tests {
         assert_eq!(read(&dest).unwrap().payload, b"new");
         let leftovers: Vec<_> = fs::read_dir(dest.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers.len(), 1, "no temporary files left: {leftovers:?}");
+    }
+
+    #[test]
+    fn the_checksum_covers_where_the_key_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("x.wfx");
+        write(&dest, "k", 0, b"PAYLOAD", false).unwrap();
+        let mut bytes = fs::read(&dest).unwrap();
+        assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 2);
+        // Three bytes moved from the payload to the key: the same bytes in the same order.
+        bytes[12..16].copy_from_slice(&4u32.to_le_bytes());
+        bytes[16..24].copy_from_slice(&4u64.to_le_bytes());
+        assert!(matches!(decode(&bytes, &dest), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn version_1_files_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("x.wfx");
+        // A version 1 file, as the builds before version 2 wrote it.
+        let (key, payload) = (b"key".as_slice(), b"payload".as_slice());
+        let mut x = Xxh3::new();
+        x.update(&1u16.to_le_bytes());
+        x.update(key);
+        x.update(payload);
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&x.digest().to_le_bytes());
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(payload);
+        let back = decode(&bytes, &dest).unwrap();
+        assert_eq!(back, Exported { key: "key".into(), flags: 1, payload: payload.to_vec() });
+        bytes[8] = 3;
+        assert!(matches!(decode(&bytes, &dest), Err(Error::Corrupt { .. })), "version 3 is unknown");
     }
 
     /// Everything in `dir`, by name.

@@ -504,9 +504,16 @@ pub(crate) struct Replica {
     pending_used: Used,
     /// Bytes of journal records that describe pending objects (for compaction).
     live_bytes: u64,
-    /// Checked zero-copy views of large objects, dropped as soon as their object leaves
-    /// the live set.
-    pub(crate) views: Mutex<HashMap<u64, Payload>>,
+    /// Checked zero-copy views of large objects, by object, dropped as soon as their object
+    /// leaves the live set.
+    pub(crate) views: Mutex<HashMap<u64, View>>,
+}
+
+/// A checked zero-copy view of a large object, and the key it was loaded for.
+#[derive(Debug)]
+pub(crate) struct View {
+    pub(crate) key: Box<str>,
+    pub(crate) bytes: Payload,
 }
 
 /// Journal size below which compaction never runs. Compaction writes only the pending
@@ -665,6 +672,13 @@ impl Replica {
                     self.pending.clear();
                     self.pending_used = Used::default();
                     self.live_bytes = 0;
+                    // The records of the old generation this replica had not read, which
+                    // would have dropped views of the objects they replaced, are gone with
+                    // it: keep only the views whose key still names their object.
+                    let table = &self.table;
+                    self.views.get_mut().unwrap_or_else(|p| p.into_inner()).retain(|&obj, view| {
+                        matches!(table.lookup(&view.key, |_| {}), Ok(Lookup::Found(now)) if now.at.obj == obj)
+                    });
                 }
                 // Compacted again meanwhile.
                 Err(Error::Io { ref source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {

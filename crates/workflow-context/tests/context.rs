@@ -233,6 +233,8 @@ fn a_value_that_panics_while_written_leaves_nothing_behind() {
         let run = ctx.run_id().to_owned();
         ctx.save("kept", "before").unwrap();
         let before = ctx.usage().unwrap();
+        let value_files = || fs::read_dir(ctx.dir().join("values")).map_or(0, |d| d.count());
+        let files_before = value_files();
         // Large (written outside the index lock) and small (under it).
         for len in [1 << 20, 3000] {
             let value = PanicsWhileWritten { len, calls: 0.into() };
@@ -249,10 +251,58 @@ fn a_value_that_panics_while_written_leaves_nothing_behind() {
         }
         assert_eq!(ctx.load::<String>("kept").unwrap(), "before");
         assert_eq!(ctx.usage().unwrap(), before, "{what}");
-        if what == "disk" && cfg!(feature = "tier-mmap") {
-            let values = ctx.dir().join("values");
-            assert_eq!(fs::read_dir(&values).unwrap().count(), 0, "{what}: no value file left");
+        assert_eq!(value_files(), files_before, "{what}: no value file left");
+    }
+}
+
+/// How many of this process's mappings are of `path`, deleted since.
+fn deleted_mappings_of(path: &std::path::Path) -> usize {
+    let needle = format!("{} (deleted)", path.display());
+    fs::read_to_string("/proc/self/maps").unwrap().lines().filter(|l| l.ends_with(&needle)).count()
+}
+
+#[test]
+fn a_view_of_a_value_replaced_before_a_compaction_is_dropped() {
+    let b = base();
+    for (what, opts) in [("disk", to_disk()), ("RAM", SaveOptions::new())] {
+        if what == "RAM" && !cfg!(feature = "tier-shm") {
+            continue;
         }
+        let a = builder(b.path()).create().unwrap();
+        let big = vec![7u8; 1 << 20];
+        a.save_bytes("big", &big, opts).unwrap();
+        let info = a.storage_info("big").unwrap().unwrap();
+        let mapped = info.path.unwrap_or_else(|| format!("/dev/shm{}", info.shm_name.unwrap()).into());
+        // `a` keeps a checked view of the value.
+        assert_eq!(&*a.load_bytes("big").unwrap(), &big[..]);
+        assert_eq!(&*a.load_bytes("big").unwrap(), &big[..]);
+        // Another handle replaces it, then saves until the journal is compacted (more than
+        // once), before `a` looks again.
+        let other = builder(b.path()).run_id(a.run_id()).open().unwrap();
+        other.save_bytes("big", &[1u8; 100], SaveOptions::new()).unwrap();
+        for i in 0..3000 {
+            other.save(&format!("k{}", i % 50), &i).unwrap();
+        }
+        assert_eq!(&*a.load_bytes("big").unwrap(), &[1u8; 100][..], "{what}");
+        assert_eq!(deleted_mappings_of(&mapped), 0, "{what}: the handle still maps the replaced value {mapped:?}");
+        // A value that is still its key's loads the same across compactions; once removed,
+        // its view goes too.
+        other.save_bytes("kept", &big, opts).unwrap();
+        assert_eq!(&*a.load_bytes("kept").unwrap(), &big[..]);
+        let info = a.storage_info("kept").unwrap().unwrap();
+        let mapped = info.path.unwrap_or_else(|| format!("/dev/shm{}", info.shm_name.unwrap()).into());
+        for i in 0..3000 {
+            other.save(&format!("k{}", i % 50), &i).unwrap();
+        }
+        let view = a.load_bytes("kept").unwrap();
+        assert_eq!(&*view, &big[..]);
+        other.remove("kept").unwrap();
+        drop(view);
+        for i in 0..3000 {
+            other.save(&format!("k{}", i % 50), &i).unwrap();
+        }
+        assert!(!a.contains("kept").unwrap());
+        assert_eq!(deleted_mappings_of(&mapped), 0, "{what}: the handle still maps the removed value {mapped:?}");
     }
 }
 
@@ -318,6 +368,47 @@ fn failed_export_keeps_the_value() {
     fs::write(&dest, b"not an export").unwrap();
     assert!(matches!(read_exported_bytes(&dest), Err(Error::Corrupt { .. })));
     assert!(matches!(read_exported_bytes(b.path().join("missing")), Err(Error::Io { .. })));
+}
+
+#[test]
+fn an_export_into_the_contexts_own_directory_is_refused() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save_bytes("k", &[3u8; 200_000], to_disk()).unwrap();
+    let info = ctx.storage_info("k").unwrap().unwrap();
+    // Over the value's own file, next to it, or anywhere below the context's directory, by
+    // any spelling: the file would be deleted with the key, or with the context.
+    let mut dests = vec![ctx.dir().join("values/elsewhere.wfx"), ctx.dir().join("new/dir/x.wfx")];
+    dests.push(ctx.dir().join("values/../x.wfx"));
+    dests.extend(info.path);
+    for dest in dests {
+        match ctx.export_data("k", &dest, true) {
+            Err(Error::Io { path, key, .. }) => {
+                assert_eq!(path, dest);
+                assert_eq!(key.as_deref(), Some("k"));
+            }
+            other => panic!("{}: {other:?}", dest.display()),
+        }
+        assert_eq!(&*ctx.load_bytes("k").unwrap(), &[3u8; 200_000][..], "{}: the value stays", dest.display());
+    }
+    // Beside the context's directory is fine.
+    let beside = b.path().join(format!("{}.wfx", ctx.run_id()));
+    ctx.export_data("k", &beside, false).unwrap();
+    assert_eq!(read_exported_bytes(&beside).unwrap(), vec![3u8; 200_000]);
+}
+
+#[test]
+fn an_export_replaces_a_file_of_the_longest_name() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    // 255 bytes, the most a file name may have.
+    let dest = b.path().join(format!("{}.wfx", "n".repeat(251)));
+    ctx.save("a", &1u8).unwrap();
+    ctx.export_data("a", &dest, false).unwrap();
+    ctx.save("b", &2u8).unwrap();
+    ctx.export_data("b", &dest, true).unwrap();
+    assert_eq!(read_exported::<u8>(&dest).unwrap(), 2);
+    assert_eq!(fs::read_dir(b.path()).unwrap().count(), 2, "the context's directory and the file, nothing more");
 }
 
 #[test]

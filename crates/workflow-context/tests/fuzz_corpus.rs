@@ -274,7 +274,7 @@ fn context_seeds() -> (Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>) {
     *flipped.last_mut().unwrap() ^= 1;
     exports.push(("bad-payload-flip".into(), flipped));
     let mut version = typed.clone();
-    version[8] = 2;
+    version[8] = 0xff;
     exports.push(("bad-version".into(), version));
     exports.push(("bad-header-only".into(), typed[..32].to_vec()));
 
