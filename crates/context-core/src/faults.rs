@@ -39,6 +39,11 @@ pub enum Fault {
     /// A put's bytes stop half way: the data fails with `EIO` after half the object was
     /// written into the wrapped tier, which must then leave nothing behind.
     ShortWrite,
+    /// A put stores the object in the wrapped tier, then fails with `ENOSPC`: a tier that
+    /// ran out of room and could not clean up after itself either. The contract asks a
+    /// failed put to leave nothing; a caller that must survive tiers that cannot always
+    /// manage it deletes the object by id.
+    LeaveBehind,
 }
 
 /// One planned fault: `fault` on the `nth` call (counting from 1) of `call`, and, if
@@ -144,7 +149,7 @@ impl FaultyTier {
 
     fn error(&self, call: Call, fault: Fault) -> Error {
         let e = match fault {
-            Fault::Enospc => io::Error::from_raw_os_error(28),
+            Fault::Enospc | Fault::LeaveBehind => io::Error::from_raw_os_error(28),
             _ => io::Error::from_raw_os_error(5),
         };
         Error::io(
@@ -205,6 +210,10 @@ impl StorageTier for FaultyTier {
         match self.next(Call::Put) {
             None => self.inner.put(object),
             Some(Fault::NoSpace) => Ok(PutOutcome::NoSpace),
+            Some(Fault::LeaveBehind) => {
+                self.inner.put(object)?;
+                Err(self.error(Call::Put, Fault::LeaveBehind))
+            }
             Some(Fault::ShortWrite) => {
                 let (id, len) = (object.id, object.len);
                 let mut cut = |out: &mut dyn io::Write| -> Result<()> {

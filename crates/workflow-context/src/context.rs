@@ -971,10 +971,16 @@ impl WorkflowContext {
                     }
                 }
                 Err(e) => {
+                    // A failed put should leave nothing, but a tier that ran out of space
+                    // may not have been able to clean up after itself: the object is
+                    // deleted by id here too, and stays noted (in flight, or pending and
+                    // counted, for a later retry) until that succeeds.
                     if noted {
-                        self.meta.set_in_flight(0);
+                        if tier.delete(&at.object_ref()).is_ok() {
+                            self.meta.set_in_flight(0);
+                        }
                     } else {
-                        guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
+                        self.free(guard, &at)?;
                     }
                     return Err(e.with_key(key));
                 }

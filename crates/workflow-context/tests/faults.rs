@@ -52,6 +52,34 @@ fn a_failing_put_keeps_the_previous_value() {
 }
 
 #[test]
+fn a_put_that_fails_but_leaves_its_object_is_cleaned_up() {
+    let b = base();
+    let (ctx, faulty, inner) = faulty_context(b.path());
+    ctx.save("k", "old").unwrap();
+    let before = ctx.usage().unwrap();
+    // A small value (written under the index lock) and a large one (written outside it).
+    for len in [100usize, 200_000] {
+        faulty.fail(Call::Put, 1, Fault::LeaveBehind);
+        let err = ctx.save_bytes("k", &vec![1u8; len], SaveOptions::new()).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{len}: {err}");
+        assert_eq!(objects(&inner), 1, "{len}: the object the put left was deleted");
+        assert_eq!(ctx.usage().unwrap(), before, "{len}: usage is exact");
+        assert_eq!(ctx.load::<String>("k").unwrap(), "old");
+    }
+    // If it cannot be deleted yet, it stays counted, and goes at a later write.
+    faulty.fail(Call::Put, 1, Fault::LeaveBehind);
+    faulty.fail_from(Call::Delete, 1, Fault::Eio);
+    ctx.save_bytes("k", &vec![2u8; 200_000], SaveOptions::new()).unwrap_err();
+    assert_eq!(objects(&inner), 2);
+    assert!(ctx.usage().unwrap().ram_usage_bytes > before.ram_usage_bytes, "the object left behind is counted");
+    faulty.heal();
+    ctx.save("other", &1u8).unwrap();
+    ctx.remove("other").unwrap();
+    assert_eq!(objects(&inner), 1);
+    assert_eq!(ctx.usage().unwrap(), before);
+}
+
+#[test]
 fn a_full_tier_falls_back_to_the_next() {
     let b = base();
     let (ctx, faulty, inner) = faulty_context(b.path());
