@@ -921,6 +921,37 @@ fn check_ratio(len: u64, stored: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that the zstd frame `body` can and says it does decode to `len` bytes: checked
+/// before the room for them is allocated, so that a damaged blob claiming a huge length is
+/// refused for the few bytes it is, not after zero-filling what it claims.
+fn check_frame(body: &[u8], len: u64) -> Result<(), String> {
+    check_ratio(len, body.len())?;
+    match zstd::zstd_safe::get_frame_content_size(body) {
+        Ok(Some(size)) if size == len => Ok(()),
+        Ok(Some(size)) => Err(format!("the zstd frame holds {size} bytes, the blob claims {len}")),
+        Ok(None) | Err(_) => Err("the zstd frame does not say its length".into()),
+    }
+}
+
+/// Checks chunk `i` of an object `manifest` describes, its blob `blob`, without decoding
+/// it: its stored length, the length it claims, and, compressed, its frame's.
+pub(crate) fn check_chunk(manifest: &Manifest, i: usize, blob: &[u8]) -> Result<(), String> {
+    if blob.len() != manifest.stored[i] as usize {
+        return Err(format!("{} bytes, its manifest says {}", blob.len(), manifest.stored[i]));
+    }
+    let want = chunk_len(manifest.len, manifest.chunk, i);
+    let (encoding, len, body) = split_blob(blob)?;
+    if len != want as u64 {
+        return Err(format!("its blob claims {len} bytes, the manifest {want}"));
+    }
+    match encoding {
+        RAW if body.len() == want => Ok(()),
+        RAW => Err(format!("a raw blob of {want} bytes holds {}", body.len())),
+        FRAME => check_frame(body, len),
+        other => Err(format!("encoding {other} where a chunk belongs")),
+    }
+}
+
 /// A zero-filled buffer of `len` bytes, failing rather than aborting if there is no memory
 /// for it.
 pub(crate) fn allocate(len: u64) -> Result<Vec<u8>, String> {
@@ -950,12 +981,7 @@ fn decode_body(encoding: u8, body: &[u8], out: &mut [u8]) -> Result<(), String> 
         }
         RAW => Err(format!("a raw blob of {len} bytes holds {}", body.len())),
         FRAME => {
-            check_ratio(len as u64, body.len())?;
-            match zstd::zstd_safe::get_frame_content_size(body) {
-                Ok(Some(size)) if size == len as u64 => {}
-                Ok(Some(size)) => return Err(format!("the zstd frame holds {size} bytes, the blob claims {len}")),
-                Ok(None) | Err(_) => return Err("the zstd frame does not say its length".into()),
-            }
+            check_frame(body, len as u64)?;
             let n = with_decompressor(|d| {
                 d.decompress_to_buffer(body, out).map_err(|e| format!("zstd cannot decode the frame: {e}"))
             })?;
@@ -979,13 +1005,19 @@ pub(crate) fn decode(blob: &[u8]) -> Result<Vec<u8>, String> {
         RAW if body.len() as u64 != len => Err(format!("a raw blob of {len} bytes holds {}", body.len())),
         RAW => Ok(body.to_vec()),
         FRAME => {
-            check_ratio(len, body.len())?;
+            check_frame(body, len)?;
             let mut out = allocate(len)?;
             decode_body(FRAME, body, &mut out)?;
             Ok(out)
         }
         SPLIT => {
             let (piece, bodies) = parse_split(len, body)?;
+            for (i, body) in bodies.iter().enumerate() {
+                let want = chunk_len(len, piece, i);
+                if body.len() < want {
+                    check_frame(body, want as u64).map_err(|detail| format!("piece {i}: {detail}"))?;
+                }
+            }
             let mut out = allocate(len)?;
             let decode_piece = |i: usize, out: &mut [u8]| {
                 let body = bodies[i];

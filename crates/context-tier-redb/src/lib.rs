@@ -293,7 +293,36 @@ impl RedbTier {
             });
         }
         let (db, identity) = open_database(&path, None)?;
-        Ok(RedbTier { path, level: zstd_level, identity, db: RwLock::new(Arc::new(db)) })
+        let tier = RedbTier { path, level: zstd_level, identity, db: RwLock::new(Arc::new(db)) };
+        tier.ensure_tables()?;
+        Ok(tier)
+    }
+
+    /// Commits the tier's tables into a database that has none yet (a new file). Why: on a
+    /// full file system, a database that had never committed could not be opened again
+    /// (redb then writes its first commit), so the first put to fail there left a handle
+    /// that could neither read nor delete, and other processes could not attach, until space
+    /// was freed (`tests/no_space.rs`). Only the first instance on a file pays for a commit.
+    fn ensure_tables(&self) -> Result<()> {
+        const OP: &str = "create the tables of redb database";
+        let has_tables = self.run(|db| {
+            let txn = db.begin_read().map_err(Failed::new)?;
+            match txn.open_table(OBJECTS) {
+                Ok(_) => Ok(true),
+                Err(TableError::TableDoesNotExist(_)) => Ok(false),
+                Err(e) => Err(Failed::new(e)),
+            }
+        });
+        if has_tables.map_err(|f| self.error(OP, f.error))? {
+            return Ok(());
+        }
+        self.run(|db| {
+            let txn = db.begin_write().map_err(Failed::new)?;
+            txn.open_table(OBJECTS).map_err(Failed::new)?;
+            txn.open_table(CHUNKS).map_err(Failed::new)?;
+            txn.commit().map_err(Failed::new)
+        })
+        .map_err(|f| self.error(OP, f.error))
     }
 
     /// The database file of this context.
@@ -583,6 +612,18 @@ fn read_object(db: &Database, id: ObjectId) -> Result<Option<Result<Vec<u8>, Str
         Err(TableError::TableDoesNotExist(_)) => return Ok(Some(Err("the chunk table is missing".into()))),
         Err(e) => return Err(Failed::new(e)),
     };
+    // Every chunk is there and says the right length before the object's room is allocated:
+    // a damaged manifest claiming a huge object is refused for what it is.
+    for i in 0..manifest.stored.len() {
+        let found = chunks.get((id.0, i as u32)).map_err(Failed::new)?;
+        let checked = match found {
+            None => Err("it is missing".to_owned()),
+            Some(blob) => blob::check_chunk(&manifest, i, blob.value()),
+        };
+        if let Err(detail) = checked {
+            return Ok(Some(Err(format!("chunk {i}: {detail}"))));
+        }
+    }
     let mut out = match blob::allocate(manifest.len) {
         Ok(out) => out,
         Err(detail) => return Ok(Some(Err(detail))),
@@ -619,12 +660,24 @@ fn remove_object(db: &Database, id: ObjectId, orphans: bool) -> Result<bool, Fai
         let mut tables = txn.list_tables().map_err(Failed::new)?;
         Ok(tables.any(|table| table.name() == CHUNKS.name()))
     };
+    let mut changed = existed;
     if chunked || (orphans && !existed && has_chunks()?) {
         let mut table = txn.open_table(CHUNKS).map_err(Failed::new)?;
-        table.retain_in((id.0, 0)..=(id.0, u32::MAX), |_, _| false).map_err(Failed::new)?;
+        let range = (id.0, 0)..=(id.0, u32::MAX);
+        if chunked || table.range(range.clone()).map_err(Failed::new)?.next().is_some() {
+            table.retain_in(range, |_, _| false).map_err(Failed::new)?;
+            changed = true;
+        }
     }
-    txn.commit().map_err(Failed::in_commit)?;
-    Ok(existed)
+    match txn.commit().map_err(Failed::in_commit) {
+        Ok(()) => Ok(existed),
+        // There was nothing to remove: the commit would only have released the pages earlier
+        // transactions freed (as the next commit will), so one that found no room on the
+        // disk loses nothing, and a delete of nothing does not fail for want of room (the
+        // caller may be making room). The handle it broke is replaced at its next use.
+        Err(failed) if !changed && failed.is_no_space() => Ok(false),
+        Err(failed) => Err(failed),
+    }
 }
 
 impl StorageTier for RedbTier {

@@ -155,3 +155,51 @@ fn no_space_chunked_inner() {
     tier.destroy().unwrap();
     println!("{DONE}");
 }
+
+#[test]
+fn a_full_file_system_under_a_new_database_is_no_space_and_reads_go_on() {
+    in_private_tmpfs("no_space_fresh_inner", "4m");
+}
+
+/// Appends to `path` until the file system is full; returns the bytes written.
+fn fill(path: &std::path::Path) -> u64 {
+    use std::io::Write as _;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+    let buf = vec![0x77u8; 1 << 20];
+    let (mut total, mut block) = (0, buf.len());
+    while block >= 512 {
+        match file.write(&buf[..block]) {
+            Ok(n) => total += n as u64,
+            Err(_) => block /= 2,
+        }
+    }
+    total
+}
+
+/// Runs inside the private mount namespace, with a 4 MiB tmpfs at `$CONTEXT_TIER_REDB_NOSPACE_DIR`.
+#[test]
+#[ignore = "run inside a private mount namespace by a_full_file_system_under_a_new_database_is_no_space_and_reads_go_on"]
+fn no_space_fresh_inner() {
+    let Some(dir) = std::env::var_os(DIR_VAR).map(PathBuf::from) else {
+        println!("{DIR_VAR} is not set; nothing to check");
+        return;
+    };
+    // A database nothing was ever stored in, then a file system that fills up but for 8 KiB.
+    let path = dir.join("context.redb");
+    let tier = RedbTier::new(RedbConfig::new(&path)).unwrap();
+    let filler = dir.join("filler");
+    fill(&filler);
+    let full = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&filler).unwrap().set_len(full - (8 << 10)).unwrap();
+    let outcome =
+        tier.put(NewObject { id: ObjectId(2), len: 1 << 20, data: ObjectData::Parts(&[&pattern(2, 1 << 20)]) });
+    assert!(matches!(outcome, Ok(PutOutcome::NoSpace)), "a full file system is NoSpace: {outcome:?}");
+    // The instance goes on reading and deleting, and another can attach.
+    assert!(tier.get(&id_ref(2)).unwrap().is_none());
+    assert!(!tier.delete(&id_ref(2)).unwrap());
+    RedbTier::new(RedbConfig::new(&path)).unwrap();
+    std::fs::remove_file(&filler).unwrap();
+    assert!(matches!(put_parts(&tier, 3, b"fits again"), PutOutcome::Stored(_)));
+    assert_eq!(&*tier.get(&id_ref(3)).unwrap().unwrap(), b"fits again");
+    println!("{DONE}");
+}

@@ -588,3 +588,57 @@ fn a_get_racing_a_delete_sees_all_or_nothing() {
     assert_eq!(reader.usage().unwrap(), context_core::TierUsage::default());
     writer.destroy().unwrap();
 }
+
+/// Set for the inner test when the outer one runs it in a process of its own.
+const PEAK_ENV: &str = "CONTEXT_TIER_REDB_PEAK_CHILD";
+
+/// A damaged blob that claims a huge length is refused for the few bytes it is: nothing of
+/// what it claims is allocated first. Measured in a process of its own, whose peak memory
+/// no other test moves.
+#[test]
+fn a_damaged_blob_claiming_a_huge_length_is_refused_before_allocating_it() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "inner_damaged_blobs_allocate_nothing", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(PEAK_ENV, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("1 passed"), "the child test did not run:\n{stdout}");
+}
+
+#[test]
+#[ignore = "runs in a process of its own, started by a_damaged_blob_claiming_a_huge_length_is_refused_before_allocating_it"]
+fn inner_damaged_blobs_allocate_nothing() {
+    if std::env::var_os(PEAK_ENV).is_none() {
+        return;
+    }
+    let peak_kib = || -> u64 {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = open(&db_path(&scratch));
+    let claimed: u64 = 1 << 30;
+    let garbage = vec![0x55u8; 32 << 10];
+    // One zstd frame (encoding 1) of 32 KiB claiming 1 GiB, within the largest ratio zstd
+    // reaches.
+    let frame = [&[1u8][..], &claimed.to_le_bytes(), &garbage].concat();
+    // Two frames (encoding 4): pieces of 512 MiB, each stored in 16 KiB.
+    let table: Vec<u8> = [16u32 << 10; 2].iter().flat_map(|m| m.to_le_bytes()).collect();
+    let split = [&[4u8][..], &claimed.to_le_bytes(), &(512u32 << 20).to_le_bytes(), &table, &garbage].concat();
+    // Chunked (encoding 3): a manifest of 1,028 chunks, each said to be stored in 1 KiB,
+    // and no chunk.
+    let chunks = claimed.div_ceil(CHUNK as u64);
+    let stored: Vec<u8> = (0..chunks).flat_map(|_| 1024u32.to_le_bytes()).collect();
+    let manifest = [&[3u8][..], &claimed.to_le_bytes(), &(CHUNK as u32).to_le_bytes(), &stored].concat();
+    for (id, what, blob) in [(1, "frame", frame), (2, "split", split), (3, "manifest", manifest)] {
+        write_raw_blob(tier.path(), id, &blob);
+        let before = peak_kib();
+        let got = tier.get(&ObjectRef { id: ObjectId(id), len: 0, slot: ObjectRef::UNKNOWN_SLOT, held: 0 });
+        let grew_mib = (peak_kib() - before) >> 10;
+        assert!(matches!(got, Err(Error::Corrupt { .. })), "{what}: {got:?}");
+        assert!(grew_mib < 64, "{what}: a get of a damaged blob of {} KiB took {grew_mib} MiB", blob.len() >> 10);
+    }
+}
