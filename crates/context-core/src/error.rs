@@ -144,8 +144,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// The save needs a kind of tier (RAM or disk) that this build does not have.
-    #[error("key {key:?}: this build has no {} tier to take the value", match kind { crate::StorageKind::Ram => "RAM", crate::StorageKind::Disk => "disk" })]
+    /// The save's options allow only one kind of tier (RAM or disk), and none of the tiers
+    /// the placement policy admits is of that kind: the build has none, or the policy rules
+    /// them out (`ram_only(true)` under `DiskOnly`, say).
+    #[error("key {key:?}: the save's options allow only a {} tier, and the placement policy admits none of this build's", match kind { crate::StorageKind::Ram => "RAM", crate::StorageKind::Disk => "disk" })]
     NoTier {
         /// The key being saved.
         key: String,

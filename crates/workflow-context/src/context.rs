@@ -1193,9 +1193,10 @@ impl WorkflowContext {
         codec::decode(record::payload(&record), key)
     }
 
-    /// Loads a value's bytes: for RAM and disk values above 64 KiB a zero-copy view of the
-    /// shared memory or mapped file, which stays valid even if the value is overwritten
-    /// or removed meanwhile.
+    /// Loads a value's bytes: a zero-copy view of the shared memory for a RAM value whose
+    /// record (the value and 40 bytes) is over 4 KiB, or of the mapped file for one in the
+    /// mmap tier over 64 KiB, which stays valid even if the value is overwritten or removed
+    /// meanwhile; a copy for smaller values and for values in the redb tier (decompressed).
     ///
     /// The bytes are checked (length and checksum) the first time this handle reads the
     /// object; objects never change after they are written, so later loads of the same
