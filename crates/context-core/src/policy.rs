@@ -44,9 +44,10 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// Whether `bytes` more fit.
+    /// Whether `bytes` more fit: within the capacity, if there is one, and never past what a
+    /// `u64` counts (a tier may answer `u64::MAX` for a footprint it cannot tell).
     pub fn fits(&self, bytes: u64) -> bool {
-        self.capacity.is_none_or(|cap| self.used.checked_add(bytes).is_some_and(|total| total <= cap))
+        self.used.checked_add(bytes).is_some_and(|total| self.capacity.is_none_or(|cap| total <= cap))
     }
 
     /// Bytes still free, if there is a limit.
@@ -345,7 +346,9 @@ mod tests {
         assert!(b.fits(1));
         assert!(!b.fits(2));
         assert_eq!(Budget { used: 10, capacity: Some(4) }.available(), Some(0));
-        assert!(Budget { used: u64::MAX, capacity: None }.fits(u64::MAX));
+        // Without a limit, anything fits that can still be counted.
+        assert!(Budget { used: 0, capacity: None }.fits(u64::MAX));
+        assert!(!Budget { used: 1, capacity: None }.fits(u64::MAX));
     }
 
     #[test]

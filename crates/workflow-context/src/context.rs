@@ -549,7 +549,8 @@ impl WorkflowContext {
                     ),
                 });
             }
-            if tiers.iter().any(|t| t.name() == extra.name()) {
+            // The recipe tier's name too: lookups by name would find either.
+            if tiers.iter().chain(&recipe_tier).any(|t| t.name() == extra.name()) {
                 return Err(Error::Config {
                     source_name: "builder".into(),
                     key: Some("tier".into()),

@@ -326,16 +326,18 @@ pub(crate) struct Used {
 }
 
 impl Used {
+    // Saturating: the budget admits nothing that would not count, but the records come from
+    // other processes' journal and a damaged one must not panic a reader.
     fn add(&mut self, kind: StorageKind, n: u64) {
         match kind {
-            StorageKind::Ram => self.ram += n,
-            StorageKind::Disk => self.disk += n,
+            StorageKind::Ram => self.ram = self.ram.saturating_add(n),
+            StorageKind::Disk => self.disk = self.disk.saturating_add(n),
         }
     }
     fn sub(&mut self, kind: StorageKind, n: u64) {
         match kind {
-            StorageKind::Ram => self.ram -= n,
-            StorageKind::Disk => self.disk -= n,
+            StorageKind::Ram => self.ram = self.ram.saturating_sub(n),
+            StorageKind::Disk => self.disk = self.disk.saturating_sub(n),
         }
     }
 }
@@ -621,7 +623,10 @@ impl Replica {
     /// Bytes in use, live and pending. Exact under the index lock.
     pub(crate) fn used(&self) -> Used {
         let live = self.table.counters();
-        Used { ram: live.ram + self.pending_used.ram, disk: live.disk + self.pending_used.disk }
+        Used {
+            ram: live.ram.saturating_add(self.pending_used.ram),
+            disk: live.disk.saturating_add(self.pending_used.disk),
+        }
     }
 
     /// How many keys there are. Exact under the index lock.

@@ -775,9 +775,9 @@ enum Probe {
 
 fn add_kind(c: &mut Counters, ram: bool, n: u64) {
     if ram {
-        c.ram += n;
+        c.ram = c.ram.saturating_add(n);
     } else {
-        c.disk += n;
+        c.disk = c.disk.saturating_add(n);
     }
 }
 

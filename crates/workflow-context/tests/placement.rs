@@ -119,21 +119,32 @@ fn the_disk_budget_holds_and_nothing_half_written_stays() {
     ));
 }
 
+/// A tier that is always full (every put answers "no space") and holds nothing.
 #[derive(Debug)]
-struct Named(&'static str);
+struct Named {
+    name: &'static str,
+    kind: StorageKind,
+    /// Whether it answers `u64::MAX` for every footprint (a tier that cannot tell).
+    unbounded: bool,
+}
+
+/// A full RAM tier named `name`.
+fn named(name: &'static str) -> Arc<Named> {
+    Arc::new(Named { name, kind: StorageKind::Ram, unbounded: false })
+}
 
 impl StorageTier for Named {
     fn name(&self) -> &str {
-        self.0
+        self.name
     }
     fn kind(&self) -> StorageKind {
-        StorageKind::Ram
+        self.kind
     }
     fn capabilities(&self) -> workflow_context::core::Capabilities {
         workflow_context::core::Capabilities::new(false, false)
     }
     fn footprint(&self, len: u64) -> u64 {
-        len
+        if self.unbounded { u64::MAX } else { len }
     }
     fn put(
         &self,
@@ -171,18 +182,44 @@ fn user_tiers_need_unique_names_and_a_full_one_is_skipped() {
     } else {
         "redb"
     };
-    match builder(b.path()).tier(Arc::new(Named(dup))).create() {
-        Err(Error::Config { message, .. }) => assert!(message.contains(dup), "{message}"),
-        other => panic!("{other:?}"),
+    // The recipe tier's name is taken too.
+    let taken = if cfg!(feature = "tier-graph") { vec![dup, "graph"] } else { vec![dup] };
+    for dup in taken {
+        match builder(b.path()).tier(named(dup)).create() {
+            Err(Error::Config { message, .. }) => assert!(message.contains(dup), "{message}"),
+            other => panic!("{dup}: {other:?}"),
+        }
     }
     assert!(std::fs::read_dir(b.path()).unwrap().next().is_none(), "a refused context leaves nothing");
     // A tier that always answers "no space" is tried first and skipped.
     let ctx = builder(b.path())
-        .tier(Arc::new(Named("full")))
+        .tier(named("full"))
         .policy(Prefer::first(Rule::named("full")).then(Rule::any()))
         .create()
         .unwrap();
     ctx.save("k", &5u8).unwrap();
     assert_ne!(ctx.storage_info("k").unwrap().unwrap().tier, "full");
     assert_eq!(ctx.load::<u8>("k").unwrap(), 5);
+}
+
+#[cfg(any(feature = "tier-mmap", feature = "tier-redb"))]
+#[test]
+fn a_tier_that_counts_every_value_as_u64_max_overflows_nothing() {
+    let b = base();
+    // No disk budget (the default), and the first disk tier tried claims u64::MAX bytes for
+    // every value, then turns it away.
+    let unbounded = Arc::new(Named { name: "unbounded", kind: StorageKind::Disk, unbounded: true });
+    let ctx = builder(b.path())
+        .max_ram_bytes(0)
+        .tier(unbounded)
+        .policy(Prefer::first(Rule::named("unbounded")).then(Rule::any()))
+        .create()
+        .unwrap();
+    ctx.save_bytes("a", b"on disk already", SaveOptions::new()).unwrap();
+    ctx.save_bytes("b", &vec![1u8; 100_000], SaveOptions::new()).unwrap();
+    assert_ne!(ctx.storage_info("b").unwrap().unwrap().tier, "unbounded");
+    ctx.remove("a").unwrap();
+    ctx.remove("b").unwrap();
+    let u = ctx.usage().unwrap();
+    assert_eq!((u.ram_usage_bytes, u.temp_disk_usage_bytes, u.stored_keys_count), (0, 0, 0));
 }
