@@ -205,7 +205,6 @@ impl std::fmt::Debug for ShmTier {
     }
 }
 
-/// The arena class of an object of `len` bytes, or `None` for a large object.
 /// A large segment being written: unlinked when dropped unless `keep` is set, so that a
 /// failed or unwinding write leaves nothing behind.
 struct NewSegment<'a> {
@@ -221,6 +220,7 @@ impl Drop for NewSegment<'_> {
     }
 }
 
+/// The arena class of an object of `len` bytes, or `None` for a large object.
 fn class_of(len: u64) -> Option<usize> {
     SLOT_SIZES.iter().position(|&size| len <= size as u64)
 }

@@ -6,6 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use context_core::record::{self, FLAG_TYPED, HEADER_LEN, OVERHEAD, TRAILER_LEN};
 use context_core::{
@@ -30,6 +31,9 @@ const VIEW_CACHE_MIN: usize = 64 << 10;
 const VIEW_CACHE_MAX: usize = 4096;
 
 pub(crate) const META_FILE: &str = "meta";
+/// How long a handle waits before it tries again to reclaim an in-flight object that a tier
+/// failed to delete.
+const RECLAIM_RETRY: Duration = Duration::from_millis(100);
 pub(crate) const PROCS_DIR: &str = "procs";
 
 /// A scratch store for one workflow run, shared by every process that attaches to it.
@@ -60,6 +64,10 @@ pub struct WorkflowContext {
     closed: AtomicBool,
     /// Replaced or removed objects whose tier failed to delete them, to try again.
     deferred: Mutex<Vec<Placed>>,
+    /// When this handle may next try to reclaim an in-flight object that a tier failed to
+    /// delete: a reclaim asks every tier, so while one keeps failing it is not tried at every
+    /// lock.
+    reclaim_after: Mutex<Option<Instant>>,
     #[cfg(feature = "tier-graph")]
     pub(crate) refs: crate::refs::Refs,
 }
@@ -575,6 +583,7 @@ impl WorkflowContext {
             liveness: Mutex::new(Some(parts.liveness)),
             closed: AtomicBool::new(false),
             deferred: Mutex::new(Vec::new()),
+            reclaim_after: Mutex::new(None),
             #[cfg(feature = "tier-graph")]
             refs: crate::refs::Refs::new(setup.runner),
         })
@@ -674,7 +683,10 @@ impl WorkflowContext {
             guard.replica.remove_stale_tables();
         }
         if self.meta.in_flight() != 0 {
-            self.reclaim_in_flight(&guard);
+            let mut after = self.reclaim_after.lock().unwrap_or_else(lock_poisoned);
+            if after.is_none_or(|at| Instant::now() >= at) {
+                *after = (!self.reclaim_in_flight(&guard)).then(|| Instant::now() + RECLAIM_RETRY);
+            }
         }
         Ok(guard)
     }
@@ -684,7 +696,7 @@ impl WorkflowContext {
     /// committing it, and no key or pending record names it. Ids are never reused, so
     /// every tier is asked to delete it by id. If a tier fails to, the note stays for the
     /// next holder to try again. The caller holds the write lock and has caught up.
-    fn reclaim_in_flight(&self, g: &WriteGuard<'_>) {
+    fn reclaim_in_flight(&self, g: &WriteGuard<'_>) -> bool {
         let obj = self.meta.in_flight();
         let deleted = match g.replica.commits_put_of(obj) {
             Ok(true) => true,
@@ -707,6 +719,7 @@ impl WorkflowContext {
         if deleted {
             self.meta.set_in_flight(0);
         }
+        deleted
     }
 
     /// Takes the context's index lock for this handle (whose mutex the caller holds).
@@ -938,7 +951,7 @@ impl WorkflowContext {
             let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| put(&*tier, ObjectId(id)))) {
                 Ok(outcome) => outcome,
                 Err(panic) => {
-                    self.take_back_unwound(g.as_mut(), &*tier, id, noted);
+                    self.take_back_unwound(g.as_mut(), &*tier, &at, noted);
                     std::panic::resume_unwind(panic);
                 }
             };
@@ -980,8 +993,9 @@ impl WorkflowContext {
                         if tier.delete(&at.object_ref()).is_ok() {
                             self.meta.set_in_flight(0);
                         }
-                    } else {
-                        self.free(guard, &at)?;
+                    } else if self.free(guard, &at).is_err() {
+                        // The put's error is the one to report; the object is tried again.
+                        self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
                     }
                     return Err(e.with_key(key));
                 }
@@ -989,31 +1003,26 @@ impl WorkflowContext {
         }
     }
 
-    /// Takes back object `id`, whose put into `tier` panicked: deletes whatever the tier kept
-    /// of it and forgets it (its in-flight note if `noted`, else its pending record, under
-    /// the lock `held`, or taken again for a large value written outside it). What cannot be
-    /// deleted stays noted, so that the next writer (or, for a pending record, the death of
-    /// this handle) reclaims it.
-    fn take_back_unwound(&self, held: Option<&mut WriteGuard<'_>>, tier: &dyn StorageTier, id: u64, noted: bool) {
-        let object =
-            context_core::ObjectRef { id: ObjectId(id), len: 0, slot: context_core::ObjectRef::UNKNOWN_SLOT, held: 0 };
-        if tier.delete(&object).is_err() {
-            return;
-        }
+    /// Takes back the object `at`, whose put into `tier` panicked: deletes whatever the tier
+    /// kept of it and forgets it (its in-flight note if `noted`, else its pending record,
+    /// under the lock `held`, or taken again for a large value written outside it). What
+    /// cannot be deleted stays noted: the next writer retries an in-flight object, and this
+    /// handle a pending one at its next write.
+    fn take_back_unwound(&self, held: Option<&mut WriteGuard<'_>>, tier: &dyn StorageTier, at: &Placed, noted: bool) {
         if noted {
-            self.meta.set_in_flight(0);
+            if tier.delete(&at.object_ref()).is_ok() {
+                self.meta.set_in_flight(0);
+            }
             return;
         }
-        let gone = [Rec::Gone { obj: id }];
-        match held {
-            Some(guard) => {
-                let _ = guard.replica.append(&self.meta, &gone);
-            }
-            None => {
-                if let Ok(mut guard) = self.write_lock() {
-                    let _ = guard.replica.append(&self.meta, &gone);
-                }
-            }
+        // Pending: freed as a replaced object is (deleted and recorded gone, or else queued
+        // to try again at this handle's next write).
+        let freed = match held {
+            Some(guard) => self.free(guard, at),
+            None => self.write_lock().and_then(|mut guard| self.free(&mut guard, at)),
+        };
+        if freed.is_err() {
+            self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
         }
     }
 
@@ -1418,8 +1427,13 @@ impl WorkflowContext {
         self.meta.set_state(STATE_CLOSED);
         let mut first_err = None;
         if !already {
+            // Shared memory outlives the directory, and only the meta page in it tells this
+            // context's apart: if it could not all go, the directory stays (closed) for an
+            // orphan collection to finish once this handle is gone.
+            let mut keep_dir = false;
             for tier in &self.tiers {
                 if let Err(e) = tier.destroy() {
+                    keep_dir |= tier.kind() == StorageKind::Ram;
                     first_err.get_or_insert(e);
                 }
             }
@@ -1431,12 +1445,8 @@ impl WorkflowContext {
             }
             #[cfg(feature = "tier-graph")]
             self.refs.clear();
-            // The meta page first, while this handle's liveness file still holds the
-            // directory: an orphan collection running meanwhile then never takes the
-            // directory for a dead context (its liveness files going before its meta page)
-            // and never builds tiers in it while it is being removed.
-            let _ = fs::remove_file(self.dir.join(META_FILE));
-            if let Err(e) = fs::remove_dir_all(&self.dir)
+            if !keep_dir
+                && let Err(e) = crate::gc::remove_context_dir(&self.dir)
                 && e.kind() != io::ErrorKind::NotFound
             {
                 first_err.get_or_insert(Error::io("remove context directory", &self.dir, e));
@@ -1458,26 +1468,33 @@ impl WorkflowContext {
 
 /// Removes a context that no process holds: its segments, files and directory.
 ///
-/// Every part is removed that can be: a tier that cannot be built or destroyed (a damaged
-/// database, say) keeps neither the other tiers' storage (shared memory above all, which
-/// outlives the directory) nor the directory from going. The first failure is returned.
+/// Every part is removed that can be: a disk tier that cannot be built or destroyed (a
+/// damaged database, say) keeps neither the other tiers' storage nor the directory from
+/// going, since its files are in the directory. Shared memory that cannot be destroyed keeps
+/// the directory. The first failure is returned.
 pub(crate) fn remove_dead_context(run_id: &str, dir: &Path) -> Result<()> {
     let mut first_err = None;
+    let mut keep_dir = false;
     // Without its meta page, the context's shared memory cannot be told apart from that of
     // another context of the same run id: it is left alone (its files go with the directory).
     if let Ok(meta) = Meta::open(&dir.join(META_FILE)) {
         meta.set_state(STATE_CLOSED);
-        for tier in tiers::build_each(run_id, Some(meta.instance()), dir) {
+        for (kind, tier) in tiers::build_each_kind(run_id, Some(meta.instance()), dir) {
             if let Err(e) = tier.and_then(|tier| tier.destroy()) {
+                // So, while some of it stays, the directory (and its meta page) stays too,
+                // for a later collection to try again.
+                keep_dir |= kind == StorageKind::Ram;
                 first_err.get_or_insert(e);
             }
         }
     }
-    match fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            first_err.get_or_insert(Error::io("remove dead context", dir, e));
+    if !keep_dir {
+        match crate::gc::remove_context_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                first_err.get_or_insert(Error::io("remove dead context", dir, e));
+            }
         }
     }
     first_err.map_or(Ok(()), Err)
@@ -1495,7 +1512,6 @@ impl Drop for WorkflowContext {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
 
     use context_core::ObjectRef;
 
@@ -1659,13 +1675,17 @@ mod tests {
         faulty.fail_from(Call::Delete, 1, Fault::Eio);
         ctx.save_bytes("small", b"while the tier cannot delete", SaveOptions::new()).unwrap();
         assert_eq!(ctx.meta.in_flight(), orphan.id.0);
-        // Neither a small save nor a large one takes the note over or clears it.
+        let tries = faulty.injected();
+        // Neither a small save nor a large one takes the note over or clears it, nor, for a
+        // while, tries the reclaim again.
         ctx.save_bytes("small 2", b"and another", SaveOptions::new()).unwrap();
         ctx.save_bytes("large", &[3; 100_000], SaveOptions::new()).unwrap();
         assert_eq!(ctx.meta.in_flight(), orphan.id.0, "a later save lost the note of the orphan");
         assert!(tier.get(&orphan).unwrap().is_some());
-        // Once the tier deletes again, the next writer reclaims it.
+        assert_eq!(faulty.injected(), tries, "the reclaim was tried again at once");
+        // Once the tier deletes again, the next writer after the wait reclaims it.
         faulty.heal();
+        *ctx.reclaim_after.lock().unwrap() = Some(Instant::now());
         ctx.save_bytes("after", b"healed", SaveOptions::new()).unwrap();
         assert_eq!(ctx.meta.in_flight(), 0);
         assert!(tier.get(&orphan).unwrap().is_none());

@@ -316,20 +316,22 @@ mod tests {
         let dest = dir.path().join("x.wfx");
         // A version 1 file, as the builds before version 2 wrote it.
         let (key, payload) = (b"key".as_slice(), b"payload".as_slice());
+        // Flags 3, not 1, so that a checksum of the version bytes would not pass for one of
+        // the flags.
         let mut x = Xxh3::new();
-        x.update(&1u16.to_le_bytes());
+        x.update(&3u16.to_le_bytes());
         x.update(key);
         x.update(payload);
         let mut bytes = MAGIC.to_vec();
         bytes.extend_from_slice(&1u16.to_le_bytes());
-        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&3u16.to_le_bytes());
         bytes.extend_from_slice(&(key.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         bytes.extend_from_slice(&x.digest().to_le_bytes());
         bytes.extend_from_slice(key);
         bytes.extend_from_slice(payload);
         let back = decode(&bytes, &dest).unwrap();
-        assert_eq!(back, Exported { key: "key".into(), flags: 1, payload: payload.to_vec() });
+        assert_eq!(back, Exported { key: "key".into(), flags: 3, payload: payload.to_vec() });
         bytes[8] = 3;
         assert!(matches!(decode(&bytes, &dest), Err(Error::Corrupt { .. })), "version 3 is unknown");
     }

@@ -17,11 +17,34 @@ use crate::index::Meta;
 const SHM_DIR: &str = "/dev/shm";
 /// The prefix of a context's staging directory while it is being created.
 pub(crate) const STAGING_PREFIX: &str = ".staging-";
-/// How long a staging directory with no live handle must have been left unchanged before
-/// it is taken for abandoned. Its creator locks its liveness file just after making it, and
-/// changes it until it moves it into place (within milliseconds): only a creator stopped for
-/// this long between the two steps would be mistaken for dead.
+/// The prefix a context's directory is renamed to for its removal.
+const REMOVING_PREFIX: &str = ".removing-";
+/// How long a staging or removing directory with no live handle must have been left
+/// unchanged before it is taken for abandoned. Its creator locks its liveness file just
+/// after making it, and changes it until it moves it into place (within milliseconds); a
+/// removal changes it until it is gone. Only a process stopped for this long would be
+/// mistaken for dead.
 const STAGING_GRACE: Duration = Duration::from_secs(60);
+
+/// Removes a context's directory, renamed out of the way first (to
+/// `.removing-<name>-<random>`): the run id is free at once, and a removal cut short (a
+/// process killed, a file that will not go) leaves a directory that orphan collection
+/// finishes, never one that looks like a context without its meta page.
+pub(crate) fn remove_context_dir(dir: &Path) -> io::Result<()> {
+    let mut rand = [0u8; 8];
+    let doomed = match (dir.parent(), dir.file_name(), getrandom::fill(&mut rand)) {
+        (Some(parent), Some(name), Ok(())) => {
+            parent.join(format!("{REMOVING_PREFIX}{}-{:016x}", name.to_string_lossy(), u64::from_le_bytes(rand)))
+        }
+        _ => dir.to_owned(),
+    };
+    match fs::rename(dir, &doomed) {
+        Ok(()) => fs::remove_dir_all(&doomed),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(e),
+        // Renaming cannot be done here: removed in place.
+        Err(_) => fs::remove_dir_all(dir),
+    }
+}
 
 /// What [`collect_orphans`] removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -105,10 +128,11 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
         if !meta.is_dir() {
             continue;
         }
-        if name.starts_with(STAGING_PREFIX) {
-            // A context that was being created when its creator died. Its segments, if any,
-            // belong to the run id it was to take, which may be live elsewhere: only the
-            // directory goes.
+        if name.starts_with(STAGING_PREFIX) || name.starts_with(REMOVING_PREFIX) {
+            // A context that was being created when its creator died, or whose removal was
+            // cut short. The segments of the first, if any, belong to the run id it was to
+            // take, which may be live elsewhere; the second is renamed only once its own are
+            // gone: only the directory goes.
             match is_live(&path) {
                 Ok(false) if unchanged_for(&meta, STAGING_GRACE) => {
                     let bytes = disk_bytes(&path);
@@ -117,9 +141,7 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
                             report.contexts_removed += 1;
                             report.bytes_freed += bytes;
                         }
-                        Err(e) => {
-                            report.failed.push(GcFailure::new(&path, &Error::io("remove staging directory", &path, e)))
-                        }
+                        Err(e) => report.failed.push(GcFailure::new(&path, &Error::io("remove directory", &path, e))),
                     }
                 }
                 Ok(_) => {}

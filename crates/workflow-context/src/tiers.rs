@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use context_core::{Result, StorageTier};
+use context_core::{Result, StorageKind, StorageTier};
 
 /// The directory, inside a context's directory, that holds disk-tier value files.
 pub(crate) const VALUES_DIR: &str = "values";
@@ -20,10 +20,20 @@ pub(crate) fn build(run_id: &str, instance: Option<u64>, dir: &Path) -> Result<V
 }
 
 /// [`build`], each tier on its own: one that cannot be built keeps none of the others from
-/// being built (to destroy them, say).
-#[allow(unused_variables, unused_mut, clippy::vec_init_then_push)]
+/// being built.
 pub(crate) fn build_each(run_id: &str, instance: Option<u64>, dir: &Path) -> Vec<Result<Arc<dyn StorageTier>>> {
-    let mut tiers: Vec<Result<Arc<dyn StorageTier>>> = Vec::new();
+    build_each_kind(run_id, instance, dir).into_iter().map(|(_, tier)| tier).collect()
+}
+
+/// [`build_each`], with the kind of each tier, known even when it could not be built: a RAM
+/// tier keeps its storage outside the context's directory.
+#[allow(unused_variables, unused_mut, clippy::vec_init_then_push)]
+pub(crate) fn build_each_kind(
+    run_id: &str,
+    instance: Option<u64>,
+    dir: &Path,
+) -> Vec<(StorageKind, Result<Arc<dyn StorageTier>>)> {
+    let mut tiers: Vec<(StorageKind, Result<Arc<dyn StorageTier>>)> = Vec::new();
     #[cfg(feature = "tier-shm")]
     {
         let config = context_tier_shm::ShmConfig::new(run_id);
@@ -31,18 +41,20 @@ pub(crate) fn build_each(run_id: &str, instance: Option<u64>, dir: &Path) -> Vec
             Some(instance) => config.instance(instance),
             None => config,
         };
-        tiers.push(context_tier_shm::ShmTier::new(config).map(|t| Arc::new(t) as _));
+        tiers.push((StorageKind::Ram, context_tier_shm::ShmTier::new(config).map(|t| Arc::new(t) as _)));
     }
     #[cfg(feature = "tier-redb")]
-    tiers.push(
+    tiers.push((
+        StorageKind::Disk,
         context_tier_redb::RedbTier::new(context_tier_redb::RedbConfig::new(dir.join(REDB_FILE)))
             .map(|t| Arc::new(t) as _),
-    );
+    ));
     #[cfg(feature = "tier-mmap")]
-    tiers.push(
+    tiers.push((
+        StorageKind::Disk,
         context_tier_mmap::MmapTier::new(context_tier_mmap::MmapConfig::new(dir.join(VALUES_DIR)))
             .map(|t| Arc::new(t) as _),
-    );
+    ));
     tiers
 }
 

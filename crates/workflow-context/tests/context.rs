@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use common::{base, budget, builder, run_id, shm_segments, to_disk, tree};
+use common::{PanicsWhileWritten, base, budget, builder, run_id, shm_segments, to_disk, tree};
 use serde::{Deserialize, Serialize};
 use workflow_context::{Error, PassBy, SaveOptions, StorageKind, WorkflowContext, read_exported, read_exported_bytes};
 
@@ -205,26 +205,6 @@ fn overwrite_frees_the_old_storage() {
     assert!(common::large_segments(&run).is_empty(), "only small-value arenas remain: {:?}", shm_segments(&run));
 }
 
-/// A value whose `Serialize` panics halfway through every call after the first (a save
-/// serializes twice: once to count the bytes, once to write them).
-struct PanicsWhileWritten {
-    len: usize,
-    calls: std::cell::Cell<u32>,
-}
-
-impl Serialize for PanicsWhileWritten {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeTuple;
-        let call = self.calls.replace(self.calls.get() + 1);
-        let mut seq = s.serialize_tuple(self.len)?;
-        for i in 0..self.len {
-            assert!(call == 0 || i < self.len / 2, "a serializer that panics while the value is written");
-            seq.serialize_element(&(i as u8))?;
-        }
-        seq.end()
-    }
-}
-
 #[test]
 fn a_value_that_panics_while_written_leaves_nothing_behind() {
     let b = base();
@@ -237,7 +217,7 @@ fn a_value_that_panics_while_written_leaves_nothing_behind() {
         let files_before = value_files();
         // Large (written outside the index lock) and small (under it).
         for len in [1 << 20, 3000] {
-            let value = PanicsWhileWritten { len, calls: 0.into() };
+            let value = PanicsWhileWritten::new(len);
             let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.save_with("v", &value, opts)));
             assert!(saved.is_err(), "{what} {len}: the panic goes on to the caller");
             assert_eq!(value.calls.get(), 2);

@@ -80,6 +80,25 @@ fn a_put_that_fails_but_leaves_its_object_is_cleaned_up() {
 }
 
 #[test]
+fn a_panicking_put_whose_object_cannot_be_deleted_yet_is_deleted_later() {
+    let b = base();
+    let (ctx, faulty, inner) = faulty_context(b.path());
+    ctx.save("k", "old").unwrap();
+    let before = ctx.usage().unwrap();
+    faulty.fail_from(Call::Delete, 1, Fault::Eio);
+    let value = common::PanicsWhileWritten::new(200_000);
+    let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.save("big", &value)));
+    assert!(saved.is_err());
+    assert!(ctx.usage().unwrap().ram_usage_bytes > before.ram_usage_bytes, "counted while it cannot be deleted");
+    // Once the tier deletes again, this handle's next write takes it back.
+    faulty.heal();
+    ctx.save("other", &1u8).unwrap();
+    ctx.remove("other").unwrap();
+    assert_eq!(ctx.usage().unwrap(), before);
+    assert_eq!(objects(&inner), 1);
+}
+
+#[test]
 fn a_full_tier_falls_back_to_the_next() {
     let b = base();
     let (ctx, faulty, inner) = faulty_context(b.path());

@@ -502,6 +502,69 @@ fn a_sweep_short_of_file_descriptors_leaves_a_live_context_alone() {
 }
 
 #[test]
+fn a_sweep_short_of_file_descriptors_never_drops_a_dead_contexts_shared_memory() {
+    let b = base();
+    let dead = run_id("dead-fd");
+    let mut creator = creator_that_waits(b.path(), &dead);
+    creator.kill().unwrap();
+    creator.wait().unwrap();
+    let dir = b.path().join(&dead);
+    // However short of descriptors a sweep runs, the directory (whose meta page is the only
+    // way to tell the context's shared memory apart) goes only with the shared memory.
+    for spare in 0..14 {
+        let out = run_child(
+            ENTRY,
+            "sweep-short-of-descriptors",
+            &[("WFCTX_BASE", b.path().to_str().unwrap()), ("WFCTX_SPARE", &spare.to_string())],
+        );
+        assert_child_ok(&out);
+        if !dir.exists() {
+            assert!(
+                shm_segments(&dead).is_empty(),
+                "with {spare} spare descriptors the directory went and the shared memory stayed: {:?}\n{}",
+                shm_segments(&dead),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert!(!dir.exists() && shm_segments(&dead).is_empty());
+}
+
+#[test]
+fn a_removal_cut_short_is_finished_by_the_next_sweep() {
+    let b = base();
+    let two_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+    // One being removed right now, by a live process (made first: creating a context sweeps).
+    let live_run = run_id("being-removed");
+    let mut live = creator_that_waits(b.path(), &live_run);
+    let in_progress = b.path().join(format!(".removing-{live_run}-00000000000000bb"));
+    std::fs::rename(b.path().join(&live_run), &in_progress).unwrap();
+    std::fs::File::open(&in_progress).unwrap().set_modified(two_minutes_ago).unwrap();
+    // What a shutdown or a collection killed while removing a directory leaves: the
+    // directory, renamed for its removal, part of it gone (here, its meta page).
+    let cut_short = b.path().join(".removing-gone-00000000000000aa");
+    std::fs::create_dir_all(cut_short.join("procs")).unwrap();
+    std::fs::create_dir_all(cut_short.join("values")).unwrap();
+    std::fs::write(cut_short.join("values/0000000000000001.val"), [7; 5000]).unwrap();
+    std::fs::write(cut_short.join("journal.0"), b"left over").unwrap();
+    std::fs::File::open(&cut_short).unwrap().set_modified(two_minutes_ago).unwrap();
+
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    let left_alone = in_progress.exists();
+    live.kill().unwrap();
+    assert_eq!(report.contexts_removed, 1, "{report:?}");
+    assert!(report.bytes_freed >= 5000, "{report:?}");
+    assert!(!cut_short.exists());
+    assert!(left_alone, "a live process's directory is left to it");
+    live.wait().unwrap();
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    assert_eq!(report.contexts_removed, 1, "{report:?}");
+    assert!(!in_progress.exists());
+}
+
+#[test]
 fn a_context_whose_liveness_cannot_be_told_is_left_alone_and_reported() {
     let b = base();
     let run = run_id("untold");

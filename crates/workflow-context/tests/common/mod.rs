@@ -98,3 +98,31 @@ pub fn assert_child_ok(out: &Output) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("1 passed"), "the child test did not run:\n{stdout}");
 }
+
+/// A value whose `Serialize` panics halfway through every call after the first (a save
+/// serializes twice: once to count the bytes, once to write them).
+pub struct PanicsWhileWritten {
+    len: usize,
+    /// How many times it was serialized.
+    pub calls: std::cell::Cell<u32>,
+}
+
+impl PanicsWhileWritten {
+    /// A value of `len` bytes.
+    pub fn new(len: usize) -> Self {
+        PanicsWhileWritten { len, calls: 0.into() }
+    }
+}
+
+impl serde::Serialize for PanicsWhileWritten {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let call = self.calls.replace(self.calls.get() + 1);
+        let mut seq = s.serialize_tuple(self.len)?;
+        for i in 0..self.len {
+            assert!(call == 0 || i < self.len / 2, "a serializer that panics while the value is written");
+            seq.serialize_element(&(i as u8))?;
+        }
+        seq.end()
+    }
+}
