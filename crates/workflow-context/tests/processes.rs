@@ -471,6 +471,17 @@ fn orphans_are_collected_and_live_contexts_left_alone() {
     assert_eq!(workflow_context::collect_orphans(b.path()).unwrap().contexts_removed, 0);
 }
 
+/// Runs `collect_orphans` on `base` in a child process left with `spare` file descriptors.
+fn sweep_short_of_descriptors(base: &std::path::Path, spare: usize) -> std::process::Output {
+    let out = run_child(
+        ENTRY,
+        "sweep-short-of-descriptors",
+        &[("WFCTX_BASE", base.to_str().unwrap()), ("WFCTX_SPARE", &spare.to_string())],
+    );
+    assert_child_ok(&out);
+    out
+}
+
 #[test]
 fn a_sweep_short_of_file_descriptors_leaves_a_live_context_alone() {
     let b = base();
@@ -478,12 +489,7 @@ fn a_sweep_short_of_file_descriptors_leaves_a_live_context_alone() {
     let mut creator = creator_that_waits(b.path(), &live);
     // Each number of spare descriptors fails the sweep at another step.
     for spare in 0..12 {
-        let out = run_child(
-            ENTRY,
-            "sweep-short-of-descriptors",
-            &[("WFCTX_BASE", b.path().to_str().unwrap()), ("WFCTX_SPARE", &spare.to_string())],
-        );
-        assert_child_ok(&out);
+        let out = sweep_short_of_descriptors(b.path(), spare);
         let opened = builder(b.path()).run_id(&live).open();
         let loaded = opened
             .as_ref()
@@ -512,12 +518,7 @@ fn a_sweep_short_of_file_descriptors_never_drops_a_dead_contexts_shared_memory()
     // However short of descriptors a sweep runs, the directory (whose meta page is the only
     // way to tell the context's shared memory apart) goes only with the shared memory.
     for spare in 0..14 {
-        let out = run_child(
-            ENTRY,
-            "sweep-short-of-descriptors",
-            &[("WFCTX_BASE", b.path().to_str().unwrap()), ("WFCTX_SPARE", &spare.to_string())],
-        );
-        assert_child_ok(&out);
+        let out = sweep_short_of_descriptors(b.path(), spare);
         if !dir.exists() {
             assert!(
                 shm_segments(&dead).is_empty(),
