@@ -1019,7 +1019,14 @@ impl WorkflowContext {
         // to try again at this handle's next write).
         let freed = match held {
             Some(guard) => self.free(guard, at),
-            None => self.write_lock().and_then(|mut guard| self.free(&mut guard, at)),
+            None => match self.write_lock() {
+                Ok(mut guard) => self.free(&mut guard, at),
+                // Shut down meanwhile (or the lock failed): at least the object goes.
+                Err(e) => {
+                    let _ = tier.delete(&at.object_ref());
+                    Err(e)
+                }
+            },
         };
         if freed.is_err() {
             self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
@@ -1072,9 +1079,14 @@ impl WorkflowContext {
     /// Deletes the objects an earlier free could not.
     fn retry_deferred(&self, g: &mut WriteGuard<'_>) -> Result<()> {
         let waiting = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(lock_poisoned));
-        for at in waiting {
-            if g.replica.pending.get(&at.obj).is_some_and(|p| p.owner == self.token) {
-                self.free(g, &at)?;
+        let mut waiting = waiting.into_iter();
+        while let Some(at) = waiting.next() {
+            if g.replica.pending.get(&at.obj).is_some_and(|p| p.owner == self.token)
+                && let Err(e) = self.free(g, &at)
+            {
+                // This one and the rest wait for the next write.
+                self.deferred.lock().unwrap_or_else(lock_poisoned).extend(std::iter::once(at).chain(waiting));
+                return Err(e);
             }
         }
         Ok(())
@@ -1477,7 +1489,16 @@ pub(crate) fn remove_dead_context(run_id: &str, dir: &Path) -> Result<()> {
     let mut keep_dir = false;
     // Without its meta page, the context's shared memory cannot be told apart from that of
     // another context of the same run id: it is left alone (its files go with the directory).
-    if let Ok(meta) = Meta::open(&dir.join(META_FILE)) {
+    // A meta page that cannot be read for now (out of descriptors or memory) keeps the
+    // directory for a later collection; one that is missing or damaged does not.
+    let meta = match Meta::open(&dir.join(META_FILE)) {
+        Ok(meta) => Some(meta),
+        Err(Error::Io { source, .. }) if source.kind() != io::ErrorKind::NotFound => {
+            return Err(Error::io("open the meta page of dead context", dir, source));
+        }
+        Err(_) => None,
+    };
+    if let Some(meta) = meta {
         meta.set_state(STATE_CLOSED);
         for (kind, tier) in tiers::build_each_kind(run_id, Some(meta.instance()), dir) {
             if let Err(e) = tier.and_then(|tier| tier.destroy()) {

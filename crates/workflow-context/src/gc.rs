@@ -31,18 +31,31 @@ const STAGING_GRACE: Duration = Duration::from_secs(60);
 /// process killed, a file that will not go) leaves a directory that orphan collection
 /// finishes, never one that looks like a context without its meta page.
 pub(crate) fn remove_context_dir(dir: &Path) -> io::Result<()> {
+    fs::remove_dir_all(rename_for_removal(dir)?)
+}
+
+/// Renames `dir` to `.removing-<name>-<random>` beside it; returns where it is now (`dir`
+/// itself if it cannot be renamed here).
+fn rename_for_removal(dir: &Path) -> io::Result<PathBuf> {
     let mut rand = [0u8; 8];
     let doomed = match (dir.parent(), dir.file_name(), getrandom::fill(&mut rand)) {
         (Some(parent), Some(name), Ok(())) => {
             parent.join(format!("{REMOVING_PREFIX}{}-{:016x}", name.to_string_lossy(), u64::from_le_bytes(rand)))
         }
-        _ => dir.to_owned(),
+        _ => return Ok(dir.to_owned()),
     };
     match fs::rename(dir, &doomed) {
-        Ok(()) => fs::remove_dir_all(&doomed),
+        Ok(()) => {
+            // A rename keeps the directory's modification time, which may be long past: the
+            // removal starts the clock that tells a sweep it was abandoned.
+            if let Ok(renamed) = fs::File::open(&doomed) {
+                let _ = renamed.set_modified(SystemTime::now());
+            }
+            Ok(doomed)
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(e),
         // Renaming cannot be done here: removed in place.
-        Err(_) => fs::remove_dir_all(dir),
+        Err(_) => Ok(dir.to_owned()),
     }
 }
 
@@ -168,8 +181,9 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
         }
         let instance = match Meta::open(&path.join(META_FILE)) {
             Ok(meta) => Some(meta.instance()),
-            // Removed meanwhile, by its owner's shutdown (which removes the meta page before
-            // the liveness files) or by another collection: not ours to count.
+            // Removed meanwhile, by its owner's shutdown (which renames the directory away
+            // while it still holds its liveness file) or by another collection: not ours to
+            // count.
             Err(Error::Io { ref source, .. }) if source.kind() == io::ErrorKind::NotFound => continue,
             // Unreadable: its directory still goes, its shared memory stays (see
             // `remove_dead_context`).
@@ -230,4 +244,29 @@ fn disk_bytes(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_renamed_for_removal_is_not_taken_for_abandoned() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("dead-run");
+        fs::create_dir_all(dir.join("values")).unwrap();
+        fs::write(dir.join("values/x"), b"left").unwrap();
+        // A context dead for long: its directory unchanged for two minutes.
+        let two_minutes_ago = SystemTime::now() - Duration::from_secs(120);
+        fs::File::open(&dir).unwrap().set_modified(two_minutes_ago).unwrap();
+        // Another process starts removing it: renamed, not yet emptied.
+        let doomed = rename_for_removal(&dir).unwrap();
+        assert!(doomed.file_name().unwrap().to_str().unwrap().starts_with(REMOVING_PREFIX));
+        assert!(!unchanged_for(&fs::symlink_metadata(&doomed).unwrap(), STAGING_GRACE));
+        let report = collect_orphans(base.path()).unwrap();
+        assert_eq!(report, GcReport::default(), "a removal begun a moment ago is left to its remover");
+        assert!(doomed.join("values/x").exists());
+        fs::remove_dir_all(&doomed).unwrap();
+        assert!(matches!(rename_for_removal(&dir), Err(e) if e.kind() == io::ErrorKind::NotFound));
+    }
 }
