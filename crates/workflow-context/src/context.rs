@@ -516,11 +516,19 @@ impl WorkflowContext {
                     // A part that could not be removed (a damaged database, say) matters only if
                     // the directory is still in the way: the new context's segments are named by
                     // an instance of its own.
-                    if let Err(e) = remove_dead_context(&run_id, &final_dir)
-                        && fs::symlink_metadata(&final_dir).is_ok()
-                    {
-                        let _ = fs::remove_dir_all(&staging);
-                        return Err(e);
+                    match remove_dead_context(&run_id, &final_dir) {
+                        Ok(true) => {}
+                        // A handle holds it after all.
+                        Ok(false) if fs::symlink_metadata(&final_dir).is_ok() => {
+                            let _ = fs::remove_dir_all(&staging);
+                            return Err(Error::AlreadyExists { what: "live context", path: final_dir });
+                        }
+                        Ok(false) => {}
+                        Err(_) if fs::symlink_metadata(&final_dir).is_err() => {}
+                        Err(e) => {
+                            let _ = fs::remove_dir_all(&staging);
+                            return Err(e);
+                        }
                     }
                 }
                 Err(e) => {
@@ -1478,19 +1486,53 @@ impl WorkflowContext {
     }
 }
 
-/// Removes a context that no process holds: its segments, files and directory.
+/// Removes a context that no process holds: its segments, files and directory. Returns
+/// `false`, removing nothing, if the directory is gone or a handle holds it after all.
+///
+/// The directory is claimed first, renamed out of the way (see
+/// [`gc::remove_context_dir`](crate::gc::remove_context_dir)), and everything after acts on
+/// the claimed directory only: a new context of the same run id that takes the name
+/// meanwhile is never touched.
+pub(crate) fn remove_dead_context(run_id: &str, dir: &Path) -> Result<bool> {
+    let claimed = match crate::gc::rename_for_removal(dir) {
+        Ok(claimed) => claimed,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io("claim dead context", dir, e)),
+    };
+    let put_back = || {
+        let _ = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &claimed,
+            rustix::fs::CWD,
+            dir,
+            rustix::fs::RenameFlags::NOREPLACE,
+        );
+    };
+    // Taken for dead a moment ago: if a handle holds it now (or that cannot be told), it
+    // goes back where it was.
+    if !matches!(is_live(&claimed), Ok(false)) {
+        put_back();
+        return Ok(false);
+    }
+    // What could not be removed goes back too, so that the next collection finds it as the
+    // dead context it is (unless a new context took the name: then it is finished as a
+    // removal cut short).
+    finish_removal(run_id, &claimed).inspect_err(|_| put_back())?;
+    Ok(true)
+}
+
+/// Destroys the tiers of the dead context of `run_id` whose directory, claimed for removal,
+/// is `dir`, then removes the directory.
 ///
 /// Every part is removed that can be: a disk tier that cannot be built or destroyed (a
 /// damaged database, say) keeps neither the other tiers' storage nor the directory from
 /// going, since its files are in the directory. Shared memory that cannot be destroyed keeps
-/// the directory. The first failure is returned.
-pub(crate) fn remove_dead_context(run_id: &str, dir: &Path) -> Result<()> {
-    let mut first_err = None;
-    let mut keep_dir = false;
+/// the directory (with its meta page, the only record of which segments are this
+/// context's), and so does a meta page that cannot be read for now (out of descriptors or
+/// memory), for a later collection to finish. The first failure is returned.
+pub(crate) fn finish_removal(run_id: &str, dir: &Path) -> Result<()> {
     // Without its meta page, the context's shared memory cannot be told apart from that of
     // another context of the same run id: it is left alone (its files go with the directory).
-    // A meta page that cannot be read for now (out of descriptors or memory) keeps the
-    // directory for a later collection; one that is missing or damaged does not.
     let meta = match Meta::open(&dir.join(META_FILE)) {
         Ok(meta) => Some(meta),
         Err(Error::Io { source, .. }) if source.kind() != io::ErrorKind::NotFound => {
@@ -1498,19 +1540,19 @@ pub(crate) fn remove_dead_context(run_id: &str, dir: &Path) -> Result<()> {
         }
         Err(_) => None,
     };
+    let mut first_err = None;
+    let mut keep_dir = false;
     if let Some(meta) = meta {
         meta.set_state(STATE_CLOSED);
         for (kind, tier) in tiers::build_each_kind(run_id, Some(meta.instance()), dir) {
             if let Err(e) = tier.and_then(|tier| tier.destroy()) {
-                // So, while some of it stays, the directory (and its meta page) stays too,
-                // for a later collection to try again.
                 keep_dir |= kind == StorageKind::Ram;
                 first_err.get_or_insert(e);
             }
         }
     }
     if !keep_dir {
-        match crate::gc::remove_context_dir(dir) {
+        match fs::remove_dir_all(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -1543,6 +1585,24 @@ mod tests {
     fn context(base: &Path, run_id: &str) -> WorkflowContext {
         let run_id = format!("{run_id}-{}", std::process::id());
         WorkflowContext::builder().contexts_dir(base).max_ram_bytes(64 << 20).run_id(run_id).create().unwrap()
+    }
+
+    #[test]
+    fn a_context_taken_for_dead_a_moment_too_early_is_left_whole() {
+        // A sweep found the run id's directory dead; before it removes it, a new context of
+        // the same run id takes the name, or a handle attaches. Nothing of it is touched.
+        let base = tempfile::tempdir().unwrap();
+        let ctx = context(base.path(), "taken-for-dead");
+        ctx.save_bytes("big", &[5; 100_000], SaveOptions::new()).unwrap();
+        ctx.save("small", "kept").unwrap();
+        assert!(!remove_dead_context(ctx.run_id(), ctx.dir()).unwrap());
+        assert!(ctx.dir().join(META_FILE).is_file(), "the directory is back in its place");
+        assert_eq!(ctx.meta.state(), crate::index::STATE_OPEN);
+        assert_eq!(&*ctx.load_bytes("big").unwrap(), &[5; 100_000][..]);
+        ctx.save("after", &1u8).unwrap();
+        assert_eq!(ctx.load::<String>("small").unwrap(), "kept");
+        let left: Vec<_> = fs::read_dir(base.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 1, "{left:?}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use context_core::{Error, Result, validate_run_id};
 
-use crate::context::{META_FILE, is_live, remove_dead_context};
+use crate::context::{META_FILE, finish_removal, is_live, remove_dead_context};
 use crate::fsutil;
 use crate::index::Meta;
 
@@ -36,7 +36,7 @@ pub(crate) fn remove_context_dir(dir: &Path) -> io::Result<()> {
 
 /// Renames `dir` to `.removing-<name>-<random>` beside it; returns where it is now (`dir`
 /// itself if it cannot be renamed here).
-fn rename_for_removal(dir: &Path) -> io::Result<PathBuf> {
+pub(crate) fn rename_for_removal(dir: &Path) -> io::Result<PathBuf> {
     let mut rand = [0u8; 8];
     let doomed = match (dir.parent(), dir.file_name(), getrandom::fill(&mut rand)) {
         (Some(parent), Some(name), Ok(())) => {
@@ -144,17 +144,21 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
         if name.starts_with(STAGING_PREFIX) || name.starts_with(REMOVING_PREFIX) {
             // A context that was being created when its creator died, or whose removal was
             // cut short. The segments of the first, if any, belong to the run id it was to
-            // take, which may be live elsewhere; the second is renamed only once its own are
-            // gone: only the directory goes.
+            // take, which may be live elsewhere: only its directory goes. The second is
+            // finished: its shared memory too, if its meta page is still there to name it.
             match is_live(&path) {
                 Ok(false) if unchanged_for(&meta, STAGING_GRACE) => {
                     let bytes = disk_bytes(&path);
-                    match fs::remove_dir_all(&path) {
+                    let removed = match removing_run_id(name) {
+                        Some(run_id) if path.join(META_FILE).is_file() => finish_removal(run_id, &path),
+                        _ => fs::remove_dir_all(&path).map_err(|e| Error::io("remove directory", &path, e)),
+                    };
+                    match removed {
                         Ok(()) => {
                             report.contexts_removed += 1;
                             report.bytes_freed += bytes;
                         }
-                        Err(e) => report.failed.push(GcFailure::new(&path, &Error::io("remove directory", &path, e))),
+                        Err(e) => report.failed.push(GcFailure::new(&path, &e)),
                     }
                 }
                 Ok(_) => {}
@@ -192,7 +196,9 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
         let (segments, shm_bytes) = instance.map_or((0, 0), |instance| shm_usage(name, instance));
         let bytes = disk_bytes(&path) + shm_bytes;
         match remove_dead_context(name, &path) {
-            Ok(()) => {
+            // A handle took it meanwhile.
+            Ok(false) => {}
+            Ok(true) => {
                 report.contexts_removed += 1;
                 report.segments_removed += segments;
                 report.bytes_freed += bytes;
@@ -201,6 +207,13 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
         }
     }
     Ok(report)
+}
+
+/// The run id of a directory named for its removal (`.removing-<run id>-<16 hex digits>`).
+fn removing_run_id(name: &str) -> Option<&str> {
+    let (run_id, random) = name.strip_prefix(REMOVING_PREFIX)?.rsplit_once('-')?;
+    (random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit()) && validate_run_id(run_id).is_ok())
+        .then_some(run_id)
 }
 
 /// Whether the directory `meta` describes has not changed (no entry made or removed in it)
