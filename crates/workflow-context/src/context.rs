@@ -1630,15 +1630,7 @@ mod tests {
         }
         let current = ctx.meta.table_generation();
         assert!(current > 0, "the table grew");
-        let tables = || {
-            let mut names: Vec<String> = fs::read_dir(ctx.dir())
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("table."))
-                .collect();
-            names.sort();
-            names
-        };
+        let tables = || fsutil::names_starting(ctx.dir(), "table.");
         // What a writer killed in the middle of growing the table leaves: the generation it
         // had replaced (killed before removing it), or the one it was building.
         fs::copy(ctx.dir().join(format!("table.{current}")), ctx.dir().join(format!("table.{}", current - 1))).unwrap();

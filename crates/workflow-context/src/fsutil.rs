@@ -100,3 +100,16 @@ pub(crate) fn reserve(file: &fs::File, len: u64) -> io::Result<()> {
         Err(e) => Err(e.into()),
     }
 }
+
+/// The names in `dir` that start with `prefix`, sorted (for tests that look at which index
+/// files there are).
+#[cfg(test)]
+pub(crate) fn names_starting(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+}

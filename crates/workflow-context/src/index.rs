@@ -1087,13 +1087,7 @@ mod tests {
 
     /// The names of the journal files in `dir`, sorted.
     fn journal_files(dir: &tempfile::TempDir) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("journal."))
-            .collect();
-        names.sort();
-        names
+        fsutil::names_starting(dir.path(), "journal.")
     }
 
     #[test]

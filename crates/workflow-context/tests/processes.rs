@@ -417,6 +417,14 @@ fn creator_that_waits(base: &std::path::Path, run: &str) -> std::process::Child 
     child
 }
 
+/// Makes a context of `run` in `base` in a child process, then kills the child: a context
+/// its creator left behind.
+fn killed_creators_context(base: &std::path::Path, run: &str) {
+    let mut creator = creator_that_waits(base, run);
+    creator.kill().unwrap();
+    creator.wait().unwrap();
+}
+
 #[test]
 fn orphans_are_collected_and_live_contexts_left_alone() {
     let b = base();
@@ -511,9 +519,7 @@ fn a_sweep_short_of_file_descriptors_leaves_a_live_context_alone() {
 fn a_sweep_short_of_file_descriptors_never_drops_a_dead_contexts_shared_memory() {
     let b = base();
     let dead = run_id("dead-fd");
-    let mut creator = creator_that_waits(b.path(), &dead);
-    creator.kill().unwrap();
-    creator.wait().unwrap();
+    killed_creators_context(b.path(), &dead);
     let dir = b.path().join(&dead);
     // However short of descriptors a sweep runs, the directory (whose meta page is the only
     // way to tell the context's shared memory apart) goes only with the shared memory.
@@ -569,9 +575,7 @@ fn a_removal_cut_short_is_finished_by_the_next_sweep() {
 fn a_context_whose_liveness_cannot_be_told_is_left_alone_and_reported() {
     let b = base();
     let run = run_id("untold");
-    let mut creator = creator_that_waits(b.path(), &run);
-    creator.kill().unwrap();
-    creator.wait().unwrap();
+    killed_creators_context(b.path(), &run);
     // A liveness file that cannot be opened (a symbolic link, which is never followed):
     // not knowing whether its holder lives is not knowing that it is dead.
     let link = b.path().join(&run).join("procs").join("00000000000000aa");
@@ -622,9 +626,7 @@ fn a_damaged_dead_context_loses_what_can_be_removed_and_stops_no_other() {
 fn a_damaged_dead_context_is_replaced_by_a_new_one_of_its_run_id() {
     let b = base();
     let run = run_id("damaged-replaced");
-    let mut creator = creator_that_waits(b.path(), &run);
-    creator.kill().unwrap();
-    creator.wait().unwrap();
+    killed_creators_context(b.path(), &run);
     std::fs::write(b.path().join(&run).join("values.redb"), vec![0xab; 8192]).unwrap();
     let ctx = builder(b.path()).run_id(&run).collect_orphans(false).create().unwrap();
     assert!(ctx.list_keys().unwrap().is_empty());
@@ -638,9 +640,7 @@ fn a_damaged_dead_context_is_replaced_by_a_new_one_of_its_run_id() {
 fn creating_a_context_sweeps_its_directory_unless_told_not_to() {
     let b = base();
     let run = run_id("swept");
-    let mut child = creator_that_waits(b.path(), &run);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    killed_creators_context(b.path(), &run);
     let kept = builder(b.path()).collect_orphans(false).create().unwrap();
     assert!(b.path().join(&run).exists(), "no sweep when switched off");
     drop(kept);
