@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -933,34 +934,21 @@ fn check_frame(body: &[u8], len: u64) -> Result<(), String> {
     }
 }
 
-/// Checks chunk `i` of an object `manifest` describes, its blob `blob`, without decoding
-/// it: its stored length, the length it claims, and, compressed, its frame's.
-pub(crate) fn check_chunk(manifest: &Manifest, i: usize, blob: &[u8]) -> Result<(), String> {
-    if blob.len() != manifest.stored[i] as usize {
-        return Err(format!("{} bytes, its manifest says {}", blob.len(), manifest.stored[i]));
-    }
-    let want = chunk_len(manifest.len, manifest.chunk, i);
-    let (encoding, len, body) = split_blob(blob)?;
-    if len != want as u64 {
-        return Err(format!("its blob claims {len} bytes, the manifest {want}"));
-    }
-    match encoding {
-        RAW if body.len() == want => Ok(()),
-        RAW => Err(format!("a raw blob of {want} bytes holds {}", body.len())),
-        FRAME => check_frame(body, len),
-        other => Err(format!("encoding {other} where a chunk belongs")),
-    }
-}
-
-/// A zero-filled buffer of `len` bytes, failing rather than aborting if there is no memory
-/// for it.
+/// A zeroed buffer of `len` bytes, failing rather than aborting if there is no memory for
+/// it.
+///
+/// The buffer is not written here: large blocks come zeroed from the kernel (a new mapping,
+/// which `calloc` does not clear again), so a page costs memory only once decoding writes
+/// it. A damaged manifest claiming more than its chunks hold costs address space until the
+/// first chunk that is not there, and a value is not written twice (once with zeros).
 pub(crate) fn allocate(len: u64) -> Result<Vec<u8>, String> {
     let fail = || format!("no memory for the {len} bytes the blob claims");
     let len = usize::try_from(len).map_err(|_| fail())?;
-    let mut out = Vec::new();
-    out.try_reserve_exact(len).map_err(|_| fail())?;
-    out.resize(len, 0);
-    Ok(out)
+    // `vec!` aborts where there is no room: ask first, fallibly.
+    let mut probe: Vec<u8> = Vec::new();
+    probe.try_reserve_exact(len).map_err(|_| fail())?;
+    drop(probe);
+    Ok(vec![0; len])
 }
 
 /// Splits a blob into its encoding, the length it claims, and its body.
@@ -1094,7 +1082,17 @@ pub(crate) fn on_two_threads<E: Send>(
         jobs[i % 2].push((i, piece));
     }
     let [mine, theirs] = jobs;
-    let run = |jobs: Vec<(usize, &mut [u8])>| jobs.into_iter().try_for_each(|(i, piece)| work(i, piece));
+    // A failure on one thread stops the other at its next piece: damage is reported without
+    // decoding (and filling memory with) the rest.
+    let failed = AtomicBool::new(false);
+    let run = |jobs: Vec<(usize, &mut [u8])>| {
+        jobs.into_iter().try_for_each(|(i, piece)| {
+            if failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            work(i, piece).inspect_err(|_| failed.store(true, Ordering::Relaxed))
+        })
+    };
     // The helper takes its share from here; if no thread can be had, this thread does.
     let theirs = Mutex::new(Some(theirs));
     thread::scope(|s| {
