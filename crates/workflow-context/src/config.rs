@@ -57,10 +57,9 @@ impl FileConfig {
         let mut cfg = FileConfig { source_name: source_name.to_owned(), ..FileConfig::default() };
         for (key, value) in &map {
             let err = |msg: String| config_err(source_name, Some(key), msg);
-            if value.is_null() {
-                continue;
-            }
             match key.as_str() {
+                // A known key set to null is unset; an unknown one is refused like any other.
+                "MAX_RAM_PERCENT" | "MAX_RAM_GB" | "CONTEXTS_DIR_NAME" if value.is_null() => {}
                 "MAX_RAM_PERCENT" => {
                     let p = value.as_f64().ok_or_else(|| err(format!("must be a number, not {value}")))?;
                     if !(1.0..=100.0).contains(&p) {

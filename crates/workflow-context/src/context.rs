@@ -658,6 +658,13 @@ impl WorkflowContext {
         &self.dir
     }
 
+    /// Checks that the context is open, then the key: after a shutdown every call is
+    /// [`Error::Closed`], whatever its arguments.
+    fn check_key(&self, key: &str) -> Result<()> {
+        self.check_open()?;
+        validate_key(key)
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) || self.meta.state() == STATE_CLOSED {
             return Err(Error::Closed { run_id: self.run_id.clone() });
@@ -895,7 +902,7 @@ impl WorkflowContext {
         pool: Pool<'_>,
         put: &mut dyn FnMut(&dyn StorageTier, ObjectId) -> Result<PutOutcome>,
     ) -> Result<()> {
-        validate_key(key)?;
+        self.check_key(key)?;
         if opts.is_ram_only() && !opts.uses_ram() {
             return Err(Error::InvalidOptions {
                 key: key.to_owned(),
@@ -1176,7 +1183,7 @@ impl WorkflowContext {
         pass_by: PassBy,
         pool: Pool<'_>,
     ) -> Result<()> {
-        validate_key(key)?;
+        self.check_key(key)?;
         let encoded = codec::encoded_len(value, key)?;
         let len = record::record_len(encoded as u64);
         self.store(key, len, opts, pass_by, FLAG_TYPED, pool, &mut |tier, id| {
@@ -1201,7 +1208,7 @@ impl WorkflowContext {
     /// # Ok(()) }
     /// ```
     pub fn save_bytes(&self, key: &str, bytes: &[u8], opts: SaveOptions) -> Result<()> {
-        validate_key(key)?;
+        self.check_key(key)?;
         let len = record::record_len(bytes.len() as u64);
         self.store(key, len, opts, PassBy::Val, 0, Pool::Values, &mut |tier, id| {
             let mut write = |out: &mut dyn io::Write| {
@@ -1216,10 +1223,19 @@ impl WorkflowContext {
     ///
     /// # Errors
     /// [`Error::KeyNotFound`]; [`Error::Codec`] if the bytes do not decode as `T` (the
-    /// value was saved as another type); [`Error::Corrupt`] if the stored bytes fail their
-    /// checks.
+    /// value was saved as another type), or if the value was saved as raw bytes with
+    /// [`save_bytes`](Self::save_bytes) (read those with [`load_bytes`](Self::load_bytes):
+    /// bytes that happen to decode would give a wrong value); [`Error::Corrupt`] if the
+    /// stored bytes fail their checks.
     pub fn load<T: DeserializeOwned>(&self, key: &str) -> Result<T> {
-        let record = self.load_value(key)?;
+        let (entry, record) = self.load_value(key)?;
+        if entry.flags & FLAG_TYPED == 0 {
+            return Err(Error::Codec {
+                key: key.to_owned(),
+                op: "decode",
+                message: "the value was saved as raw bytes (save_bytes): load it with load_bytes".into(),
+            });
+        }
         codec::decode(record::payload(&record), key)
     }
 
@@ -1233,21 +1249,21 @@ impl WorkflowContext {
     /// object cost O(1). This handle keeps the checked view of a large value until it sees
     /// the value replaced or removed (at its next operation on the context).
     pub fn load_bytes(&self, key: &str) -> Result<Payload> {
-        let record = self.load_value(key)?;
+        let (_, record) = self.load_value(key)?;
         Ok(record.slice(HEADER_LEN..record.len() - TRAILER_LEN))
     }
 
     /// The checked record of a value passed by value.
-    fn load_value(&self, key: &str) -> Result<Payload> {
+    fn load_value(&self, key: &str) -> Result<(Entry, Payload)> {
         match self.load_record(key)? {
             (entry, _) if entry.pass_by == PassBy::Ref => Err(Error::ByReference { key: key.to_owned() }),
-            (_, record) => Ok(record),
+            found => Ok(found),
         }
     }
 
     /// Reads and checks the record `key` points to.
     pub(crate) fn load_record(&self, key: &str) -> Result<(Entry, Payload)> {
-        validate_key(key)?;
+        self.check_key(key)?;
         let mut last_problem = String::new();
         for _attempt in 0..16 {
             let Some(entry) = self.lookup_to_read(key)? else {
@@ -1318,13 +1334,13 @@ impl WorkflowContext {
 
     /// Whether a value is stored under `key`.
     pub fn contains(&self, key: &str) -> Result<bool> {
-        validate_key(key)?;
+        self.check_key(key)?;
         Ok(self.lookup(key)?.is_some())
     }
 
     /// Removes a value and frees its storage. Returns whether it existed.
     pub fn remove(&self, key: &str) -> Result<bool> {
-        validate_key(key)?;
+        self.check_key(key)?;
         let mut g = self.write_lock()?;
         let Some(entry) = g.replica.get_locked(key)? else { return Ok(false) };
         self.remove_entry(&mut g, key, &entry)?;
@@ -1342,7 +1358,7 @@ impl WorkflowContext {
     /// Where and how `key`'s value is stored, or `None` if there is no such key (the
     /// original's `get_storage_info`).
     pub fn storage_info(&self, key: &str) -> Result<Option<StorageInfo>> {
-        validate_key(key)?;
+        self.check_key(key)?;
         let Some(entry) = self.lookup(key)? else { return Ok(None) };
         let len = entry.at.len.saturating_sub(OVERHEAD as u64);
         let info = StorageInfo::new(entry.at.kind, entry.at.tier.to_string(), entry.at.footprint, len, entry.pass_by);
@@ -1390,6 +1406,7 @@ impl WorkflowContext {
     /// also for a destination inside the context's own directory.
     pub fn export_data(&self, key: &str, dest: impl AsRef<Path>, overwrite: bool) -> Result<()> {
         let dest = dest.as_ref();
+        self.check_key(key)?;
         self.check_export_destination(dest).map_err(|e| e.with_key(key))?;
         let (entry, record) = self.load_record(key)?;
         if entry.pass_by == PassBy::Ref {

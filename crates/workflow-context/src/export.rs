@@ -251,6 +251,9 @@ pub fn read_exported_bytes(path: impl AsRef<Path>) -> Result<Vec<u8>> {
 
 /// Reads a typed value from a file written by `WorkflowContext::export_data`.
 ///
+/// A value saved as raw bytes (`save_bytes`) is [`Error::Codec`]: read it with
+/// [`read_exported_bytes`].
+///
 /// ```
 /// # fn main() -> workflow_context::Result<()> {
 /// use workflow_context::{WorkflowContext, read_exported};
@@ -266,6 +269,13 @@ pub fn read_exported_bytes(path: impl AsRef<Path>) -> Result<Vec<u8>> {
 pub fn read_exported<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T> {
     let path = path.as_ref();
     let exported = read(path)?;
+    if exported.flags & u16::from(context_core::record::FLAG_TYPED) == 0 {
+        return Err(Error::Codec {
+            key: exported.key,
+            op: "decode",
+            message: format!("{} holds raw bytes (save_bytes): read it with read_exported_bytes", path.display()),
+        });
+    }
     crate::codec::decode(&exported.payload, &exported.key)
 }
 

@@ -246,3 +246,64 @@ fn keys_and_values_at_the_edges() {
     ctx.save_bytes("raw", &[0xff; 3], SaveOptions::new()).unwrap();
     assert!(matches!(ctx.load::<String>("raw"), Err(Error::Codec { .. })));
 }
+
+#[test]
+fn an_unknown_configuration_key_is_refused_even_when_its_value_is_null() {
+    // docs/bad-inputs.md #15: "Config with an unknown key -> Config naming the key and
+    // listing the valid ones". A misspelt key set to null must not pass unnoticed.
+    let b = base();
+    let path = b.path().join("cfg.json");
+    fs::write(&path, r#"{"MAX_RAM_GB": 1, "MAX_RAM_PRECENT": null}"#).unwrap();
+    match builder(b.path()).config_path(&path).collect_orphans(false).create() {
+        Err(Error::Config { source_name, key, message }) => {
+            assert_eq!(source_name, path.display().to_string());
+            assert_eq!(key.as_deref(), Some("MAX_RAM_PRECENT"), "{message}");
+            assert!(message.contains("MAX_RAM_PERCENT"), "lists the valid keys: {message}");
+        }
+        other => panic!("an unknown key was accepted: {other:?}"),
+    }
+}
+
+#[test]
+fn raw_bytes_never_load_as_a_typed_value() {
+    // docs/bad-inputs.md #36: "`load::<String>` of raw bytes -> `Codec` naming the key; the
+    // value kept". Raw bytes that happen to be a valid postcard encoding must not decode.
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save_bytes("raw", b"\x02hi", SaveOptions::new()).unwrap();
+    match ctx.load::<String>("raw") {
+        Err(Error::Codec { key, .. }) => assert_eq!(key, "raw"),
+        other => panic!("raw bytes loaded as a String: {other:?}"),
+    }
+    ctx.save_bytes("zero", &[0], SaveOptions::new()).unwrap();
+    match ctx.load::<Vec<u8>>("zero") {
+        Err(Error::Codec { key, .. }) => assert_eq!(key, "zero"),
+        other => panic!("the byte [0] loaded as a Vec<u8>: {other:?}"),
+    }
+    assert_eq!(&*ctx.load_bytes("raw").unwrap(), b"\x02hi", "the value is kept");
+    // The export file records the same flag: reading it back typed is refused too.
+    let dest = b.path().join("raw.wfx");
+    ctx.export_data("raw", &dest, false).unwrap();
+    match workflow_context::read_exported::<String>(&dest) {
+        Err(Error::Codec { key, .. }) => assert_eq!(key, "raw"),
+        other => panic!("an export of raw bytes read as a String: {other:?}"),
+    }
+    assert_eq!(workflow_context::read_exported_bytes(&dest).unwrap(), b"\x02hi");
+}
+
+#[test]
+fn after_shutdown_every_call_is_closed_whatever_its_arguments() {
+    // WorkflowContext::shutdown: "afterwards every call on any handle returns Error::Closed".
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let other = builder(b.path()).run_id(ctx.run_id()).open().unwrap();
+    ctx.shutdown().unwrap();
+    for h in [&ctx, &other] {
+        let r = h.load::<u8>("");
+        assert!(matches!(r, Err(Error::Closed { .. })), "load(\"\"): {r:?}");
+        let r = h.contains("");
+        assert!(matches!(r, Err(Error::Closed { .. })), "contains(\"\"): {r:?}");
+        let r = h.save_with("k", &1u8, SaveOptions::new().use_ram(false).ram_only(true));
+        assert!(matches!(r, Err(Error::Closed { .. })), "save_with(contradictory options): {r:?}");
+    }
+}
