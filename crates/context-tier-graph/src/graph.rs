@@ -102,6 +102,57 @@ pub(crate) fn cmp_ids(a: &str, b: &str) -> Ordering {
     }
 }
 
+/// The first integer (a number with no fraction or exponent) of `json`, valid JSON, that
+/// fits neither `u64` nor `i64`, and the top-level key (node id) it is under.
+///
+/// Why: serde_json reads such an integer as the nearest float, so the literal would change
+/// (`18446744073709551616` would reach the runner as `1.8446744073709552e19`) and two
+/// different literals would share a content hash, and so a rebuilt value.
+fn integer_beyond_64_bits(json: &str) -> Option<(Option<String>, &str)> {
+    let b = json.as_bytes();
+    let (mut i, mut depth) = (0, 0usize);
+    let (mut last_string, mut node) = (None, None);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let start = i;
+                i += 1;
+                // Bounded although `json` is valid: never an index out of range.
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i = (i + 1).min(b.len());
+                last_string = json.get(start..i);
+            }
+            b':' if depth == 1 => {
+                node = last_string;
+                i += 1;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                    i += 1;
+                }
+                let token = &json[start..i];
+                if !token.contains(['.', 'e', 'E']) && token.parse::<u64>().is_err() && token.parse::<i64>().is_err() {
+                    let node = node.and_then(|n| serde_json::from_str::<String>(n).ok());
+                    return Some((node, token));
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
 /// How deeply `value` nests arrays and objects, counted without recursion and given up
 /// past `limit` (the answer is then `limit + 1`).
 fn depth_beyond(value: &Value, limit: usize) -> usize {
@@ -142,6 +193,10 @@ impl WorkflowGraph {
         // serde_json's recursion limit (128) stays on: hostile nesting is an error here,
         // not a stack overflow.
         let value: Value = serde_json::from_str(json).map_err(|e| invalid(None, format!("not valid JSON: {e}")))?;
+        // serde_json reads an integer beyond 64 bits as the nearest float: refused instead.
+        if let Some((node, token)) = integer_beyond_64_bits(json) {
+            return Err(invalid(node.as_deref(), format!("the integer {} does not fit in 64 bits", shorten(token))));
+        }
         Self::from_value(value)
     }
 
@@ -516,7 +571,10 @@ struct Readable<N> {
     output: (String, u32),
 }
 
-/// Binary serde form.
+/// Binary serde form. `workflow-context`'s `load_graph` decodes it as the tuple
+/// `(String, (String, u32))`, which postcard encodes the same, so that a stored graph that
+/// fails validation is reported as such (through serde, postcard drops the error's
+/// message): keep the two the same.
 #[derive(Serialize, Deserialize)]
 struct Compact {
     api_json: String,

@@ -43,6 +43,9 @@
 //! - a link to a node that does not exist, or to the node itself; a cycle of links (the
 //!   error names the smallest node on the cycle and shows the cycle);
 //! - a literal nesting arrays and objects more than 64 levels deep;
+//! - an integer (a number without fraction or exponent) that fits neither `u64` nor `i64`:
+//!   serde_json would read it as the nearest float, changing the literal and giving two
+//!   different ones the same hash (write `1.8446744073709552e19` for a float);
 //! - a graph whose canonical encoding ([`WorkflowGraph::to_json`]) would exceed 64 MiB.
 //!
 //! What is a link: exactly the top-level input values that are 2-element arrays of a

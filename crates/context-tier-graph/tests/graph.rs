@@ -408,3 +408,30 @@ fn floats_round_trip_exactly_through_the_canonical_json() {
     assert_eq!(again, g);
     assert_eq!(again.content_hash(), g.content_hash());
 }
+
+#[test]
+fn integers_beyond_64_bits_are_not_silently_rounded() {
+    // serde_json reads an integer that fits neither u64 nor i64 as the nearest f64: the
+    // literal would change (to a float) and two different literals would share a hash.
+    let parse = |n: &str| {
+        WorkflowGraph::from_json(&format!(r#"{{"1": {{"class_type": "KSampler", "inputs": {{"seed": {n}}}}}}}"#))
+    };
+    match (parse("18446744073709551616"), parse("18446744073709551617")) {
+        (Ok(a), Ok(b)) => {
+            assert!(!a.to_json().contains("e+19"), "the integer became a float: {}", a.to_json());
+            assert_ne!(a.content_hash(), b.content_hash(), "different literals, one hash");
+        }
+        // Refusing them is fine too, naming the node and the number.
+        (Err(Error::InvalidGraph { node, reason }), Err(_)) => {
+            assert_eq!(node.as_deref(), Some("1"));
+            assert!(reason.contains("18446744073709551616"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // As a link's output index, the number is an integer over the limit, not "not an integer".
+    let err = WorkflowGraph::from_json(
+        r#"{"1": {"class_type": "A"}, "2": {"class_type": "B", "inputs": {"x": ["1", 18446744073709551616]}}}"#,
+    )
+    .unwrap_err();
+    assert!(!err.to_string().contains("not an integer"), "{err}");
+}

@@ -1324,6 +1324,11 @@ impl WorkflowContext {
         let r = self.read_index()?;
         if matches!(r.lookup(key, |_| {})?, Lookup::Found(now) if now.at.obj == entry.at.obj) {
             let mut views = r.views.lock().unwrap_or_else(lock_poisoned);
+            // A shutdown clears the views after marking the handle closed, under this lock:
+            // a load that finishes meanwhile keeps nothing.
+            if self.closed.load(Ordering::Acquire) {
+                return Ok(());
+            }
             if views.len() >= VIEW_CACHE_MAX {
                 views.clear();
             }
@@ -1451,7 +1456,14 @@ impl WorkflowContext {
     /// context's directory. Idempotent; afterwards every call on any handle returns
     /// [`Error::Closed`].
     pub fn shutdown(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        let first = !self.closed.swap(true, Ordering::AcqRel);
+        // Whoever ended the context (this handle, another one, another process), this
+        // handle lets go of what it holds of its values: the values it rebuilt, and its
+        // views of large ones (mappings that keep a removed value's memory or disk).
+        #[cfg(feature = "tier-graph")]
+        self.refs.clear();
+        self.replica.read().unwrap_or_else(lock_poisoned).views.lock().unwrap_or_else(lock_poisoned).clear();
+        if !first {
             return Ok(());
         }
         if self.meta.state() == STATE_CLOSED {
@@ -1474,14 +1486,11 @@ impl WorkflowContext {
                     first_err.get_or_insert(e);
                 }
             }
-            self.replica.write().unwrap_or_else(lock_poisoned).views.lock().unwrap_or_else(lock_poisoned).clear();
             if let Some(tier) = &self.recipe_tier
                 && let Err(e) = tier.destroy()
             {
                 first_err.get_or_insert(e);
             }
-            #[cfg(feature = "tier-graph")]
-            self.refs.clear();
             if !keep_dir
                 && let Err(e) = crate::gc::remove_context_dir(&self.dir)
                 && e.kind() != io::ErrorKind::NotFound

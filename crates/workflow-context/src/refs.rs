@@ -17,22 +17,25 @@ type Rebuilt = Arc<dyn Any + Send + Sync>;
 /// One handle's runner and the values it rebuilt, one per graph content hash.
 pub(crate) struct Refs {
     runner: Option<Arc<dyn GraphRunner>>,
-    rebuilt: Mutex<HashMap<u128, Arc<OnceCell<Rebuilt>>>>,
+    /// `None` once the handle is shut down: nothing is kept after that.
+    rebuilt: Mutex<Option<HashMap<u128, Arc<OnceCell<Rebuilt>>>>>,
 }
 
 impl Refs {
     pub(crate) fn new(runner: Option<Arc<dyn GraphRunner>>) -> Self {
-        Refs { runner, rebuilt: Mutex::new(HashMap::new()) }
+        Refs { runner, rebuilt: Mutex::new(Some(HashMap::new())) }
     }
 
-    /// Drops every rebuilt value this handle holds.
+    /// Drops every rebuilt value this handle holds, and keeps none from now on.
     pub(crate) fn clear(&self) {
-        self.rebuilt.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        *self.rebuilt.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    fn cell(&self, hash: u128) -> Arc<OnceCell<Rebuilt>> {
+    /// The cell of `hash`, or `None` once the handle is shut down.
+    fn cell(&self, hash: u128) -> Option<Arc<OnceCell<Rebuilt>>> {
         let mut rebuilt = self.rebuilt.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(rebuilt.entry(hash).or_insert_with(|| Arc::new(OnceCell::new())))
+        let rebuilt = rebuilt.as_mut()?;
+        Some(Arc::clone(rebuilt.entry(hash).or_insert_with(|| Arc::new(OnceCell::new()))))
     }
 }
 
@@ -74,7 +77,11 @@ impl WorkflowContext {
         if entry.pass_by != PassBy::Ref {
             return Err(Error::ByValue { key: key.to_owned() });
         }
-        codec::decode(record::payload(&stored), key)
+        // The record holds `WorkflowGraph`'s binary serde form, the canonical API JSON and
+        // the output, decoded here in two steps: through serde, a graph that fails
+        // validation would surface as postcard's message-less `SerdeDeCustom` codec error.
+        let (api_json, (node, index)): (String, (String, u32)) = codec::decode(record::payload(&stored), key)?;
+        WorkflowGraph::from_json(&api_json)?.with_output(&node, index)
     }
 
     /// Rebuilds a value passed by reference, running its recipe with the context's
@@ -96,7 +103,10 @@ impl WorkflowContext {
         let Some(runner) = self.refs.runner.clone() else {
             return Err(Error::NoRunner { key: key.to_owned() });
         };
-        let cell = self.refs.cell(graph.content_hash());
+        // Shut down since the recipe was read (a shutdown in the meantime cleared the cells).
+        let Some(cell) = self.refs.cell(graph.content_hash()) else {
+            return Err(Error::Closed { run_id: self.run_id().to_owned() });
+        };
         let value = cell
             .get_or_try_init(|| async {
                 runner.run(&graph).await.map_err(|e| Error::Runner { key: key.to_owned(), source: Box::new(e) })

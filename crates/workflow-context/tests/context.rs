@@ -287,6 +287,27 @@ fn a_view_of_a_value_replaced_before_a_compaction_is_dropped() {
 }
 
 #[test]
+fn shutdown_drops_views_even_when_another_handle_ended_the_context() {
+    let b = base();
+    for (what, opts) in [("disk", to_disk()), ("RAM", SaveOptions::new())] {
+        if what == "RAM" && !cfg!(feature = "tier-shm") {
+            continue;
+        }
+        let owner = builder(b.path()).create().unwrap();
+        let big = vec![7u8; 1 << 20];
+        owner.save_bytes("big", &big, opts).unwrap();
+        let info = owner.storage_info("big").unwrap().unwrap();
+        let mapped = info.path.unwrap_or_else(|| format!("/dev/shm{}", info.shm_name.unwrap()).into());
+        let other = builder(b.path()).run_id(owner.run_id()).open().unwrap();
+        // `other` keeps a checked view of the value.
+        assert_eq!(&*other.load_bytes("big").unwrap(), &big[..]);
+        owner.shutdown().unwrap();
+        other.shutdown().unwrap();
+        assert_eq!(deleted_mappings_of(&mapped), 0, "{what}: a shut-down handle still maps {mapped:?}");
+    }
+}
+
+#[test]
 fn storage_info_and_usage_agree() {
     let b = base();
     let ctx = builder(b.path()).create().unwrap();

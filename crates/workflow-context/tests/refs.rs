@@ -196,3 +196,45 @@ fn a_damaged_recipe_is_refused() {
     assert_eq!(*block_on(ctx.load_ref::<f64>("sum")).unwrap(), 42.0);
     ctx.save_bytes("v", b"x", SaveOptions::new()).unwrap();
 }
+
+#[test]
+fn shutdown_drops_rebuilt_values_even_when_another_handle_shut_the_context_down() {
+    let b = base();
+    let owner = builder(b.path()).create().unwrap();
+    owner.save_ref("image", &graph(IMAGE)).unwrap();
+    let other = builder(b.path()).run_id(owner.run_id()).graph_runner(Arc::new(ToyRunner::default())).open().unwrap();
+    let image: Arc<Image> = block_on(other.load_ref("image")).unwrap();
+    let weak = Arc::downgrade(&image);
+    drop(image);
+    assert!(weak.upgrade().is_some(), "the handle holds the rebuilt value");
+    // Another handle (another process, typically) ends the context first.
+    owner.shutdown().unwrap();
+    other.shutdown().unwrap();
+    assert!(weak.upgrade().is_none(), "shutdown must drop every rebuilt value of this handle");
+}
+
+#[test]
+fn a_stored_recipe_that_is_no_valid_graph_is_an_invalid_graph_error() {
+    use context_core::record;
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    // Rewrite the record with an intact checksum but a graph that breaks a rule (as a
+    // recipe written by another version of the crate may): node "2" now links to itself.
+    let path = ctx.storage_info("sum").unwrap().unwrap().path.unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let id = record::RecordHeader::decode(&bytes).unwrap().object_id;
+    let (api_json, output): (String, (String, u32)) = postcard::from_bytes(record::payload(&bytes)).unwrap();
+    assert!(api_json.contains(r#""a":["1",0]"#), "{api_json}");
+    let api_json = api_json.replace(r#""a":["1",0]"#, r#""a":["2",0]"#);
+    let payload = postcard::to_stdvec(&(api_json, output)).unwrap();
+    std::fs::write(&path, record::encode(id, record::FLAG_TYPED, &payload)).unwrap();
+    // load_graph's docs: `Error::InvalidGraph` if the stored recipe is damaged.
+    match ctx.load_graph("sum") {
+        Err(Error::InvalidGraph { node, reason }) => {
+            assert_eq!(node.as_deref(), Some("2"));
+            assert!(reason.contains("links to the node itself"), "{reason}");
+        }
+        other => panic!("expected InvalidGraph naming node \"2\", got {other:?}"),
+    }
+}
