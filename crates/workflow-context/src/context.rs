@@ -1403,7 +1403,8 @@ impl WorkflowContext {
     /// (`O_TMPFILE`; a named temporary file where the file system has none), synced, then
     /// linked or renamed into place, so a reader sees the whole file or none; with an
     /// unnamed file, a process killed during the write leaves nothing behind. Missing
-    /// parent directories are created. If anything fails, the value stays in the context.
+    /// parent directories are created. If anything fails, the value stays in the context,
+    /// and the directories this export made are removed again.
     ///
     /// # Errors
     /// [`Error::KeyNotFound`]; [`Error::AlreadyExists`] if `dest` exists and `overwrite` is

@@ -118,7 +118,28 @@ pub(crate) fn write(dest: &Path, key: &str, flags: u16, payload: &[u8], overwrit
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
+    // The directories this export makes go again if it fails: a failed export leaves nothing.
+    let made: Vec<PathBuf> = parent
+        .ancestors()
+        .take_while(|dir| !dir.as_os_str().is_empty() && fs::symlink_metadata(dir).is_err())
+        .map(Path::to_owned)
+        .collect();
     fs::create_dir_all(&parent).map_err(|e| Error::io("create export directory", &parent, e))?;
+    let written = write_in(&parent, dest, key, flags, payload, overwrite);
+    if written.is_err() {
+        // Deepest first; only empty ones go (`remove_dir`), so nothing anyone else put
+        // there meanwhile is touched.
+        for dir in &made {
+            if fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
+    }
+    written
+}
+
+/// [`write`] into the existing directory `parent` of `dest`.
+fn write_in(parent: &Path, dest: &Path, key: &str, flags: u16, payload: &[u8], overwrite: bool) -> Result<()> {
     if !overwrite && fs::symlink_metadata(dest).is_ok() {
         return Err(Error::AlreadyExists { what: "export destination", path: dest.to_owned() });
     }
@@ -126,14 +147,14 @@ pub(crate) fn write(dest: &Path, key: &str, flags: u16, payload: &[u8], overwrit
     let parts: [&[u8]; 3] = [&header, key.as_bytes(), payload];
     let tmp_name = || -> Result<PathBuf> {
         let mut rand = [0u8; 8];
-        getrandom::fill(&mut rand).map_err(|e| Error::io("make a temporary name in", &parent, io::Error::other(e)))?;
+        getrandom::fill(&mut rand).map_err(|e| Error::io("make a temporary name in", parent, io::Error::other(e)))?;
         // Not named after the destination, whose name may be as long as a name can be.
         Ok(parent.join(format!(".wfx-export.{:016x}.tmp", u64::from_le_bytes(rand))))
     };
-    if !write_unnamed(&parent, dest, &parts, overwrite, tmp_name)? {
+    if !write_unnamed(parent, dest, &parts, overwrite, tmp_name)? {
         write_named(&tmp_name()?, dest, &parts, overwrite)?;
     }
-    if let Ok(dir) = File::open(&parent) {
+    if let Ok(dir) = File::open(parent) {
         let _ = dir.sync_all();
     }
     Ok(())

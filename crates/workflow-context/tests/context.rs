@@ -357,6 +357,11 @@ fn failed_export_keeps_the_value() {
     // A destination whose parent is a file cannot be created.
     assert!(matches!(ctx.export_data("v", dest.join("under-a-file"), false), Err(Error::Io { .. })));
     assert_eq!(ctx.load::<Params>("v").unwrap(), params());
+    // A failed export leaves no directory it made behind (here: a name too long to link).
+    let long = b.path().join("made/for/it").join(format!("{}.wfx", "n".repeat(300)));
+    assert!(matches!(ctx.export_data("v", &long, false), Err(Error::Io { .. })));
+    assert!(!b.path().join("made").exists(), "the failed export left its directories");
+    assert_eq!(ctx.load::<Params>("v").unwrap(), params());
     // overwrite = true replaces it.
     ctx.export_data("v", &dest, true).unwrap();
     assert_eq!(read_exported::<Params>(&dest).unwrap(), params());
