@@ -102,7 +102,12 @@ impl io::Write for Counting<'_> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush().inspect_err(|e| self.sink_error = Some(io::Error::new(e.kind(), e.to_string())))
+        // Keep the sink's own error (its errno tells a full disk apart), as `write` does.
+        self.inner.flush().map_err(|e| {
+            let shown = io::Error::new(e.kind(), e.to_string());
+            self.sink_error = Some(e);
+            shown
+        })
     }
 }
 

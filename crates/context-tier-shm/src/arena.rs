@@ -363,10 +363,14 @@ impl Arena {
         // the byte stores below, so a reader that sees any of our bytes also sees the tag
         // change and discards its copy.
         fence(Ordering::Release);
-        let words = self.slot_words(slot);
-        for (word, chunk) in words.iter().zip(bytes.chunks(8)) {
+        // The whole slot: words past the object are zeroed, so that nothing of a former
+        // occupant is left for a read that asks for more bytes than this object has.
+        let mut chunks = bytes.chunks(8);
+        for word in self.slot_words(slot) {
             let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
+            if let Some(chunk) = chunks.next() {
+                w[..chunk.len()].copy_from_slice(chunk);
+            }
             word.store(u64::from_ne_bytes(w), Ordering::Relaxed);
         }
         // Publish the bytes to readers that acquire the id word.

@@ -252,8 +252,13 @@ fn is_large_name(rest: &[u8]) -> bool {
     rest.len() == 16 && rest.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
 }
 
-/// The slot size of an arena, from the part of its name after the prefix (`a<size>.<n>`).
+/// The slot size of an arena, from the part of its name after the prefix (`a<size>.<n>`, or
+/// `<instance>.a<size>.<n>` after the prefix of a tier without an instance).
 fn arena_slot_size(rest: &[u8]) -> Option<usize> {
+    let rest = match rest.split_at_checked(16) {
+        Some((instance, after)) if is_large_name(instance) && after.first() == Some(&b'.') => &after[1..],
+        _ => rest,
+    };
     let rest = std::str::from_utf8(rest.strip_prefix(b"a")?).ok()?;
     let (size, n) = rest.split_once('.')?;
     let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
@@ -339,9 +344,12 @@ impl ShmTier {
         while n < MAX_ARENAS {
             let arena = {
                 let mut state = self.class(class);
+                // An arena this process found dead may have been removed since (a destroy by
+                // another process): creating the next one over its missing name would leave a
+                // hole where every other process's search and usage stop.
+                let dead = matches!(state.arenas.get(n), Some(Entry::Dead));
                 match state.arenas.get(n) {
                     Some(Entry::Ready(arena)) if arena.is_live() => Some(Arc::clone(arena)),
-                    Some(Entry::Dead) => None,
                     _ => {
                         let name = self.arena_name(class, n);
                         match Arena::open(&name, slot_size)? {
@@ -349,6 +357,8 @@ impl ShmTier {
                                 state.set(n, Entry::Ready(Arc::clone(&arena)));
                                 Some(arena)
                             }
+                            // Still the one whose creator died: pass it without waiting again.
+                            Opened::NotReady if dead => None,
                             Opened::Missing if !rescanned => {
                                 rescanned = true;
                                 n = 0;
@@ -721,6 +731,8 @@ mod tests {
         assert_eq!(arena_slot_size(b"a4096.12"), Some(4096));
         assert_eq!(arena_slot_size(b"a64."), None);
         assert_eq!(arena_slot_size(b"00000000000000ff"), None);
+        assert_eq!(arena_slot_size(b"00000000000000ab.a96.3"), Some(96));
+        assert_eq!(arena_slot_size(b"00000000000000ab.0000000000000001"), None);
         assert_eq!(ShmConfig::new("r").prefix(), "wfctx.r.");
     }
 

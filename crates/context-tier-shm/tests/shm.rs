@@ -435,3 +435,64 @@ fn instances_of_one_run_id_keep_apart() {
     b.destroy().unwrap();
     assert!(segments(&run).is_empty(), "{:?}", segments(&run));
 }
+
+#[test]
+fn destroy_without_instance_is_seen_by_instances() {
+    let run = unique_run_id();
+    let a = ShmTier::new(ShmConfig::new(&run).instance(7)).unwrap();
+    let small = put(&a, 1, b"small");
+    let large = put(&a, 2, &pattern(2, 10_000));
+    // A tier without an instance removes the segments of every instance of its run id.
+    tier(&run).destroy().unwrap();
+    assert!(segments(&run).is_empty(), "{:?}", segments(&run));
+    assert_eq!(get(&a, &large), None);
+    assert_eq!(a.usage().unwrap(), TierUsage::default());
+    // a still has the arena mapped: it must see that it was destroyed, as it does when a
+    // tier of its own instance destroys it.
+    assert_eq!(get(&a, &small), None, "a small object is still readable after destroy");
+    // And what a stores afterwards is visible to another process of the instance.
+    let again = put(&a, 3, b"again");
+    let b = ShmTier::new(ShmConfig::new(&run).instance(7)).unwrap();
+    assert_eq!(get(&b, &again).as_deref(), Some(&b"again"[..]), "stored into an unlinked arena");
+    a.destroy().unwrap();
+    assert!(segments(&run).is_empty(), "{:?}", segments(&run));
+}
+
+#[test]
+fn get_with_a_longer_len_never_shows_a_deleted_objects_bytes() {
+    let run = unique_run_id();
+    let tier = tier(&run);
+    let old = put(&tier, 1, &[0xaa; 60]);
+    assert!(tier.delete(&old).unwrap());
+    let new = put(&tier, 2, &[0x55; 8]);
+    assert_eq!(new.slot, old.slot, "the freed slot was not reused");
+    // An index that got the length wrong (within the slot's class).
+    let got = get(&tier, &ObjectRef { len: 60, ..new });
+    tier.destroy().unwrap();
+    if let Some(bytes) = got {
+        assert!(!bytes.contains(&0xaa), "object 2 read as 60 bytes shows object 1's bytes: {bytes:02x?}");
+    }
+}
+
+#[test]
+fn an_arena_passed_as_dead_leaves_no_hole_after_destroy() {
+    let run = unique_run_id();
+    let prefix = ShmConfig::new(&run).prefix();
+    // Arena 0 of the 64-byte class, whose creator died right after creating it (size 0).
+    let dead = Path::new("/dev/shm").join(format!("{prefix}a64.0"));
+    std::fs::File::create(&dead).unwrap();
+    let a = tier(&run);
+    let first = put(&a, 1, b"one"); // waits for arena 0, gives up on it, uses arena 1
+    assert_eq!(a.locate(&first).shm_name, Some(format!("/{prefix}a64.1")));
+    // Another process ends the context, and a goes on (it can start over).
+    tier(&run).destroy().unwrap();
+    let r = put(&a, 2, b"two");
+    // What a stored is counted, and found by id, by every other process.
+    let c = tier(&run);
+    let seen = c.usage().unwrap();
+    let found = c.delete(&ObjectRef { slot: ObjectRef::UNKNOWN_SLOT, len: 0, ..r }).unwrap();
+    let at = a.locate(&r).shm_name;
+    a.destroy().unwrap();
+    assert_eq!(seen.objects, 1, "another process's usage misses the object in {at:?}: {:?}", segments(&run));
+    assert!(found, "another process's delete by id misses the object in {at:?}");
+}
