@@ -57,6 +57,20 @@ fn value(i: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// Appends `<word> <i> .` to the writer's log in one write. A kill can still cut that write
+/// short (where the line crosses a page of the file, the kernel stops between the pages), so
+/// the closing `.` is what says the line is whole: "done 1099556" cut from
+/// "done 1099556631135" must not read as op 1,099,556.
+fn log_line(log: &mut std::fs::File, word: &str, i: u64) {
+    log.write_all(format!("{word} {i} .\n").as_bytes()).unwrap();
+}
+
+/// Reads a whole line of the writer's log: its word and op number; `None` for a torn one.
+fn parse_log_line(line: &str) -> Option<(&str, u64)> {
+    let (word, rest) = line.strip_suffix(" .")?.split_once(' ')?;
+    Some((word, rest.parse().ok()?))
+}
+
 fn which(v: &[u8]) -> u64 {
     u64::from_le_bytes(v[..8].try_into().unwrap())
 }
@@ -76,7 +90,7 @@ fn child_main() {
             println!("READY");
             for i in first.. {
                 let (key, action) = op(i);
-                writeln!(log, "start {i}").unwrap();
+                log_line(&mut log, "start", i);
                 let ok = match action {
                     Action::Save(len) => ctx.save_bytes(&key, &value(i, len), SaveOptions::new()).is_ok(),
                     Action::Remove => ctx.remove(&key).is_ok(),
@@ -87,7 +101,7 @@ fn child_main() {
                     },
                 };
                 assert!(ok, "op {i} failed");
-                writeln!(log, "done {i}").unwrap();
+                log_line(&mut log, "done", i);
             }
         }
         "owner" => {
@@ -162,9 +176,9 @@ fn writers_killed_at_random_moments_lose_nothing_committed() {
         for line in log.lines() {
             // A line torn by the kill parses as nothing: a torn "start" was written before
             // its op began, a torn "done" after its op returned (the op counts as in flight).
-            match line.split_once(' ').map(|(word, n)| (word, n.parse::<u64>())) {
-                Some(("start", Ok(i))) => started = Some(i),
-                Some(("done", Ok(i))) => done.push(i),
+            match parse_log_line(line) {
+                Some(("start", i)) => started = Some(i),
+                Some(("done", i)) => done.push(i),
                 _ => {}
             }
         }
@@ -281,4 +295,13 @@ fn writers_killed_at_random_moments_lose_nothing_committed() {
     assert!(shm_segments(&dead).is_empty());
     let left: Vec<_> = std::fs::read_dir(b.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.iter().all(|n| n == "exports" || n == "ops.log"), "left behind: {left:?}");
+}
+
+#[test]
+fn torn_log_lines_read_as_nothing() {
+    assert_eq!(parse_log_line("done 1099556631135 ."), Some(("done", 1_099_556_631_135)));
+    assert_eq!(parse_log_line("start 7 ."), Some(("start", 7)));
+    for torn in ["done 1099556", "done 1099556631135", "done 1099556631135 ", "done ", "do", ""] {
+        assert_eq!(parse_log_line(torn), None, "{torn:?}");
+    }
 }
