@@ -26,6 +26,21 @@ pub fn best(samples: &[f64]) -> f64 {
     samples.iter().copied().reduce(f64::min).unwrap_or(f64::NAN)
 }
 
+/// The largest of `values`, for a "worst of" figure checked against a floor: NaN if any
+/// is NaN (a figure that was not measured must not pass) or if there are none. Not
+/// `fold(0.0, f64::max)`, which drops NaN and turns "nothing measured" into 0.
+pub fn worst(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut out: Option<f64> = None;
+    for v in values {
+        out = Some(match out {
+            _ if v.is_nan() => return f64::NAN,
+            Some(o) => o.max(v),
+            None => v,
+        });
+    }
+    out.unwrap_or(f64::NAN)
+}
+
 /// One thing to measure in [`rounds`]: `run(reps)` does `reps` operations and returns the
 /// seconds per operation, timing only the operations (cleanup between them is untimed).
 pub struct Subject<'a> {
@@ -183,6 +198,13 @@ mod tests {
         assert_eq!(three_digits(0.5), "0.500");
         assert_eq!(three_digits(0.0234), "0.0234");
         assert_eq!(three_digits(1234.5), "1234");
+    }
+
+    #[test]
+    fn a_worst_of_figures_keeps_nan() {
+        assert!(worst([f64::NAN, 1.0e-6]).is_nan());
+        assert!(worst([]).is_nan());
+        assert_eq!(worst([1.0, 3.0, 2.0]), 3.0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde_json::json;
 use workflow_context::WorkflowContext;
 use workflow_context_benches::ceiling;
-use workflow_context_benches::measure::{Subject, best, median, rounds, show_secs, three_digits};
+use workflow_context_benches::measure::{Subject, best, median, rounds, show_secs, three_digits, worst};
 use workflow_context_benches::rng::XorShift;
 use workflow_context_benches::workload::{SMALL_STRING, unique_run_id};
 
@@ -258,7 +258,7 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
         ),
         ("load", (5.0, 2.0), format!("ceiling: copy into a new allocation {}", show_secs(med("copy")))),
     ] {
-        let worst = KEY_COUNTS.iter().map(|n| med(&format!("{op} all {n}"))).fold(0.0, f64::max);
+        let worst = worst(KEY_COUNTS.iter().map(|n| med(&format!("{op} all {n}"))));
         run.floors.push(Floor::new(
             format!("small {op} (50 B string), worst of 100 to 100,000 keys"),
             worst * 1e6,

@@ -49,8 +49,9 @@ pub(crate) struct Job {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Peak {
     reset: bool,
-    base_kib: u64,
-    peak_kib: u64,
+    /// `None` if the kernel would not reset the high-water mark or has no `VmHWM`.
+    base_kib: Option<u64>,
+    peak_kib: Option<u64>,
     anon_kib: i64,
     shmem_kib: i64,
     file_kib: i64,
@@ -72,7 +73,8 @@ pub(crate) fn child(job: Job) -> Res<()> {
     let bytes = if job.op == Op::Save { value(job.len, Content::Text, 1) } else { Vec::new() };
 
     let reset = reset_peak_rss();
-    let base_kib = status_kib("VmHWM").unwrap_or(0);
+    // Without a reset, VmHWM is the process's lifetime peak, which can hide the operation's.
+    let base_kib = if reset { status_kib("VmHWM") } else { None };
     let before = rss();
     let (kept, copy) = match job.op {
         Op::Save => {
@@ -82,7 +84,7 @@ pub(crate) fn child(job: Job) -> Res<()> {
         Op::Load => (Some(ctx.load_bytes(&job.key)?), None),
         Op::LoadCopy => (None, Some(ctx.load_bytes(&job.key)?.to_vec())),
     };
-    let peak_kib = status_kib("VmHWM").unwrap_or(0);
+    let peak_kib = status_kib("VmHWM");
     let after = rss();
     drop((kept, copy));
     if job.op == Op::Save {
@@ -130,7 +132,7 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
          memory and file pages are views of the stored value, not new memory).",
         &["value", "tier", "operation", "peak above baseline", "= value +", "anon", "shmem", "file"],
     );
-    let mut worst_save: Vec<(Tier, f64)> = Vec::new();
+    let mut worst_save: Vec<(Tier, f64, &'static str)> = Vec::new();
     for tier in Tier::ALL {
         let ctx = tier.context(&run.dir, 4 << 30)?;
         for &size in &sizes {
@@ -146,13 +148,14 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
                     key: if op == Op::Save { "saved".into() } else { key.clone() },
                 };
                 let p = measure(&job)?;
-                let grew_kib = p.peak_kib.saturating_sub(p.base_kib) as i64;
-                let over_value_mib = (grew_kib * 1024 - size.bytes as i64) as f64 / MIB as f64;
+                // No figure (NaN below, so the floor cannot pass) unless both readings exist.
+                let grew = p.base_kib.zip(p.peak_kib).map(|(b, k)| k.saturating_sub(b) as i64);
+                let over_value_mib = grew.map_or(f64::NAN, |k| (k * 1024 - size.bytes as i64) as f64 / MIB as f64);
                 tbl.row(vec![
                     size.label.to_owned(),
                     tier.name().to_owned(),
                     op.name().to_owned(),
-                    mib(grew_kib),
+                    grew.map_or_else(|| "n/a".to_owned(), mib),
                     if op == Op::Save {
                         String::from("(value held before)")
                     } else {
@@ -163,12 +166,19 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
                     mib(p.file_kib),
                 ]);
                 tbl.data(json!({
-                    "value_bytes": size.bytes, "tier": tier.name(), "op": op, "peak_above_baseline_kib": grew_kib,
+                    "value_bytes": size.bytes, "tier": tier.name(), "op": op, "peak_above_baseline_kib": grew,
                     "baseline_kib": p.base_kib, "anon_kib": p.anon_kib, "shmem_kib": p.shmem_kib,
                     "file_kib": p.file_kib, "peak_reset": p.reset,
                 }));
-                if op == Op::Save && size == *sizes.last().expect("sizes") {
-                    worst_save.push((tier, grew_kib as f64 / 1024.0));
+                if op == Op::Save {
+                    // The floor holds for every value, not only the largest: the worst size.
+                    let mib = grew.map_or(f64::NAN, |k| k as f64 / 1024.0);
+                    match worst_save.iter_mut().find(|(t, _, _)| *t == tier) {
+                        Some(w) if w.1.is_nan() => {}
+                        Some(w) if mib.is_nan() || mib > w.1 => *w = (tier, mib, size.label),
+                        Some(_) => {}
+                        None => worst_save.push((tier, mib, size.label)),
+                    }
                 }
             }
             ctx.remove(&key)?;
@@ -176,10 +186,9 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
         ctx.shutdown()?;
         eprintln!("  peak memory: {} done", tier.name());
     }
-    let big = sizes.last().expect("sizes").label;
-    for (tier, grew_mib) in worst_save {
+    for (tier, grew_mib, at) in worst_save {
         run.floors.push(Floor::new(
-            format!("peak memory while saving {big} to {}", tier.name()),
+            format!("peak memory while saving a value to {}, worst size ({at})", tier.name()),
             grew_mib,
             Better::Lower,
             (32.0, 16.0),

@@ -10,7 +10,7 @@ use serde_json::json;
 use workflow_context::WorkflowContext;
 use workflow_context_benches::ceiling::{self, ReadFile};
 use workflow_context_benches::measure::{Subject, gbps, median, rounds, show_secs, three_digits};
-use workflow_context_benches::workload::{Content, MIB, Size, Tier, largest, sizes, value};
+use workflow_context_benches::workload::{Content, KIB, MIB, Tier, largest, sizes, value};
 
 use crate::report::{Better, Floor, Section, Series};
 use crate::{Res, Run, ok};
@@ -166,7 +166,8 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
             None => series.push(Series { name, panel, ceiling, points: vec![(bytes as u64, gb)] }),
         }
     };
-    let mut worst_view = (0.0f64, String::new());
+    // NaN until measured: a figure that was not measured must not pass.
+    let mut worst_view = (f64::NAN, String::from("none measured"));
     let mut first_rows = Vec::new();
 
     for &size in sizes(run.quick) {
@@ -229,7 +230,7 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
         }
         for tier in ["shm", "mmap"] {
             let again = m[&format!("again {tier}")];
-            if again > worst_view.0 {
+            if worst_view.0.is_nan() && worst_view.1 == "none measured" || again.is_nan() || again > worst_view.0 {
                 worst_view = (again, format!("{tier}, {}", size.label));
             }
         }
@@ -260,7 +261,8 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
         |v| format!("{} us", three_digits(v)),
         format!(
             "median of repeated loads of a value this process loaded before, worst of every size and of shm and \
-             mmap ({}); the first load is reported apart",
+             mmap ({}); the first load of a value in a process reads every byte to check its checksum (a damaged \
+             value must load as Corrupt, never as garbage), and is reported apart below",
             worst_view.1
         ),
     ));
@@ -327,27 +329,51 @@ fn save_floors(run: &mut Run, ctxs: &[(Tier, WorkflowContext)], keys: &Keys) -> 
         format!("save {} vs fs::write {} in the same directory", show_secs(s), show_secs(c)),
     ));
     drop(text);
-    for size in [Size { label: "1 MiB", bytes: MIB }, Size { label: "64 MiB", bytes: 64 * MIB }] {
+    // Every size from 64 KiB (below, a save is its record and its commit, not compression),
+    // each against one-thread zstd -1 with its context and buffer warm (as the tier's are).
+    // The floor is the worst from 1 MiB; 64 KiB is reported beside it: there the fixed cost
+    // of a multi-process redb commit (about 75 us) is as long as the compression itself.
+    let mut worst = (f64::NAN, String::from("none measured"));
+    let mut per_size = Vec::new();
+    for &size in sizes(run.quick).iter().filter(|s| s.bytes >= 64 * KIB) {
         let text = value(size.bytes, Content::Text, 1);
         let (ratio, s, c) = versus(
             run,
             save(ctx(Tier::Redb), Tier::Redb, &text, keys),
             Subject::new("zstd", |reps| ok(ceiling::zstd_compress(&text, reps), "zstd")),
         );
-        run.floors.push(Floor::new(
-            format!("redb tier save of {} of compressible text, against zstd-1 compress", size.label),
-            ratio,
-            Better::Higher,
-            (0.7, 0.8),
-            |v| format!("{v:.2}x"),
-            format!(
-                "save {} ({:.2} GB/s) vs one-thread zstd -1 {} ({:.2} GB/s)",
-                show_secs(s),
-                gbps(size.bytes, s),
-                show_secs(c),
-                gbps(size.bytes, c)
-            ),
-        ));
+        let detail = format!(
+            "{}: {ratio:.2}x (save {}, {:.2} GB/s, vs zstd -1 {}, {:.2} GB/s)",
+            size.label,
+            show_secs(s),
+            gbps(size.bytes, s),
+            show_secs(c),
+            gbps(size.bytes, c)
+        );
+        if size.bytes < MIB {
+            run.floors.push(Floor::info(
+                format!("redb tier save of {} of compressible text, against zstd-1 compress", size.label),
+                format!("{ratio:.2}x"),
+                ratio,
+                format!("{detail}; one thread below 128 KiB, and a commit of about 75 us"),
+            ));
+            continue;
+        }
+        if worst.1 == "none measured" || ratio.is_nan() || ratio < worst.0 {
+            worst = (ratio, size.label.to_owned());
+        }
+        per_size.push(detail);
     }
+    run.floors.push(Floor::new(
+        format!("redb tier save of compressible text, against zstd-1 compress, worst of 1 MiB and up ({})", worst.1),
+        worst.0,
+        Better::Higher,
+        (0.7, 0.8),
+        |v| format!("{v:.2}x"),
+        format!(
+            "{}; zstd on one thread, its context and buffer kept warm; the tier compresses on two threads from 128 KiB",
+            per_size.join("; ")
+        ),
+    ));
     Ok(())
 }
