@@ -6,7 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
@@ -27,7 +27,7 @@ pub(crate) const SPLIT_FROM: u64 = 128 << 10;
 /// redb. A full 1 MiB would take a 2 MiB page, in memory while it is written and on disk.
 pub(crate) const CHUNK: usize = (1 << 20) - (4 << 10);
 /// A put commits the chunks it has compressed whenever they hold this many bytes: what a put
-/// holds besides the caller's bytes is about this, plus three chunk buffers, plus redb's
+/// holds besides the caller's bytes is about this, plus four chunk buffers, plus redb's
 /// cache.
 pub(crate) const COMMIT_EVERY: usize = 1 << 20;
 /// The longest chunk a manifest may name: the bound on what a damaged manifest can make a
@@ -622,12 +622,74 @@ fn encode_owned(
 /// A compressed chunk coming back from the helper thread, with its buffer for reuse.
 type Done = (Chunk, Option<Vec<u8>>);
 
-/// The helper thread of [`encode_chunked`]: compresses the chunks it is sent until the
-/// sender hangs up.
-fn helper(level: i32, chunks: Receiver<(u32, Vec<u8>)>, done: Sender<Done>) {
+/// The chunks of a chunked put waiting to be compressed, which both its threads take from.
+///
+/// Why a queue both take from: the putting thread also fills the chunks and stores them, so
+/// the helper, given every other chunk, waited for it half the time; given a chunk whenever it
+/// was idle, it still waited while the putting thread compressed one. Here one chunk waits for
+/// the helper while it compresses another, so it never idles; the putting thread compresses
+/// a chunk only when one already waits, and at the end compresses what still waits instead of
+/// waiting for the helper to get to it.
+#[derive(Default)]
+struct ChunkQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    waiting: std::collections::VecDeque<(u32, Vec<u8>)>,
+    /// No more chunks come: the helper stops once none waits.
+    closed: bool,
+}
+
+impl ChunkQueue {
+    fn state(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a chunk for the helper; hands back a chunk for the caller to compress itself
+    /// if one was waiting already (the helper is busy).
+    fn offer(&self, chunk: (u32, Vec<u8>)) -> Option<(u32, Vec<u8>)> {
+        let mut state = self.state();
+        state.waiting.push_back(chunk);
+        let mine = if state.waiting.len() > 1 { state.waiting.pop_front() } else { None };
+        drop(state);
+        self.ready.notify_one();
+        mine
+    }
+
+    /// Closes the queue; hands back the chunks still waiting, for the caller to compress.
+    fn close(&self) -> Vec<(u32, Vec<u8>)> {
+        let mut state = self.state();
+        state.closed = true;
+        let left = state.waiting.drain(..).collect();
+        drop(state);
+        self.ready.notify_all();
+        left
+    }
+
+    /// The next chunk for the helper; `None` once the queue is closed and empty.
+    fn take(&self) -> Option<(u32, Vec<u8>)> {
+        let mut state = self.state();
+        loop {
+            if let Some(chunk) = state.waiting.pop_front() {
+                return Some(chunk);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.ready.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// The helper thread of [`encode_chunked`]: compresses the chunks it takes from `queue` until
+/// it is closed and empty (or the receiver of `done` hangs up).
+fn helper(level: i32, queue: &ChunkQueue, done: Sender<Done>) {
     let mut compressor = Compressor::new(level).ok();
     let mut scratch = Vec::new();
-    for (i, raw) in chunks {
+    while let Some((i, raw)) = queue.take() {
         if done.send(encode_owned(compressor.as_mut(), &mut scratch, i, raw)).is_err() {
             break;
         }
@@ -638,16 +700,17 @@ fn helper(level: i32, chunks: Receiver<(u32, Vec<u8>)>, done: Sender<Done>) {
 pub(crate) type Store<'s, E> = &'s mut dyn FnMut(&[Chunk]) -> Result<(), E>;
 
 /// The sink an object streams into: cuts it into chunks and compresses each as soon as it is
-/// full, even chunks on this thread and odd ones on the helper thread, and hands the
-/// compressed chunks to `store` whenever they hold [`COMMIT_EVERY`] bytes. What it holds at
-/// any time is those chunks, the chunk being filled, the one the helper is compressing, and
-/// one spare buffer.
+/// full, on the helper thread or on this one (see [`ChunkQueue`]), and hands the compressed
+/// chunks to `store` whenever they hold [`COMMIT_EVERY`] bytes. What it holds at any time is
+/// those chunks, the chunk being filled or compressed here, the one waiting for the helper,
+/// the one the helper is compressing, and one spare buffer.
 struct ChunkSink<'r, 's, E> {
     level: i32,
     filling: Vec<u8>,
     /// The index of the chunk being filled.
     next: u32,
-    to_helper: Option<SyncSender<(u32, Vec<u8>)>>,
+    /// The queue the helper takes chunks from; `None` without a helper.
+    queue: Option<&'r ChunkQueue>,
     from_helper: &'r Receiver<Done>,
     spare: Vec<Vec<u8>>,
     scratch: Vec<u8>,
@@ -685,17 +748,16 @@ impl<E> ChunkSink<'_, '_, E> {
         while let Ok(done) = self.from_helper.try_recv() {
             self.collect(done);
         }
-        let raw = match (&self.to_helper, i % 2) {
-            (Some(to_helper), 1) => match to_helper.send((i, raw)) {
-                Ok(()) => return,
-                // The helper is gone (it panicked; joining it will say so): compress here.
-                Err(mpsc::SendError((_, raw))) => {
-                    self.to_helper = None;
-                    raw
-                }
-            },
-            _ => raw,
+        let mine = match self.queue {
+            Some(queue) => queue.offer((i, raw)),
+            None => Some((i, raw)),
         };
+        if let Some((i, raw)) = mine {
+            self.compress_here(i, raw);
+        }
+    }
+
+    fn compress_here(&mut self, i: u32, raw: Vec<u8>) {
         let done = with_compressor(self.level, |c| encode_owned(c, &mut self.scratch, i, raw));
         self.collect(done);
     }
@@ -732,7 +794,15 @@ impl<E> ChunkSink<'_, '_, E> {
         if !self.filling.is_empty() && self.failed.is_none() {
             self.dispatch();
         }
-        self.to_helper = None;
+        // What still waits is compressed here (also if the helper is gone: it panicked, and
+        // joining it will say so), then the helper's last chunk is collected.
+        if let Some(queue) = self.queue.take() {
+            for (i, raw) in queue.close() {
+                if self.failed.is_none() {
+                    self.compress_here(i, raw);
+                }
+            }
+        }
         while let Ok(done) = self.from_helper.recv() {
             self.collect(done);
         }
@@ -802,19 +872,17 @@ pub(crate) fn encode_chunked<E>(
     if len.div_ceil(CHUNK as u64) > u64::from(u32::MAX) {
         return Err(ChunkedError::Encode(too_long(len)));
     }
-    // A rendezvous channel: a chunk waits for the helper rather than queueing, so at most one
-    // chunk is being compressed there while this thread fills and compresses the next.
-    let (to_helper, chunks) = mpsc::sync_channel::<(u32, Vec<u8>)>(0);
+    // At most one chunk waits for the helper (see `ChunkQueue`).
+    let queue = ChunkQueue::default();
     let (done, from_helper) = mpsc::channel::<Done>();
     let (last, stored, failed, written) = thread::scope(|s| {
-        let helper =
-            thread::Builder::new().name("redb-zstd".into()).spawn_scoped(s, move || helper(level, chunks, done));
+        let helper = thread::Builder::new().name("redb-zstd".into()).spawn_scoped(s, || helper(level, &queue, done));
         let mut sink = ChunkSink {
             level,
             filling: Vec::new(),
             next: 0,
             // Without a helper (no thread to be had), every chunk is compressed here.
-            to_helper: helper.is_ok().then_some(to_helper),
+            queue: helper.is_ok().then_some(&queue),
             from_helper: &from_helper,
             spare: Vec::new(),
             scratch: Vec::new(),

@@ -21,10 +21,12 @@
 //!   value, against 8 µs for redb in one process without durability; a get is a read
 //!   transaction, about 2 µs. Commits are serialized across all processes.
 //! - A value of 4 MiB or more is stored in chunks (1 MiB less 4 KiB each), compressed on
-//!   two threads as it arrives, and committed in a transaction per 1 MiB of compressed
-//!   chunks: one commit per chunk that does not compress, one per several that do. Other
-//!   processes' commits can interleave; the value exists for them only once its last
-//!   transaction, which writes its manifest, commits.
+//!   two threads as it arrives (a helper thread of the put's own takes every chunk it has
+//!   time for; the putting thread, which also fills and stores them, the rest), and
+//!   committed in a transaction per 1 MiB of compressed chunks: one commit per chunk that
+//!   does not compress, one per several that do. Other processes' commits can interleave;
+//!   the value exists for them only once its last transaction, which writes its manifest,
+//!   commits.
 //! - zstd on every put and get. A value of 128 KiB to 4 MiB is compressed in two halves,
 //!   each in a zstd frame of its own: the process's helper thread (`redb-zstd`, started by
 //!   the first such put and idle otherwise; none on a single CPU) compresses the first half
@@ -49,11 +51,12 @@
 //!   the helper thread; a thread that put a value of 128 KiB to 4 MiB also keeps the two
 //!   buffers it gathered its halves in (up to 4 MiB), since fresh ones cost a page fault
 //!   every 4 KiB. A chunked put holds, besides the caller's bytes, at most 1 MiB of
-//!   compressed chunks waiting for their commit (plus the chunk that crossed it), three
-//!   chunk buffers of the original (the one being filled, the one its helper thread
-//!   compresses, a spare), and redb's cache: about 16 MiB at its peak whatever the value's
-//!   size (`examples/peak_memory.rs`: 12 MiB for 256 MiB of text, 15 MiB for 256 MiB of
-//!   random bytes, against 100 MiB and 768 MiB when a value was one entry). A get holds the
+//!   compressed chunks waiting for their commit (plus the chunk that crossed it), four
+//!   chunk buffers of the original (the one being filled or compressed on the putting
+//!   thread, the one waiting for the helper thread, the one it compresses, a spare), and
+//!   redb's cache: about 18 MiB at its peak whatever the value's size
+//!   (`examples/peak_memory.rs`: 13 MiB for 256 MiB of text, 18 MiB for 256 MiB of random
+//!   bytes, against 100 MiB and 768 MiB when a value was one entry). A get holds the
 //!   value and one chunk per thread, plus redb's cache. Each instance has its own redb page
 //!   cache of up to 8 MiB.
 //!
