@@ -35,9 +35,46 @@ pub enum Sandboxed {
 /// }
 /// ```
 pub fn in_private_tmpfs(inner: &str, mount_point: &Path, size: &str, envs: &[(&str, &OsStr)]) -> Sandboxed {
-    let exe = std::env::current_exe().expect("the test binary's path");
     // Exit 77 when the mount is refused, so that it is told apart from a failing test.
     let script = r#"mount -t tmpfs -o size=$1,mode=0700 tmpfs "$2" || exit 77; shift 2; exec "$@""#;
+    in_private_mount(inner, script, OsStr::new(size), mount_point, envs)
+}
+
+/// As [`in_private_tmpfs`], with an ext2 file system of `bytes` bytes instead of a tmpfs:
+/// one without `fallocate` (ext2 has no extents), made with `mkfs.ext2` in an image file
+/// beside `mount_point` and mounted through a loop device. Reports
+/// [`Sandboxed::Skipped`] where `mkfs.ext2` is missing or loop mounts are refused (they
+/// need root).
+///
+/// # Panics
+/// If the inner test fails, or if it did not run (its name matched no test).
+pub fn in_private_ext2(inner: &str, mount_point: &Path, bytes: u64, envs: &[(&str, &OsStr)]) -> Sandboxed {
+    let mut image = mount_point.as_os_str().to_owned();
+    image.push(".ext2.img");
+    let image = std::path::PathBuf::from(image);
+    let made = std::fs::File::create(&image).and_then(|f| f.set_len(bytes)).map_err(|e| e.to_string()).and_then(|()| {
+        match Command::new("mkfs.ext2").args(["-q", "-F"]).arg(&image).output() {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    let outcome = match made {
+        Ok(()) => {
+            let script = r#"mount -o loop "$1" "$2" || exit 77; shift 2; exec "$@""#;
+            in_private_mount(inner, script, image.as_os_str(), mount_point, envs)
+        }
+        Err(why) => Sandboxed::Skipped(format!("cannot make an ext2 image with mkfs.ext2: {why}")),
+    };
+    let _ = std::fs::remove_file(&image);
+    outcome
+}
+
+/// Runs `script` (`sh -c`, given `arg` and `mount_point` as `$1` and `$2`, then the command
+/// to exec) in a private mount namespace, to mount something at `mount_point` and run the
+/// ignored test `inner` there.
+fn in_private_mount(inner: &str, script: &str, arg: &OsStr, mount_point: &Path, envs: &[(&str, &OsStr)]) -> Sandboxed {
+    let exe = std::env::current_exe().expect("the test binary's path");
     let attempts: [&[&str]; 2] = [
         &["--mount", "--propagation", "private"],
         &["--user", "--map-root-user", "--mount", "--propagation", "private"],
@@ -45,7 +82,7 @@ pub fn in_private_tmpfs(inner: &str, mount_point: &Path, size: &str, envs: &[(&s
     let mut refusals = Vec::new();
     for flags in attempts {
         let mut command = Command::new("unshare");
-        command.args(flags).args(["sh", "-c", script, "sh", size]).arg(mount_point).arg(&exe).args([
+        command.args(flags).args(["sh", "-c", script, "sh"]).arg(arg).arg(mount_point).arg(&exe).args([
             "--exact",
             inner,
             "--ignored",
@@ -74,5 +111,5 @@ pub fn in_private_tmpfs(inner: &str, mount_point: &Path, size: &str, envs: &[(&s
             _ => panic!("the inner test {inner} failed ({}):\n{stdout}\n{stderr}", output.status),
         }
     }
-    Sandboxed::Skipped(format!("no private tmpfs allowed here: {}", refusals.join("; ")))
+    Sandboxed::Skipped(format!("no private mount allowed here: {}", refusals.join("; ")))
 }

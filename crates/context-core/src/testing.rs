@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 pub use crate::faults::{Call, Fault, FaultyTier, MemoryTier};
-pub use crate::sandbox::{Sandboxed, in_private_tmpfs};
+pub use crate::sandbox::{Sandboxed, in_private_ext2, in_private_tmpfs};
 
 use crate::Error;
 use crate::payload::Payload;

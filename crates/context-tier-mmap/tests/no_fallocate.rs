@@ -5,8 +5,8 @@
 //! allowed or `mkfs.ext2` is missing.
 
 use std::path::PathBuf;
-use std::process::Command;
 
+use context_core::testing::{Sandboxed, in_private_ext2};
 use context_core::{NewObject, ObjectData, ObjectId, PutOutcome, StorageTier};
 use context_tier_mmap::{MmapConfig, MmapTier};
 
@@ -16,31 +16,11 @@ const DONE: &str = "no-fallocate checks ran";
 #[test]
 fn full_file_system_without_fallocate_is_no_space() {
     let scratch = tempfile::tempdir().unwrap();
-    let image = scratch.path().join("ext2.img");
     let dir = scratch.path().join("values");
     std::fs::create_dir(&dir).unwrap();
-    std::fs::File::create(&image).unwrap().set_len(2 << 20).unwrap();
-    match Command::new("mkfs.ext2").args(["-q", "-F"]).arg(&image).status() {
-        Ok(s) if s.success() => {}
-        other => return println!("SKIPPED: mkfs.ext2 unavailable: {other:?}"),
-    }
-    let exe = std::env::current_exe().unwrap();
-    let script = r#"mount -o loop "$1" "$2" || exit 77; shift 2; exec "$@""#;
-    let output = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
-        .arg(&image)
-        .arg(&dir)
-        .arg(&exe)
-        .args(["--exact", "no_fallocate_inner", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(DIR_VAR, &dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    match output.status.code() {
-        Some(0) => assert!(stdout.contains(DONE), "the checks did not run:\n{stdout}"),
-        Some(77) | Some(1) if !stdout.contains("running") => println!("SKIPPED: no loop mount allowed: {stderr}"),
-        _ => panic!("the inner test failed:\n{stdout}\n{stderr}"),
+    match in_private_ext2("no_fallocate_inner", &dir, 2 << 20, &[(DIR_VAR, dir.as_os_str())]) {
+        Sandboxed::Ran(stdout) => assert!(stdout.contains(DONE), "the checks did not run:\n{stdout}"),
+        Sandboxed::Skipped(why) => println!("SKIPPED full_file_system_without_fallocate_is_no_space: {why}"),
     }
 }
 

@@ -235,6 +235,12 @@ fn a_value_that_panics_while_written_leaves_nothing_behind() {
     }
 }
 
+/// The file `key`'s value is in: its value file, or its shared-memory segment.
+fn mapped_file(ctx: &WorkflowContext, key: &str) -> std::path::PathBuf {
+    let info = ctx.storage_info(key).unwrap().unwrap();
+    info.path.unwrap_or_else(|| format!("/dev/shm{}", info.shm_name.unwrap()).into())
+}
+
 /// How many of this process's mappings are of `path`, deleted since.
 fn deleted_mappings_of(path: &std::path::Path) -> usize {
     let needle = format!("{} (deleted)", path.display());
@@ -251,8 +257,7 @@ fn a_view_of_a_value_replaced_before_a_compaction_is_dropped() {
         let a = builder(b.path()).create().unwrap();
         let big = vec![7u8; 1 << 20];
         a.save_bytes("big", &big, opts).unwrap();
-        let info = a.storage_info("big").unwrap().unwrap();
-        let mapped = info.path.unwrap_or_else(|| format!("/dev/shm{}", info.shm_name.unwrap()).into());
+        let mapped = mapped_file(&a, "big");
         // `a` keeps a checked view of the value.
         assert_eq!(&*a.load_bytes("big").unwrap(), &big[..]);
         assert_eq!(&*a.load_bytes("big").unwrap(), &big[..]);
@@ -269,8 +274,7 @@ fn a_view_of_a_value_replaced_before_a_compaction_is_dropped() {
         // its view goes too.
         other.save_bytes("kept", &big, opts).unwrap();
         assert_eq!(&*a.load_bytes("kept").unwrap(), &big[..]);
-        let info = a.storage_info("kept").unwrap().unwrap();
-        let mapped = info.path.unwrap_or_else(|| format!("/dev/shm{}", info.shm_name.unwrap()).into());
+        let mapped = mapped_file(&a, "kept");
         for i in 0..3000 {
             other.save(&format!("k{}", i % 50), &i).unwrap();
         }
@@ -296,8 +300,7 @@ fn shutdown_drops_views_even_when_another_handle_ended_the_context() {
         let owner = builder(b.path()).create().unwrap();
         let big = vec![7u8; 1 << 20];
         owner.save_bytes("big", &big, opts).unwrap();
-        let info = owner.storage_info("big").unwrap().unwrap();
-        let mapped = info.path.unwrap_or_else(|| format!("/dev/shm{}", info.shm_name.unwrap()).into());
+        let mapped = mapped_file(&owner, "big");
         let other = builder(b.path()).run_id(owner.run_id()).open().unwrap();
         // `other` keeps a checked view of the value.
         assert_eq!(&*other.load_bytes("big").unwrap(), &big[..]);
