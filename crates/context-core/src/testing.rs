@@ -81,21 +81,26 @@ pub fn mapping_field(addr: usize, field: &str) -> Option<String> {
 /// Sizes every check goes through: around pages, slots and a megabyte.
 pub const SIZES: &[usize] = &[32, 33, 64, 100, 4095, 4096, 4097, 65_536 + 7, (1 << 20) + 3];
 
+/// Checks the reference a put answered: its id and length, and the bytes it says it holds:
+/// at most the footprint, and at least the length for a tier that stores bytes as they are.
+fn check_ref(tier: &dyn StorageTier, r: ObjectRef, id: u64, len: usize, how: &str) -> ObjectRef {
+    assert_eq!(r.id, ObjectId(id), "{}: put ({how}) returned another id", tier.name());
+    assert_eq!(r.len, len as u64, "{}: put ({how}) returned another length", tier.name());
+    assert!(r.held <= tier.footprint(r.len), "{}: holds {} bytes, more than its footprint", tier.name(), r.held);
+    assert!(
+        tier.capabilities().compresses || r.held >= r.len,
+        "{}: says it holds {} bytes of a {len}-byte object, but does not compress",
+        tier.name(),
+        r.held
+    );
+    r
+}
+
 fn put_parts(tier: &dyn StorageTier, id: u64, bytes: &[u8]) -> ObjectRef {
     let parts: [&[u8]; 2] = [&bytes[..bytes.len() / 2], &bytes[bytes.len() / 2..]];
     let object = NewObject { id: ObjectId(id), len: bytes.len() as u64, data: ObjectData::Parts(&parts) };
     match tier.put(object) {
-        Ok(PutOutcome::Stored(r)) => {
-            assert_eq!(r.id, ObjectId(id), "{}: put returned another id", tier.name());
-            assert_eq!(r.len, bytes.len() as u64, "{}: put returned another length", tier.name());
-            assert!(
-                r.held <= tier.footprint(r.len),
-                "{}: holds {} bytes, more than its footprint",
-                tier.name(),
-                r.held
-            );
-            r
-        }
+        Ok(PutOutcome::Stored(r)) => check_ref(tier, r, id, bytes.len(), "parts"),
         other => panic!("{}: put of object {id} ({} bytes) failed: {other:?}", tier.name(), bytes.len()),
     }
 }
@@ -111,7 +116,7 @@ fn put_fill(tier: &dyn StorageTier, id: u64, bytes: &[u8]) -> ObjectRef {
     };
     let object = NewObject { id: ObjectId(id), len: bytes.len() as u64, data: ObjectData::Write(&mut write) };
     match tier.put(object) {
-        Ok(PutOutcome::Stored(r)) => r,
+        Ok(PutOutcome::Stored(r)) => check_ref(tier, r, id, bytes.len(), "write"),
         other => panic!("{}: put (write) of object {id} ({} bytes) failed: {other:?}", tier.name(), bytes.len()),
     }
 }
@@ -128,8 +133,14 @@ fn finish(tier: &dyn StorageTier) {
     tier.destroy().unwrap_or_else(|e| panic!("{}: destroy failed: {e}", tier.name()));
 }
 
-/// Every size put as parts reads back exactly.
+/// The tier's name is one the index can record (1 to 16 ASCII bytes), and every size put as
+/// parts reads back exactly.
 pub fn put_get_round_trip(tier: &dyn StorageTier) {
+    let name = tier.name();
+    assert!(
+        !name.is_empty() && name.len() <= 16 && name.is_ascii(),
+        "the tier's name {name:?} is not 1 to 16 ASCII bytes"
+    );
     for (i, &len) in SIZES.iter().enumerate() {
         let bytes = pattern(i as u64, len);
         let r = put_parts(tier, 100 + i as u64, &bytes);
@@ -151,13 +162,20 @@ pub fn fill_and_parts_agree(tier: &dyn StorageTier) {
     finish(tier);
 }
 
-/// Delete answers whether the object existed; afterwards get is `None`.
+/// Delete answers whether the object existed; afterwards get is `None`, even once a new
+/// object took the deleted one's place (its slot), and deleting it again touches nothing.
 pub fn delete_reports_existence(tier: &dyn StorageTier) {
     for (i, &len) in SIZES.iter().enumerate() {
         let r = put_parts(tier, 300 + i as u64, &pattern(i as u64, len));
         assert!(tier.delete(&r).unwrap(), "{}: delete of a present object said it was missing", tier.name());
         assert!(get(tier, &r).is_none(), "{}: object of {len} bytes still readable after delete", tier.name());
         assert!(!tier.delete(&r).unwrap(), "{}: second delete said the object existed", tier.name());
+        // A stale reference (another process deleted the object) after its place was reused.
+        let bytes = pattern(350 + i as u64, len);
+        let next = put_parts(tier, 350 + i as u64, &bytes);
+        assert!(get(tier, &r).is_none(), "{}: a deleted object read as the one that took its place", tier.name());
+        assert!(!tier.delete(&r).unwrap(), "{}: deleting a deleted object again deleted another", tier.name());
+        assert_eq!(get(tier, &next).as_deref(), Some(&bytes[..]), "{}: stale delete, {len} bytes", tier.name());
     }
     finish(tier);
 }
@@ -237,8 +255,15 @@ pub fn wrong_length_is_refused(tier: &dyn StorageTier) {
 /// Usage counts present objects and the bytes their puts said they hold, exactly.
 pub fn usage_counts_objects(tier: &dyn StorageTier) {
     let before = usage(tier);
-    let refs: Vec<ObjectRef> =
-        SIZES.iter().enumerate().map(|(i, &len)| put_parts(tier, 800 + i as u64, &pattern(i as u64, len))).collect();
+    // Half of the objects streamed: both ways of putting must answer what they hold.
+    let refs: Vec<ObjectRef> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let bytes = pattern(i as u64, len);
+            if i % 2 == 0 { put_parts(tier, 800 + i as u64, &bytes) } else { put_fill(tier, 800 + i as u64, &bytes) }
+        })
+        .collect();
     let bytes: u64 = refs.iter().map(|r| r.held).sum();
     let during = usage(tier);
     assert_eq!(during.objects, before.objects + refs.len() as u64, "{}: object count", tier.name());
@@ -250,12 +275,15 @@ pub fn usage_counts_objects(tier: &dyn StorageTier) {
     finish(tier);
 }
 
-/// The footprint never shrinks as the length grows, and bounds what a put holds.
+/// The footprint never shrinks as the length grows, covers the length for a tier that
+/// does not compress, and bounds what a put holds.
 pub fn footprint_covers_length(tier: &dyn StorageTier) {
+    let compresses = tier.capabilities().compresses;
     let mut last = 0;
     for len in [0u64, 1, 32, 63, 64, 65, 4095, 4096, 4097, 1 << 20, 1 << 40] {
         let f = tier.footprint(len);
         assert!(f >= last, "{}: footprint shrank from {last} to {f} at {len}", tier.name());
+        assert!(compresses || f >= len, "{}: footprint {f} of {len} bytes, but does not compress", tier.name());
         last = f;
     }
     for (i, &len) in SIZES.iter().enumerate() {

@@ -93,6 +93,8 @@ impl io::Write for Counting<'_> {
                 self.written += n as u64;
                 Ok(n)
             }
+            // Nothing was written and `write_all` tries again: not a failure of the sink.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
             Err(e) => {
                 let shown = io::Error::new(e.kind(), e.to_string());
                 self.sink_error = Some(e);
