@@ -326,12 +326,73 @@ fn new_token(near: &Path) -> Result<u64> {
     Ok(random_u64(near)?.max(1))
 }
 
-/// Takes the liveness lock that marks a context as in use by this handle.
+/// Takes the liveness lock that marks a context as in use by this handle, and writes in the
+/// file which process took it ([`own_mark`]).
 fn register_liveness(dir: &Path, token: u64) -> Result<(File, PathBuf)> {
     let path = dir.join(PROCS_DIR).join(format!("{token:016x}"));
     let file = fsutil::create_new(&path, "create liveness file")?;
     file.lock().map_err(|e| Error::io("lock liveness file", &path, e))?;
+    if let Some(mark) = own_mark() {
+        // Only a hint for the liveness check: without it, the lock alone tells.
+        let _ = std::os::unix::fs::FileExt::write_all_at(&file, mark.as_bytes(), 0);
+    }
     Ok((file, path))
+}
+
+/// This process as a liveness file records it: `<pid> <start time> <pid namespace>`, the
+/// start time in clock ticks after boot (`/proc/<pid>/stat`, field 22), the namespace as
+/// `<device>:<inode>` of `/proc/self/ns/pid`; `None` without `/proc`.
+///
+/// Why: the kernel drops a liveness lock when the last descriptor of its open file closes,
+/// and a process forked without `exec` (a worker pool that forks, as Python's
+/// `multiprocessing` does) holds a copy of every descriptor of its parent. If the parent
+/// dies first, its lock stays held for as long as such a child lives, and a writer would
+/// wait for it that long. The mark says who took the lock: once that process is gone, the
+/// lock is an heir's, and its handle is dead. (A forked child must not use its parent's
+/// handles; it only inherited their descriptors.)
+fn own_mark() -> Option<String> {
+    let pid = std::process::id();
+    let (dev, ino) = pid_namespace()?;
+    Some(format!("{pid} {} {dev}:{ino}\n", start_time(pid).ok()??))
+}
+
+/// The device and inode of this process's PID namespace.
+fn pid_namespace() -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self/ns/pid").ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// When process `pid` of this PID namespace started (field 22 of `/proc/<pid>/stat`):
+/// `Ok(None)` if there is no such process, an error if that cannot be told.
+fn start_time(pid: u32) -> io::Result<Option<u64>> {
+    let stat = match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // The command name, in parentheses, may hold spaces and parentheses: fields are counted
+    // from after its last `)`, where field 3 starts.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(|| io::Error::other("no command name"))?;
+    let field = after.split_whitespace().nth(22 - 3).ok_or_else(|| io::Error::other("no start time"))?;
+    field.parse().map(Some).map_err(io::Error::other)
+}
+
+/// Whether the process that took the liveness lock whose file holds `mark` is gone: it ran
+/// in this PID namespace and no process of its pid and start time runs now. `false` when
+/// that cannot be told (no mark, another namespace, `/proc` unreadable).
+fn marked_process_gone(mark: &str) -> bool {
+    let mut fields = mark.split_whitespace();
+    let (Some(pid), Some(start), Some(ns)) = (fields.next(), fields.next(), fields.next()) else { return false };
+    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else { return false };
+    let Some((dev, ino)) = pid_namespace() else { return false };
+    if ns != format!("{dev}:{ino}") {
+        return false;
+    }
+    match start_time(pid) {
+        Ok(Some(now)) => now != start,
+        Ok(None) => true,
+        Err(_) => false,
+    }
 }
 
 /// Whether any handle, in any process, holds the context in `dir`.
@@ -356,15 +417,40 @@ pub(crate) fn is_live(dir: &Path) -> Result<bool> {
     Ok(false)
 }
 
+/// Removes the liveness files of handles that died without a pending object (those with
+/// one go when [`recover_dead`](WorkflowContext::recover_dead) deletes it): otherwise every
+/// crash would leave one, for every later liveness check of the context to open and lock.
+/// Only files unchanged for [`STAGING_GRACE`](crate::gc::STAGING_GRACE): a handle's file is
+/// unlocked for a moment between its creation and its lock. Best effort.
+fn sweep_dead_liveness(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir.join(PROCS_DIR)) else { return };
+    for entry in entries.flatten() {
+        let old = entry.metadata().is_ok_and(|m| crate::gc::unchanged_for(&m, crate::gc::STAGING_GRACE));
+        if old && matches!(holder_alive(&entry.path()), Ok(false)) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Whether the handle whose liveness file is `path` is alive: `false` only if the file is
-/// gone or nobody holds its lock.
+/// gone, nobody holds its lock, or the process that took the lock is gone (a process it
+/// forked holds it; see [`own_mark`]).
 ///
 /// # Errors
 /// If the file cannot be opened for another reason (out of file descriptors or memory, a
 /// permission changed): not knowing is not the same as dead.
 fn holder_alive(path: &Path) -> Result<bool> {
-    // A lock that cannot be tried for another reason than a holder is taken as held.
-    Ok(fsutil::open_rw_if_exists(path, "open liveness file")?.is_some_and(|f| !matches!(f.try_lock(), Ok(()))))
+    let Some(file) = fsutil::open_rw_if_exists(path, "open liveness file")? else { return Ok(false) };
+    match file.try_lock() {
+        Ok(()) => Ok(false),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut mark = String::new();
+            let read = io::Read::read_to_string(&mut io::Read::take(&file, 128), &mut mark);
+            Ok(read.is_err() || !marked_process_gone(&mark))
+        }
+        // A lock that cannot be tried for another reason than a holder is taken as held.
+        Err(std::fs::TryLockError::Error(_)) => Ok(true),
+    }
 }
 
 /// Which tiers a save may use: the value tiers, placed by the policy, or the one tier
@@ -645,6 +731,7 @@ impl WorkflowContext {
             let mut g = ctx.write_lock()?;
             ctx.recover_dead(&mut g)?;
         }
+        sweep_dead_liveness(&ctx.dir);
         Ok(ctx)
     }
 

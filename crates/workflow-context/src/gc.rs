@@ -24,7 +24,7 @@ const REMOVING_PREFIX: &str = ".removing-";
 /// after making it, and changes it until it moves it into place (within milliseconds); a
 /// removal changes it until it is gone. Only a process stopped for this long would be
 /// mistaken for dead.
-const STAGING_GRACE: Duration = Duration::from_secs(60);
+pub(crate) const STAGING_GRACE: Duration = Duration::from_secs(60);
 
 /// Removes a context's directory, renamed out of the way first (to
 /// `.removing-<name>-<random>`): the run id is free at once, and a removal cut short (a
@@ -218,7 +218,7 @@ fn removing_run_id(name: &str) -> Option<&str> {
 
 /// Whether the directory `meta` describes has not changed (no entry made or removed in it)
 /// for `grace`; a modification time in the future counts as now.
-fn unchanged_for(meta: &fs::Metadata, grace: Duration) -> bool {
+pub(crate) fn unchanged_for(meta: &fs::Metadata, grace: Duration) -> bool {
     meta.modified().is_ok_and(|at| SystemTime::now().duration_since(at).is_ok_and(|age| age >= grace))
 }
 

@@ -22,12 +22,15 @@
 //!
 //! # Holders that die
 //! The kernel released an `flock` when its holder died; it does not clear `owner`. A
-//! waiter that slept a whole nap while one holder kept the lock asks whether that holder
+//! waiter that watched one holder keep the lock for a whole nap, with no release waking it
+//! (a signal cutting a nap short does not start the watch again), asks whether that holder
 //! is still alive: every attached handle holds a lock on its liveness file
 //! (`procs/<token>`) for as long as it lives, and the kernel drops that one when the
-//! process dies. If the holder is dead, the waiter takes the lock over with a
-//! compare-exchange from the dead token, so exactly one waiter does, about 10 ms after the
-//! death. The new holder then does what every writer does first: it catches up with the
+//! process dies, unless a process it forked without `exec` still holds a copy of the
+//! file's descriptor: so the file also names the process that took the lock, and a lock
+//! whose taker is gone counts as dead. If the holder is dead, the waiter takes the lock
+//! over with a compare-exchange from the dead token, so exactly one waiter does, about 10 ms
+//! after the death. The new holder then does what every writer does first: it catches up with the
 //! journal and repairs whatever the dead writer left half done.
 //!
 //! A process killed while it sleeps leaves `sleepers` counted up, and each release would
@@ -64,6 +67,17 @@ pub(crate) struct IndexLock<'a> {
     spinner: &'a AtomicU64,
 }
 
+/// How a nap ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Nap {
+    /// It lasted [`NAP`]: no release woke this thread.
+    Whole,
+    /// A signal handler cut it short.
+    Interrupted,
+    /// A release woke it, or came before it began.
+    Woken,
+}
+
 /// How a lock was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Taken {
@@ -89,7 +103,9 @@ impl<'a> IndexLock<'a> {
     /// the lock has stayed with one holder for a while.
     pub(crate) fn acquire(&self, token: u64, alive: impl Fn(u64) -> bool) -> Taken {
         debug_assert_ne!(token, 0);
-        let mut napped_on = None;
+        // The holder this waiter watches, and since when no release has woken it: a nap
+        // cut short by a signal is no release, so it does not start the watch again.
+        let mut watched: Option<(u64, Instant)> = None;
         let mut yielded = false;
         loop {
             if self.try_take(token) {
@@ -100,7 +116,8 @@ impl<'a> IndexLock<'a> {
             }
             let holder = self.owner.load(Ordering::Acquire);
             // Only a holder that kept the lock through a whole nap is asked about.
-            if holder != 0 && napped_on == Some(holder) && !alive(holder) {
+            if holder != 0 && watched.is_some_and(|(h, since)| h == holder && since.elapsed() >= NAP) && !alive(holder)
+            {
                 if self.owner.compare_exchange(holder, token, Ordering::Acquire, Ordering::Relaxed).is_ok() {
                     return Taken::FromDead(holder);
                 }
@@ -114,7 +131,14 @@ impl<'a> IndexLock<'a> {
                 continue;
             }
             yielded = false;
-            napped_on = self.nap().then_some(holder);
+            let before = Instant::now();
+            watched = match self.nap() {
+                Nap::Woken => None,
+                Nap::Whole | Nap::Interrupted => match watched {
+                    Some((h, since)) if h == holder => Some((h, since)),
+                    _ => Some((holder, before)),
+                },
+            };
         }
     }
 
@@ -159,20 +183,26 @@ impl<'a> IndexLock<'a> {
         }
     }
 
-    /// Sleeps until a release wakes this thread or [`NAP`] passes. Whether it slept the
-    /// whole nap (no release woke it).
-    fn nap(&self) -> bool {
+    /// Sleeps until a release wakes this thread or [`NAP`] passes.
+    fn nap(&self) -> Nap {
         self.sleepers.fetch_add(1, Ordering::SeqCst);
         let seq = self.seq.load(Ordering::SeqCst);
         // A release after the count went up either changes `seq` (and the wait returns at
         // once) or wakes this thread; a release before it is seen here.
-        let timed_out = self.owner.load(Ordering::SeqCst) != 0 && {
+        let nap = if self.owner.load(Ordering::SeqCst) == 0 {
+            Nap::Woken
+        } else {
             let nap = futex::Timespec { tv_sec: 0, tv_nsec: NAP.as_nanos() as _ };
-            futex::wait(self.seq, futex::Flags::empty(), seq, Some(&nap)) == Err(rustix::io::Errno::TIMEDOUT)
+            match futex::wait(self.seq, futex::Flags::empty(), seq, Some(&nap)) {
+                Err(rustix::io::Errno::TIMEDOUT) => Nap::Whole,
+                // A signal handler ran: with a timeout, the kernel never restarts the wait.
+                Err(rustix::io::Errno::INTR) => Nap::Interrupted,
+                _ => Nap::Woken,
+            }
         };
         // Never below zero: a release may have taken this thread's count for a dead one's.
         let _ = self.sleepers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        timed_out
+        nap
     }
 
     /// Releases the lock held by `token`, and wakes a sleeper if there is one. Does nothing
@@ -386,5 +416,46 @@ mod tests {
         words.lock().release(8);
         assert_eq!(waiter.join().unwrap(), Taken::Free);
         assert_eq!(words.lock().holder(), 9);
+    }
+
+    #[test]
+    fn a_dead_holder_is_taken_over_though_signals_interrupt_the_naps() {
+        use std::os::unix::thread::JoinHandleExt;
+        extern "C" fn on_signal(_: libc::c_int) {}
+        // A process with a signal handler (a timer, SIGCHLD of the workers it runs, a
+        // profiler): even with SA_RESTART, a futex wait with a timeout ends in EINTR.
+        // SAFETY: the handler does nothing.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+        }
+        let words = Words::new();
+        // Token 7 takes the lock and dies.
+        assert_eq!(words.lock().acquire(7, |_| true), Taken::Free);
+        let done = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (words, done) = (words.clone(), done.clone());
+            std::thread::spawn(move || {
+                let taken = words.lock().acquire(8, |t| t != 7);
+                done.store(true, Ordering::SeqCst);
+                taken
+            })
+        };
+        let started = Instant::now();
+        // One signal every 2 ms, for up to 2 s (200 naps' worth).
+        while !done.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(2) {
+            // SAFETY: the thread is alive until `done` (it is joined below).
+            unsafe { libc::pthread_kill(waiter.as_pthread_t(), libc::SIGUSR1) };
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let taken_over = done.load(Ordering::SeqCst);
+        if !taken_over {
+            words.lock().release(7); // let the waiter go
+        }
+        let taken = waiter.join().unwrap();
+        assert!(taken_over, "a dead holder's lock was not taken over in {:?} of signals", started.elapsed());
+        assert_eq!(taken, Taken::FromDead(7));
     }
 }

@@ -164,7 +164,106 @@ fn child_main() {
             drop(held);
             println!("{spare} spare descriptors: {swept:?}");
         }
+        "hold-the-index-lock" => {
+            let ctx = open_from_env();
+            // A small save writes its value under the index lock: this one never finishes.
+            ctx.save("held", &HoldsTheLock(std::cell::Cell::new(0))).unwrap();
+        }
+        "open-and-wait" => {
+            let _ctx = open_from_env();
+            println!("READY");
+            std::thread::sleep(std::time::Duration::from_secs(120));
+        }
         other => panic!("unknown role {other}"),
+    }
+}
+
+/// A value whose second serialization (the one a save writes into its tier, under the index
+/// lock for a small value) says `HOLDING` and never returns.
+struct HoldsTheLock(std::cell::Cell<u32>);
+
+impl serde::Serialize for HoldsTheLock {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let call = self.0.replace(self.0.get() + 1);
+        if call == 1 {
+            println!("HOLDING");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(60));
+            }
+        }
+        s.serialize_u8(1)
+    }
+}
+
+/// Starts this test binary as a child of `role` on the context `run` in `base`, and waits
+/// until it prints `ready`.
+fn start_child(role: &str, base: &std::path::Path, run: &str, ready: &str) -> std::process::Child {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", ENTRY, "--ignored", "--nocapture", "--test-threads=1"])
+        .env("WFCTX_CHILD_ROLE", role)
+        .env("WFCTX_BASE", base)
+        .env("WFCTX_RUN", run)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().contains(ready)), "the {role} child never said {ready}");
+    child
+}
+
+/// The names of the liveness files in a context's directory.
+fn liveness_files(ctx: &WorkflowContext) -> std::collections::BTreeSet<std::ffi::OsString> {
+    std::fs::read_dir(ctx.dir().join("procs")).unwrap().map(|e| e.unwrap().file_name()).collect()
+}
+
+#[test]
+fn a_dead_holders_lock_is_taken_over_though_a_process_it_forked_holds_its_liveness_file() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let before = liveness_files(&ctx);
+    let mut child = start_child("hold-the-index-lock", b.path(), ctx.run_id(), "HOLDING");
+    let theirs: Vec<_> = liveness_files(&ctx).difference(&before).cloned().collect();
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A process the holder forked would hold its liveness lock on: the kernel drops such a
+    // lock with the last descriptor of the file, and a fork without exec copies them all.
+    // This process plays that heir: the lock is held, and the process that took it is gone.
+    let heir = std::fs::File::open(ctx.dir().join("procs").join(&theirs[0])).unwrap();
+    heir.lock().unwrap();
+    let (done, saved) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ctx.save("after", &2u8).unwrap();
+            done.send(()).unwrap();
+        });
+        let took = saved.recv_timeout(std::time::Duration::from_secs(5));
+        // In any case, let the save go on.
+        drop(heir);
+        assert!(took.is_ok(), "a dead holder's lock was not taken over in 5 s while its liveness file stayed locked");
+    });
+    assert_eq!(ctx.load::<u8>("after").unwrap(), 2);
+}
+
+#[test]
+fn the_liveness_files_of_killed_handles_go() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let ours = liveness_files(&ctx);
+    for i in 0..3u8 {
+        let mut child = start_child("open-and-wait", b.path(), ctx.run_id(), "READY");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Dead for longer than a handle takes between creating its file and locking it.
+        for name in liveness_files(&ctx) {
+            let file = std::fs::File::open(ctx.dir().join("procs").join(name)).unwrap();
+            file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120)).unwrap();
+        }
+        // The next handle to attach removes them.
+        let next = builder(b.path()).run_id(ctx.run_id()).open().unwrap();
+        next.save("k", &i).unwrap();
+        drop(next);
+        assert_eq!(liveness_files(&ctx), ours, "round {i}: liveness files of dead handles stay");
     }
 }
 
