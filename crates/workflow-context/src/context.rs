@@ -356,9 +356,15 @@ fn own_mark() -> Option<String> {
     Some(format!("{pid} {} {dev}:{ino}\n", start_time(pid).ok()??))
 }
 
-/// The device and inode of this process's PID namespace.
+/// The device and inode of this process's PID namespace; `None` without `/proc`, or with
+/// a `/proc` of another PID namespace (mounted before an `unshare --pid`), where the pids
+/// it lists are not the ones this process's namespace gives.
 fn pid_namespace() -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    if stat.split_whitespace().next()? != std::process::id().to_string() {
+        return None;
+    }
     fs::metadata("/proc/self/ns/pid").ok().map(|m| (m.dev(), m.ino()))
 }
 
@@ -1903,5 +1909,25 @@ mod tests {
             saver.join().unwrap();
         });
         assert_eq!(ctx.load::<String>("k").unwrap(), "after the release");
+    }
+
+    #[test]
+    fn a_liveness_mark_tells_a_gone_process_from_a_live_one() {
+        let mine = own_mark().expect("this machine has /proc");
+        assert!(!marked_process_gone(&mine), "this process is alive: {mine}");
+        // A process that has exited, with the same namespace.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let ns = mine.split_whitespace().nth(2).unwrap();
+        assert!(marked_process_gone(&format!("{pid} 1 {ns}")), "an exited process");
+        // This process's pid with another start time: its pid was reused.
+        let me = std::process::id();
+        assert!(marked_process_gone(&format!("{me} 1 {ns}")), "a reused pid");
+        // What cannot be told is never gone: another namespace, no mark, a damaged one.
+        assert!(!marked_process_gone(&format!("{pid} 1 0:0")));
+        for mark in ["", "12", "x y z", "4294967296 1 1:1"] {
+            assert!(!marked_process_gone(mark), "{mark:?}");
+        }
     }
 }
