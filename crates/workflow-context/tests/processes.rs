@@ -343,17 +343,7 @@ fn several_processes_write_at_once() {
 fn a_context_left_by_a_killed_creator_can_be_replaced() {
     let b = base();
     let run = run_id("killed");
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
-        .args(["--exact", ENTRY, "--ignored", "--nocapture", "--test-threads=1"])
-        .env("WFCTX_CHILD_ROLE", "create-and-wait")
-        .env("WFCTX_BASE", b.path())
-        .env("WFCTX_RUN", &run)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.any(|l| l.unwrap().contains("READY")), "child never got ready");
+    let mut child = creator_that_waits(b.path(), &run);
     // While the creator lives, its run id is taken.
     assert!(matches!(builder(b.path()).run_id(&run).create(), Err(workflow_context::Error::AlreadyExists { .. })));
     let opened = builder(b.path()).run_id(&run).open().unwrap();
@@ -406,18 +396,8 @@ fn a_full_disk_stops_the_index_growing_with_an_error_not_a_sigbus() {
 fn space_held_by_a_killed_writer_is_reclaimed() {
     let b = base();
     let ctx = builder(b.path()).max_ram_bytes(budget(64 << 20)).create().unwrap();
-    let exe = std::env::current_exe().unwrap();
     for round in 0..5u64 {
-        let mut child = Command::new(&exe)
-            .args(["--exact", ENTRY, "--ignored", "--nocapture", "--test-threads=1"])
-            .env("WFCTX_CHILD_ROLE", "overwrite-forever")
-            .env("WFCTX_BASE", b.path())
-            .env("WFCTX_RUN", ctx.run_id())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        assert!(lines.any(|l| l.unwrap().contains("READY")));
+        let mut child = start_child("overwrite-forever", b.path(), ctx.run_id(), "READY");
         // Kill it somewhere in the middle of a save, overwrite or remove.
         std::thread::sleep(std::time::Duration::from_millis(30 + 17 * round));
         child.kill().unwrap();
@@ -503,17 +483,7 @@ fn small_disk_values_go_to_redb_and_large_to_mmap_across_processes() {
 /// Starts a child that creates context `run` in `base`, saves a RAM, a disk and a small
 /// value, and waits; returns it once it is ready.
 fn creator_that_waits(base: &std::path::Path, run: &str) -> std::process::Child {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", ENTRY, "--ignored", "--nocapture", "--test-threads=1"])
-        .env("WFCTX_CHILD_ROLE", "create-and-wait")
-        .env("WFCTX_BASE", base)
-        .env("WFCTX_RUN", run)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(lines.any(|l| l.unwrap().contains("READY")), "child never got ready");
-    child
+    start_child("create-and-wait", base, run, "READY")
 }
 
 /// Makes a context of `run` in `base` in a child process, then kills the child: a context
