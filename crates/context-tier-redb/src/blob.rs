@@ -669,6 +669,18 @@ impl ChunkQueue {
         left
     }
 
+    /// Closes the queue when dropped, whatever happens before: a writer that panics must
+    /// not leave the helper waiting for chunks (and the put's scope waiting for it).
+    fn closer(&self) -> impl Drop + '_ {
+        struct Closer<'q>(&'q ChunkQueue);
+        impl Drop for Closer<'_> {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        Closer(self)
+    }
+
     /// The next chunk for the helper; `None` once the queue is closed and empty.
     fn take(&self) -> Option<(u32, Vec<u8>)> {
         let mut state = self.state();
@@ -877,6 +889,7 @@ pub(crate) fn encode_chunked<E>(
     let (done, from_helper) = mpsc::channel::<Done>();
     let (last, stored, failed, written) = thread::scope(|s| {
         let helper = thread::Builder::new().name("redb-zstd".into()).spawn_scoped(s, || helper(level, &queue, done));
+        let _close = queue.closer();
         let mut sink = ChunkSink {
             level,
             filling: Vec::new(),
@@ -1522,6 +1535,32 @@ mod tests {
         let mut object = NewObject { id: ObjectId(1), len: random.len() as u64, data: ObjectData::Parts(&[&random]) };
         let table = chunked(&mut object);
         assert!(table.chunks.values().all(|c| c[0] == RAW && c.len() + 64 <= 1 << 20));
+    }
+
+    #[test]
+    fn a_panicking_writer_stops_a_chunked_put_and_lets_its_helper_go() {
+        let bytes = Arc::new(text(3 * CHUNK + 1000));
+        // Panics before any chunk is full, after one, and after three (the helper busy).
+        for stop in [1000, CHUNK + 10, 3 * CHUNK] {
+            let (done, finished) = mpsc::channel();
+            let bytes = Arc::clone(&bytes);
+            // On a thread of its own, so that a put that hangs fails the test (its thread is
+            // left behind) instead of hanging it.
+            thread::spawn(move || {
+                let caught = std::panic::catch_unwind(|| {
+                    let mut write = |out: &mut dyn io::Write| -> Result<(), Error> {
+                        out.write_all(&bytes[..stop]).unwrap();
+                        panic!("the writer panicked");
+                    };
+                    let mut object =
+                        NewObject { id: ObjectId(3), len: bytes.len() as u64, data: ObjectData::Write(&mut write) };
+                    let _ = encode_chunked(&mut object, 1, &mut |_: &[Chunk]| Ok::<(), ()>(()));
+                });
+                let _ = done.send(caught.is_err());
+            });
+            let panicked = finished.recv_timeout(std::time::Duration::from_secs(20));
+            assert_eq!(panicked, Ok(true), "stopped at {stop}: the put hung or did not panic");
+        }
     }
 
     #[test]
