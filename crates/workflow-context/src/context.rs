@@ -984,6 +984,9 @@ impl WorkflowContext {
     /// under the lock, from its id to its commit, and noted in the meta page's in-flight word
     /// instead ([`Meta::in_flight`](crate::index::Meta::in_flight)), which the next holder of
     /// the lock reads ([`reclaim_in_flight`](Self::reclaim_in_flight)).
+    ///
+    /// The caller has checked the key and that the context is open
+    /// ([`check_key`](Self::check_key)).
     #[allow(clippy::too_many_arguments)]
     fn store(
         &self,
@@ -995,7 +998,6 @@ impl WorkflowContext {
         pool: Pool<'_>,
         put: &mut dyn FnMut(&dyn StorageTier, ObjectId) -> Result<PutOutcome>,
     ) -> Result<()> {
-        self.check_key(key)?;
         if opts.is_ram_only() && !opts.uses_ram() {
             return Err(Error::InvalidOptions {
                 key: key.to_owned(),
