@@ -427,12 +427,18 @@ pub(crate) fn is_live(dir: &Path) -> Result<bool> {
 /// one go when [`recover_dead`](WorkflowContext::recover_dead) deletes it): otherwise every
 /// crash would leave one, for every later liveness check of the context to open and lock.
 /// Only files unchanged for [`STAGING_GRACE`](crate::gc::STAGING_GRACE): a handle's file is
-/// unlocked for a moment between its creation and its lock. Best effort.
+/// unlocked for a moment between its creation and its lock. Only files whose lock nobody
+/// holds: an open costs one lock attempt per old file, not the `/proc` reads that tell a
+/// forked heir's lock (such a file goes with its heir). Best effort.
 fn sweep_dead_liveness(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir.join(PROCS_DIR)) else { return };
     for entry in entries.flatten() {
         let old = entry.metadata().is_ok_and(|m| crate::gc::unchanged_for(&m, crate::gc::STAGING_GRACE));
-        if old && matches!(holder_alive(&entry.path()), Ok(false)) {
+        let unlocked = || {
+            let file = fsutil::open_rw_if_exists(&entry.path(), "open liveness file");
+            matches!(file, Ok(Some(f)) if f.try_lock().is_ok())
+        };
+        if old && unlocked() {
             let _ = fs::remove_file(entry.path());
         }
     }
