@@ -737,7 +737,9 @@ struct ChunkSink<'r, 's, E> {
 }
 
 impl<E> ChunkSink<'_, '_, E> {
-    /// Takes in a compressed chunk, keeping its freed buffer for reuse.
+    /// Takes in a compressed chunk, keeping its freed buffer for reuse, and stores the
+    /// pending chunks as soon as they hold [`COMMIT_EVERY`] bytes: chunks come in from both
+    /// threads, several at a time, so a batch is bounded here, where each arrives.
     fn collect(&mut self, (chunk, free): Done) {
         let i = chunk.index as usize;
         if self.stored.len() <= i {
@@ -750,6 +752,10 @@ impl<E> ChunkSink<'_, '_, E> {
             && self.spare.is_empty()
         {
             self.spare.push(buffer);
+        }
+        if self.pending_bytes >= COMMIT_EVERY {
+            // A failure is kept in `failed`, which the next write reports.
+            let _ = self.store_pending();
         }
     }
 
@@ -838,9 +844,7 @@ impl<E> io::Write for ChunkSink<'_, '_, E> {
                 while let Ok(done) = self.from_helper.try_recv() {
                     self.collect(done);
                 }
-                if self.pending_bytes >= COMMIT_EVERY {
-                    self.store_pending()?;
-                }
+                self.check()?;
             }
         }
         Ok(buf.len())
@@ -1527,7 +1531,7 @@ mod tests {
                 assert!(table.held <= footprint(bytes.len() as u64), "{} bytes hold {}", bytes.len(), table.held);
                 let blobs: u64 = table.chunks.values().map(|c| c.len() as u64).sum();
                 assert_eq!(table.held, table.manifest.len() as u64 + blobs);
-                assert!(table.batches.iter().all(|&b| b < COMMIT_EVERY + 2 * (HEADER + CHUNK)), "{:?}", table.batches);
+                assert!(table.batches.iter().all(|&b| b < COMMIT_EVERY + HEADER + CHUNK), "{:?}", table.batches);
                 assert!(read_chunked(&table).unwrap() == bytes, "{} bytes", bytes.len());
             }
         }
