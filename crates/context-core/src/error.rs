@@ -131,6 +131,21 @@ pub enum Error {
         /// The run id of the closed context.
         run_id: String,
     },
+    /// The handle was opened by another process, which this one was forked from (without
+    /// `exec`): it refuses every operation here, and dropping it here leaves the context
+    /// alone. Open the context again in this process.
+    #[error(
+        "this handle of context {run_id:?} belongs to process {opened_by}, which process {pid} was forked from; \
+         open the context again in this process"
+    )]
+    Forked {
+        /// The run id of the context.
+        run_id: String,
+        /// The process that opened the handle.
+        opened_by: u32,
+        /// The process that tried to use it.
+        pid: u32,
+    },
     /// An operating-system call failed.
     #[error("{op} {}{}: {source}", path.display(), match key { Some(k) => format!(" (key {k:?})"), None => String::new() })]
     Io {
@@ -289,6 +304,16 @@ mod tests {
         let e = Error::Runner { key: "model".into(), source: "server unreachable".into() };
         assert_eq!(e.to_string(), "key \"model\": the graph runner failed: server unreachable");
         assert_eq!(std::error::Error::source(&e).map(ToString::to_string).as_deref(), Some("server unreachable"));
+    }
+
+    #[test]
+    fn a_forked_handle_names_both_processes_and_the_way_out() {
+        let e = Error::Forked { run_id: "render-42".into(), opened_by: 100, pid: 200 };
+        assert_eq!(
+            e.to_string(),
+            "this handle of context \"render-42\" belongs to process 100, which process 200 was forked from; \
+             open the context again in this process"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::config::{self, CONFIG_ENV, FileConfig};
+use crate::fork::Process;
 use crate::index::{Entry, Meta, Placed, Rec, Replica, STATE_CLOSED};
 use crate::table::Lookup;
 use crate::{codec, export, fsutil, tiers};
@@ -45,10 +46,19 @@ pub(crate) const PROCS_DIR: &str = "procs";
 /// The handle that created the context owns it: dropping that handle, or calling
 /// [`shutdown`](Self::shutdown) from any handle, removes every segment and file of the
 /// context. Handles from [`open`](Self::open) only detach when dropped.
+///
+/// A handle belongs to the process that opened it. A process forked from that one without
+/// `exec` (a worker pool that forks) inherits a copy, which refuses every call there with
+/// [`Error::Forked`] and, dropped there, leaves the context, the liveness of its parent's
+/// handles and the tiers' state alone: the child opens the context again for a handle of
+/// its own.
 pub struct WorkflowContext {
     run_id: String,
     dir: PathBuf,
     owner: bool,
+    /// The process that opened this handle: a child forked from it inherits a copy, which
+    /// must neither act nor clean up in that process's name (see [`crate::fork`]).
+    process: Process,
     token: u64,
     meta: Meta,
     replica: RwLock<Replica>,
@@ -348,8 +358,8 @@ fn register_liveness(dir: &Path, token: u64) -> Result<(File, PathBuf)> {
 /// `multiprocessing` does) holds a copy of every descriptor of its parent. If the parent
 /// dies first, its lock stays held for as long as such a child lives, and a writer would
 /// wait for it that long. The mark says who took the lock: once that process is gone, the
-/// lock is an heir's, and its handle is dead. (A forked child must not use its parent's
-/// handles; it only inherited their descriptors.)
+/// lock is an heir's, and its handle is dead. (The child's copies of its parent's handles
+/// refuse to act: see [`crate::fork`].)
 fn own_mark() -> Option<String> {
     let pid = std::process::id();
     let (dev, ino) = pid_namespace()?;
@@ -649,6 +659,7 @@ impl WorkflowContext {
 
     /// Builds the tiers and the handle around an attached context.
     fn assemble(run_id: String, dir: PathBuf, owner: bool, parts: Attached, setup: Setup) -> Result<Self> {
+        let process = crate::fork::this_process();
         let mut tiers = tiers::build(&run_id, Some(parts.meta.instance()), &dir)?;
         let recipe_tier = tiers::recipes(&dir)?;
         for extra in setup.extra_tiers {
@@ -678,6 +689,7 @@ impl WorkflowContext {
             run_id,
             dir,
             owner,
+            process,
             token: parts.token,
             meta: parts.meta,
             replica: RwLock::new(parts.replica),
@@ -765,8 +777,18 @@ impl WorkflowContext {
     }
 
     fn check_open(&self) -> Result<()> {
+        self.check_process()?;
         if self.closed.load(Ordering::Acquire) || self.meta.state() == STATE_CLOSED {
             return Err(Error::Closed { run_id: self.run_id.clone() });
+        }
+        Ok(())
+    }
+
+    /// Refuses to act in a process forked from the one that opened this handle.
+    fn check_process(&self) -> Result<()> {
+        let here = crate::fork::this_process();
+        if !here.same(self.process) {
+            return Err(Error::Forked { run_id: self.run_id.clone(), opened_by: self.process.pid(), pid: here.pid() });
         }
         Ok(())
     }
@@ -1558,6 +1580,8 @@ impl WorkflowContext {
     /// context's directory. Idempotent; afterwards every call on any handle returns
     /// [`Error::Closed`].
     pub fn shutdown(&self) -> Result<()> {
+        // In a forked child, the context and the handle's state are its parent's.
+        self.check_process()?;
         let first = !self.closed.swap(true, Ordering::AcqRel);
         // Whoever ended the context (this handle, another one, another process), this
         // handle lets go of what it holds of its values: the values it rebuilt, and its
@@ -1604,6 +1628,22 @@ impl WorkflowContext {
         drop(writer);
         self.release_liveness();
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Lets a copy of this handle inherited by a forked child go without touching anything
+    /// its parent still uses: the liveness file stays, and the tiers, the policy and the
+    /// values this handle rebuilt are never dropped here, so no destructor of theirs (a
+    /// database's, a model's) runs twice on the same state. What stays allocated is this
+    /// process's own copy, freed when it exits; mappings and descriptors close as usual
+    /// (a lock taken on a descriptor lives on in the parent's copy).
+    fn abandon_in_forked_child(&mut self) {
+        std::mem::forget(self.liveness.get_mut().unwrap_or_else(lock_poisoned).take());
+        std::mem::forget(self.tiers.clone());
+        std::mem::forget(self.ram_tiers.clone());
+        std::mem::forget(self.recipe_tier.clone());
+        std::mem::forget(Arc::clone(&self.policy));
+        #[cfg(feature = "tier-graph")]
+        self.refs.abandon();
     }
 
     fn release_liveness(&self) {
@@ -1693,7 +1733,9 @@ pub(crate) fn finish_removal(run_id: &str, dir: &Path) -> Result<()> {
 
 impl Drop for WorkflowContext {
     fn drop(&mut self) {
-        if self.owner {
+        if self.check_process().is_err() {
+            self.abandon_in_forked_child();
+        } else if self.owner {
             let _ = self.shutdown();
         } else {
             self.release_liveness();

@@ -4,6 +4,7 @@ mod codec;
 mod config;
 mod context;
 mod export;
+mod fork;
 mod fsutil;
 mod gc;
 mod index;

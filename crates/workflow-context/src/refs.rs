@@ -26,6 +26,13 @@ impl Refs {
         Refs { runner, rebuilt: Mutex::new(Some(HashMap::new())) }
     }
 
+    /// Lets go of the runner and the rebuilt values without dropping them: for a copy of a
+    /// handle inherited by a forked child, whose parent still uses them.
+    pub(crate) fn abandon(&mut self) {
+        std::mem::forget(self.runner.take());
+        std::mem::forget(self.rebuilt.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).take());
+    }
+
     /// Drops every rebuilt value this handle holds, and keeps none from now on.
     pub(crate) fn clear(&self) {
         *self.rebuilt.lock().unwrap_or_else(|p| p.into_inner()) = None;
