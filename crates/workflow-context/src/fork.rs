@@ -10,11 +10,11 @@
 //! anywhere else.
 //!
 //! # How, for the cost of one read
-//! Every operation checks, so the check must not be a system call (`getpid` costs about
-//! 50 to 100 ns on a VM, a quarter of a small load). This process's identity lives in one
-//! anonymous page mapped with `MADV_WIPEONFORK` (Linux 4.14): a forked child sees that
-//! page zeroed, finds no identity there, and takes a new one. Where the kernel refuses the
-//! advice, every check asks the kernel instead: slower, never wrong.
+//! Every operation checks, so the check must not be a system call: `getpid` costs about
+//! 85 ns on the 2-core VM of `docs/benchmarks.md`, 40 % of a small load. This process's
+//! identity lives in one anonymous page mapped with `MADV_WIPEONFORK` (Linux 4.14): a
+//! forked child sees that page zeroed, finds no identity there, and takes a new one. Where
+//! the kernel refuses the advice, every check asks the kernel instead: slower, never wrong.
 //!
 //! The identity is the process id. A child in a new PID namespace can have its parent's
 //! process id (the parent being its own namespace's init, the child the first process of
