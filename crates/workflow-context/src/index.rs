@@ -720,7 +720,13 @@ impl Replica {
         // Without the lock, a writer may be rewriting this file (see `reuse_spare`): the
         // kernel copies the bytes, and `follow` throws the copy away if that happened.
         let mut buf = vec![0u8; (to - from) as usize];
-        self.journal.read_exact_at(&mut buf, from).map_err(|e| Error::io("read index journal", self.path(), e))?;
+        self.journal.read_exact_at(&mut buf, from).map_err(|e| match e.kind() {
+            // The file ends before what the meta page says is committed: it was truncated.
+            std::io::ErrorKind::UnexpectedEof => {
+                self.corrupt(format!("committed length {to} is past the end of the journal (truncated)"))
+            }
+            _ => Error::io("read index journal", self.path(), e),
+        })?;
         decode_frames(&buf, from).map_err(|d| self.corrupt(d))
     }
 
