@@ -52,6 +52,13 @@ pub(crate) const PROCS_DIR: &str = "procs";
 /// [`Error::Forked`] and, dropped there, leaves the context, the liveness of its parent's
 /// handles and the tiers' state alone: the child opens the context again for a handle of
 /// its own.
+///
+/// # Errors
+/// Besides what each method's own section lists: every call in a forked child is
+/// [`Error::Forked`]; after a [`shutdown`](Self::shutdown) (from any handle) every call
+/// but `shutdown` is [`Error::Closed`]; a key that is empty or over 4096 bytes is
+/// [`Error::InvalidKey`]; a damaged index file is [`Error::Corrupt`], and a failed system
+/// call [`Error::Io`].
 pub struct WorkflowContext {
     run_id: String,
     dir: PathBuf,
@@ -284,9 +291,13 @@ impl ContextBuilder {
     /// Creates a new context.
     ///
     /// # Errors
-    /// [`Error::Config`] for a bad configuration, [`Error::InvalidRunId`],
-    /// [`Error::AlreadyExists`] if a live context already has this run id (a dead one left
-    /// by a crash is cleaned up and replaced), [`Error::Io`] if the directory cannot be made.
+    /// [`Error::Config`] for a bad configuration (the file's, or the builder's: a
+    /// `max_ram_gb` that is negative or not a number, a tier name used twice);
+    /// [`Error::InvalidRunId`]; [`Error::AlreadyExists`] if a live context already has this
+    /// run id, or something that is not a context (a symlink, a file) has its name (a dead
+    /// context left by a crash is cleaned up and replaced); [`Error::Io`] if the directory
+    /// cannot be made, or the contexts directory is refused (a symlink, a file, another
+    /// user's, or writable by others).
     pub fn create(self) -> Result<WorkflowContext> {
         let file = self.file_config()?;
         let ram_capacity = self.ram_capacity(&file)?;
@@ -313,7 +324,11 @@ impl ContextBuilder {
     ///
     /// # Errors
     /// [`Error::ContextNotFound`] if there is no such context, [`Error::Closed`] if it is
-    /// being shut down, [`Error::InvalidRunId`] if no valid run id was given.
+    /// being shut down, [`Error::InvalidRunId`] if no valid run id was given;
+    /// [`Error::Config`] for a bad configuration file (it is read for `CONTEXTS_DIR_NAME`)
+    /// or a tier name used twice; [`Error::Corrupt`] if the context's meta page, journal or
+    /// key table is damaged; [`Error::Io`] if a symlink or a file is where the context's
+    /// directory should be, or its files cannot be opened.
     pub fn open(self) -> Result<WorkflowContext> {
         let file = self.file_config()?;
         let run_id = self
@@ -559,8 +574,12 @@ impl WorkflowContext {
         ContextBuilder::new()
     }
 
-    /// Attaches to the existing context `run_id` in the default contexts directory
-    /// (the original's `create=False`).
+    /// Attaches to the existing context `run_id` in the default contexts directory: the
+    /// temp dir's `workflow_contexts`, or the `CONTEXTS_DIR_NAME` of the configuration file
+    /// named by `WORKFLOW_CONTEXT_CONFIG` (the original's `create=False`).
+    ///
+    /// # Errors
+    /// Those of [`ContextBuilder::open`].
     pub fn open(run_id: &str) -> Result<Self> {
         Self::builder().run_id(run_id).open()
     }
@@ -1277,6 +1296,9 @@ impl WorkflowContext {
     /// assert_eq!(ctx.load::<u64>("seed")?, 12345);
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Errors
+    /// Those of [`save_with`](Self::save_with).
     pub fn save<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
         self.save_with(key, value, SaveOptions::new())
     }
@@ -1294,6 +1316,13 @@ impl WorkflowContext {
     /// # }
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::OutOfRam`] or [`Error::OutOfDisk`], storing nothing, if no tier the value
+    /// may go to has room (budget or file system); [`Error::InvalidOptions`]
+    /// for `use_ram(false)` with `ram_only(true)`; [`Error::NoTier`] if the options allow
+    /// only a kind of tier the policy admits none of; [`Error::NoPlacement`] if the policy
+    /// admits no tier at all; [`Error::Codec`] if the value cannot be encoded.
     pub fn save_with<T: Serialize + ?Sized>(&self, key: &str, value: &T, opts: SaveOptions) -> Result<()> {
         self.save_typed(key, value, opts, PassBy::Val, Pool::Values)
     }
@@ -1330,6 +1359,9 @@ impl WorkflowContext {
     /// assert_eq!(&*ctx.load_bytes("frame")?, &frame[..]);
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Errors
+    /// Those of [`save_with`](Self::save_with), except [`Error::Codec`].
     pub fn save_bytes(&self, key: &str, bytes: &[u8], opts: SaveOptions) -> Result<()> {
         self.check_key(key)?;
         let len = record::record_len(bytes.len() as u64);
@@ -1348,8 +1380,10 @@ impl WorkflowContext {
     /// [`Error::KeyNotFound`]; [`Error::Codec`] if the bytes do not decode as `T` (the
     /// value was saved as another type), or if the value was saved as raw bytes with
     /// [`save_bytes`](Self::save_bytes) (read those with [`load_bytes`](Self::load_bytes):
-    /// bytes that happen to decode would give a wrong value); [`Error::Corrupt`] if the
-    /// stored bytes fail their checks.
+    /// bytes that happen to decode would give a wrong value); [`Error::ByReference`] if the
+    /// key holds a value passed by reference (rebuild it with `load_ref`);
+    /// [`Error::Corrupt`] if the stored bytes fail their checks; [`Error::TierUnavailable`]
+    /// if the value is in a tier this handle does not have.
     pub fn load<T: DeserializeOwned>(&self, key: &str) -> Result<T> {
         let (entry, record) = self.load_value(key)?;
         if entry.flags & FLAG_TYPED == 0 {
@@ -1367,10 +1401,16 @@ impl WorkflowContext {
     /// mmap tier over 64 KiB, which stays valid even if the value is overwritten or removed
     /// meanwhile; a copy for smaller values and for values in the redb tier (decompressed).
     ///
-    /// The bytes are checked (length and checksum) the first time this handle reads the
-    /// object; objects never change after they are written, so later loads of the same
-    /// object cost O(1). This handle keeps the checked view of a large value until it sees
-    /// the value replaced or removed (at its next operation on the context).
+    /// Every load checks the bytes (length and checksum), except that a value whose record
+    /// is 64 KiB or more is checked only the first time this handle reads it: objects never
+    /// change after they are written, so the handle keeps the checked view, and later loads
+    /// of the same object cost O(1), until it sees the value replaced or removed (at its
+    /// next operation on the context). A smaller value is copied and checked at every load.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotFound`]; [`Error::ByReference`] if the key holds a value passed by
+    /// reference; [`Error::Corrupt`] if the stored bytes fail their checks;
+    /// [`Error::TierUnavailable`] if the value is in a tier this handle does not have.
     pub fn load_bytes(&self, key: &str) -> Result<Payload> {
         let (_, record) = self.load_value(key)?;
         Ok(record.slice(HEADER_LEN..record.len() - TRAILER_LEN))
@@ -1531,8 +1571,9 @@ impl WorkflowContext {
     ///
     /// # Errors
     /// [`Error::KeyNotFound`]; [`Error::AlreadyExists`] if `dest` exists and `overwrite` is
-    /// false; [`Error::NotExportable`] for a value stored by reference; [`Error::Io`],
-    /// also for a destination inside the context's own directory.
+    /// false; [`Error::NotExportable`] for a value stored by reference; [`Error::Corrupt`]
+    /// if the stored value fails its checks; [`Error::Io`], also for a destination inside
+    /// the context's own directory.
     pub fn export_data(&self, key: &str, dest: impl AsRef<Path>, overwrite: bool) -> Result<()> {
         let dest = dest.as_ref();
         self.check_key(key)?;
