@@ -31,7 +31,7 @@ pub enum Error {
     /// Something already exists where a new thing was to be created.
     #[error("{what} already exists: {}", path.display())]
     AlreadyExists {
-        /// What was being created ("export destination", "context").
+        /// What was being created or is in the way ("export destination", "live context").
         what: &'static str,
         /// The path that is taken.
         path: PathBuf,
@@ -44,7 +44,9 @@ pub enum Error {
         /// Why not.
         reason: String,
     },
-    /// The value does not fit in the RAM budget and the save asked for RAM only.
+    /// The value does not fit in RAM (its budget, or shared memory itself) and may not go
+    /// to disk: the save asked for RAM only, or no disk tier is there to take it (a build
+    /// without one, a policy that ranks none).
     #[error(
         "key {key:?}: {needed} bytes do not fit in RAM ({available} of {capacity} bytes of the budget free{})",
         if *shm_full { ", and shared memory itself is full" } else { "" }
@@ -68,7 +70,8 @@ pub enum Error {
         key: String,
         /// Bytes the value needs on disk.
         needed: u64,
-        /// Bytes of the disk budget still free, if a budget applies.
+        /// Bytes of the disk budget still free; `None` if no budget applies, or if the file
+        /// system refused the space although the budget had room.
         available: Option<u64>,
     },
     /// The key is not acceptable (empty, too long).

@@ -39,8 +39,8 @@ pub struct ObjectRef {
 }
 
 impl ObjectRef {
-    /// The `slot` of an object whose writer died before the tier's answer was recorded.
-    /// [`StorageTier::delete`] must then find the object by its id.
+    /// The `slot` of an object whose put gave no answer to record: its writer died, or the
+    /// put failed or panicked. [`StorageTier::delete`] must then find the object by its id.
     pub const UNKNOWN_SLOT: u64 = u64::MAX;
 }
 
@@ -217,7 +217,8 @@ pub struct Location {
 /// What a tier holds right now, as its own storage says.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TierUsage {
-    /// Bytes held (the sum of [`StorageTier::footprint`] of the objects present).
+    /// Bytes held: the sum of [`ObjectRef::held`] of the objects present (for a tier that
+    /// compresses, less than the sum of their [`StorageTier::footprint`]).
     pub bytes: u64,
     /// Number of objects held.
     pub objects: u64,
@@ -266,7 +267,9 @@ impl Capabilities {
 ///
 /// Every method may be called from many threads, and from many processes that build the
 /// same tier over the same context, at once. The context never calls `put` twice with the
-/// same id, and never calls `get` or `delete` on an object that `put` has not returned.
+/// same id, and never calls `get` on an object that `put` has not returned. It may call
+/// `delete`, by id ([`ObjectRef::UNKNOWN_SLOT`]), on an object whose `put` failed,
+/// panicked or never returned (its writer died), in case the put left something behind.
 ///
 /// Run `context_core::tier_conformance_tests!` (feature `testing`) in your tier's tests to check
 /// it keeps this contract.
@@ -336,7 +339,8 @@ pub trait StorageTier: Send + Sync + fmt::Debug {
     ///   succeeds.
     /// - With [`ObjectRef::UNKNOWN_SLOT`], the tier finds the object by id alone, its `len`
     ///   being 0 when the caller does not know it either (this may be slow; it only happens
-    ///   when cleaning up after a writer that died).
+    ///   when cleaning up after a writer that died, or after a put that failed or panicked,
+    ///   whose object may not exist at all).
     /// - Payloads already returned by `get` stay valid.
     fn delete(&self, object: &ObjectRef) -> Result<bool>;
 
