@@ -19,8 +19,10 @@ use crate::WorkflowGraph;
 /// - Returns the value that the graph's chosen output ([`WorkflowGraph::output`]) gives;
 ///   callers downcast it to the type they expect.
 /// - Called from many tasks at once; it must be safe to run the same graph twice.
-/// - A failure is an error. A runner that wraps an error of its own (an HTTP client's, a
-///   loader's) returns [`context_core::Error::Runner`] with that error as its source.
+/// - A failure is an error, of any variant. The context hands it to its caller as the
+///   source of a [`context_core::Error::Runner`] naming the key being loaded, so a runner
+///   never needs keys: one that wraps an error of its own (an HTTP client's, a loader's)
+///   can return `Error::Runner` with that error as its source and an empty `key`.
 ///
 /// ```
 /// use std::any::Any;
