@@ -1,9 +1,11 @@
 //! The configuration file and how the RAM budget is worked out.
 
+use std::fmt;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use context_core::{Error, Result};
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 /// The environment variable that names a configuration file.
@@ -49,13 +51,18 @@ impl FileConfig {
     pub(crate) fn parse(text: &str, source_name: &str) -> Result<FileConfig> {
         let stripped =
             json_comments::StripComments::with_settings(json_comments::CommentSettings::c_style(), text.as_bytes());
-        let value: Value = serde_json::from_reader(stripped)
+        let TopLevel(members) = serde_json::from_reader(stripped)
             .map_err(|e| config_err(source_name, None, format!("malformed JSON: {e}")))?;
-        let Value::Object(map) = value else {
+        let Some(members) = members else {
             return Err(config_err(source_name, None, "the top level must be a JSON object"));
         };
+        // Before any value is checked: which of a key's values was meant cannot be told.
+        let mut seen = std::collections::HashSet::with_capacity(members.len());
+        if let Some((key, _)) = members.iter().find(|(key, _)| !seen.insert(key)) {
+            return Err(config_err(source_name, Some(key), "is given more than once; give each key once"));
+        }
         let mut cfg = FileConfig { source_name: source_name.to_owned(), ..FileConfig::default() };
-        for (key, value) in &map {
+        for (key, value) in &members {
             let err = |msg: String| config_err(source_name, Some(key), msg);
             match key.as_str() {
                 // A known key set to null is unset; an unknown one is refused like any other.
@@ -91,6 +98,53 @@ impl FileConfig {
     pub(crate) fn contexts_dir(&self) -> PathBuf {
         let name = self.contexts_dir_name.as_deref().unwrap_or(DEFAULT_CONTEXTS_DIR_NAME);
         std::env::temp_dir().join(name)
+    }
+}
+
+/// The top level of a configuration file: its members in the file's order, duplicates
+/// kept (a `serde_json` map keeps only the last value of a key given twice), or `None` if
+/// it is not an object.
+struct TopLevel(Option<Vec<(String, Value)>>);
+
+impl<'de> Deserialize<'de> for TopLevel {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Members;
+        impl<'de> Visitor<'de> for Members {
+            type Value = TopLevel;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<TopLevel, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<String, Value>()? {
+                    members.push(member);
+                }
+                Ok(TopLevel(Some(members)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<TopLevel, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(TopLevel(None))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<TopLevel, E> {
+                Ok(TopLevel(None))
+            }
+        }
+        deserializer.deserialize_any(Members)
     }
 }
 
@@ -198,6 +252,26 @@ mod tests {
                 Err(Error::Config { source_name, key: k, message }) => {
                     assert_eq!(source_name, "test.json");
                     assert_eq!(k.as_deref(), key, "{text}: {message}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_not_read_as_its_last_value() {
+        // serde_json keeps the last of duplicate keys: the first value, valid or not, would
+        // vanish unseen.
+        for text in [
+            r#"{"MAX_RAM_GB": 1, "MAX_RAM_GB": 64}"#,
+            r#"{"MAX_RAM_PERCENT": 0, "MAX_RAM_PERCENT": 50}"#,
+            r#"{"CONTEXTS_DIR_NAME": "a", /* later */ "MAX_RAM_GB": 2, "CONTEXTS_DIR_NAME": "b"}"#,
+            r#"{"MAX_RAM_GB": 1, "MAX_RAM_GB": null}"#,
+        ] {
+            match parse(text) {
+                Err(Error::Config { key, message, .. }) => {
+                    assert!(matches!(key.as_deref(), Some("MAX_RAM_GB" | "MAX_RAM_PERCENT" | "CONTEXTS_DIR_NAME")));
+                    assert!(message.contains("more than once"), "{text}: {message}");
                 }
                 other => panic!("{text}: {other:?}"),
             }
