@@ -252,7 +252,8 @@ impl ContextBuilder {
 
     /// The base directory that holds contexts (one subdirectory per run id). Default: the
     /// temp dir joined with `CONTEXTS_DIR_NAME` from the configuration, or
-    /// `workflow_contexts`.
+    /// `workflow_contexts`. A relative path is taken from the working directory when the
+    /// context is created or opened.
     pub fn contexts_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.contexts_dir = Some(dir.into());
         self
@@ -269,8 +270,11 @@ impl ContextBuilder {
         }
     }
 
-    fn base_dir(&self, file: &FileConfig) -> PathBuf {
-        self.contexts_dir.clone().unwrap_or_else(|| file.contexts_dir())
+    /// The contexts directory, made absolute: the context's paths are kept, and a relative
+    /// one would name another place once the program changes its working directory.
+    fn base_dir(&self, file: &FileConfig) -> Result<PathBuf> {
+        let base = self.contexts_dir.clone().unwrap_or_else(|| file.contexts_dir());
+        std::path::absolute(&base).map_err(|e| Error::io("resolve contexts directory", &base, e))
     }
 
     fn ram_capacity(&self, file: &FileConfig) -> Result<u64> {
@@ -301,7 +305,7 @@ impl ContextBuilder {
     pub fn create(self) -> Result<WorkflowContext> {
         let file = self.file_config()?;
         let ram_capacity = self.ram_capacity(&file)?;
-        let base = self.base_dir(&file);
+        let base = self.base_dir(&file)?;
         let run_id = match &self.run_id {
             Some(id) => {
                 validate_run_id(id)?;
@@ -336,7 +340,7 @@ impl ContextBuilder {
             .clone()
             .ok_or(Error::InvalidRunId { run_id: String::new(), reason: "opening a context needs its run id" })?;
         validate_run_id(&run_id)?;
-        WorkflowContext::open_in(&self.base_dir(&file), run_id, self.setup)
+        WorkflowContext::open_in(&self.base_dir(&file)?, run_id, self.setup)
     }
 }
 

@@ -97,6 +97,21 @@ fn child_main() {
             // The parent still holds its database handle open while this process writes.
             assert_eq!(ctx.storage_info("child-small").unwrap().unwrap().tier, "redb");
         }
+        "relative-contexts-dir" => {
+            // A contexts directory given relative to the working directory, which the
+            // program changes afterwards (as servers and workers do).
+            std::env::set_current_dir(env("WFCTX_BASE")).unwrap();
+            let ctx = WorkflowContext::builder().contexts_dir("rel").create().unwrap();
+            ctx.save("before", "the chdir").unwrap();
+            std::env::set_current_dir("/").unwrap();
+            ctx.save_bytes("large", &[7u8; 1 << 20], common::to_disk()).unwrap();
+            ctx.save("small", &1u32).unwrap();
+            assert_eq!(ctx.load::<String>("before").unwrap(), "the chdir");
+            assert!(ctx.dir().is_absolute(), "{}", ctx.dir().display());
+            let opener = WorkflowContext::builder().contexts_dir(ctx.dir().parent().unwrap()).run_id(ctx.run_id());
+            assert_eq!(&*opener.open().unwrap().load_bytes("large").unwrap(), &[7u8; 1 << 20][..]);
+            ctx.shutdown().unwrap();
+        }
         "shutdown" => {
             let ctx = open_from_env();
             ctx.shutdown().unwrap();
@@ -426,6 +441,15 @@ fn space_held_by_a_killed_writer_is_reclaimed() {
             .count();
         assert_eq!(large_segments, large_in_ram, "round {round}: no leaked segment");
     }
+}
+
+#[test]
+fn a_relative_contexts_dir_survives_a_change_of_working_directory() {
+    let b = base();
+    let out = run_child(ENTRY, "relative-contexts-dir", &[("WFCTX_BASE", b.path().to_str().unwrap())]);
+    assert_child_ok(&out);
+    let left = common::tree(&b.path().join("rel"));
+    assert!(left.is_empty(), "the shut-down context left {left:?}");
 }
 
 #[test]
