@@ -97,7 +97,17 @@ impl FileConfig {
     /// The contexts directory these settings select.
     pub(crate) fn contexts_dir(&self) -> PathBuf {
         let name = self.contexts_dir_name.as_deref().unwrap_or(DEFAULT_CONTEXTS_DIR_NAME);
-        std::env::temp_dir().join(name)
+        temp_dir().join(name)
+    }
+}
+
+/// The temp directory: `TMPDIR`, unless it is unset or empty (as POSIX, `mktemp` and
+/// Python's `tempfile` read it), else `/tmp`. (`std::env::temp_dir` takes an empty `TMPDIR`
+/// for the working directory.)
+fn temp_dir() -> PathBuf {
+    match std::env::var_os("TMPDIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from("/tmp"),
     }
 }
 

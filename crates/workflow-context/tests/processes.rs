@@ -81,6 +81,15 @@ fn child_main() {
             reopened.save("k", &1u8).unwrap();
             assert_eq!(ctx.load::<u8>("k").unwrap(), 1);
         }
+        "empty-tmpdir" => {
+            // TMPDIR is set but empty: as unset (POSIX, mktemp, Python's tempfile), not the
+            // working directory.
+            let ctx = WorkflowContext::new().unwrap();
+            let name = env("WFCTX_DIR_NAME");
+            assert_eq!(ctx.dir().parent().unwrap(), std::path::Path::new("/tmp").join(&name));
+            drop(ctx);
+            std::fs::remove_dir(std::path::Path::new("/tmp").join(&name)).unwrap();
+        }
         "bad-env-config" => match WorkflowContext::new() {
             Err(workflow_context::Error::Config { source_name, key, .. }) => {
                 assert!(source_name.ends_with("bad.json"), "{source_name}");
@@ -464,6 +473,21 @@ fn the_config_file_can_come_from_the_environment() {
     std::fs::write(&bad, r#"{"MAX_RAM_PERCENT": 0}"#).unwrap();
     let out =
         run_child(ENTRY, "bad-env-config", &[("WORKFLOW_CONTEXT_CONFIG", bad.to_str().unwrap()), ("TMPDIR", tmp)]);
+    assert_child_ok(&out);
+}
+
+#[test]
+fn an_empty_tmpdir_is_taken_as_unset() {
+    let b = base();
+    let name = format!("wfctx-empty-tmpdir-{}", run_id("d"));
+    let cfg = b.path().join("cfg.json");
+    std::fs::write(&cfg, format!(r#"{{"CONTEXTS_DIR_NAME": "{name}"}}"#)).unwrap();
+    let vars = [("WORKFLOW_CONTEXT_CONFIG", cfg.to_str().unwrap()), ("TMPDIR", ""), ("WFCTX_DIR_NAME", &name)];
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", ENTRY, "--ignored", "--nocapture", "--test-threads=1"]);
+    cmd.env("WFCTX_CHILD_ROLE", "empty-tmpdir").envs(vars).current_dir(b.path());
+    let out = cmd.output().unwrap();
+    assert!(!b.path().join(&name).exists(), "the context was made in the working directory");
     assert_child_ok(&out);
 }
 
