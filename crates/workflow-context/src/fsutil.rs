@@ -41,14 +41,20 @@ pub(crate) fn create_dir(path: &Path, op: &'static str) -> Result<()> {
     DirBuilder::new().mode(0o700).create(path).map_err(|e| Error::io(op, path, e))
 }
 
-/// Makes sure `path` is a directory we may keep contexts in: creates it (0700, parents as
-/// needed) if missing; if present, it must be a real directory (not a symlink), owned by
-/// this user, and not writable by others.
+/// Makes sure `path` is a directory we may keep contexts in: creates it (0700, and the
+/// parents it needs 0700) if missing; if present, it must be a real directory (not a
+/// symlink), owned by this user, and not writable by others.
 pub(crate) fn ensure_private_dir(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                fs::create_dir_all(parent).map_err(|e| Error::io("create parent of contexts directory", parent, e))?;
+                // 0700 too: a parent others may write to lets them move the contexts
+                // directory away and put one of theirs in its place.
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(|e| Error::io("create parent of contexts directory", parent, e))?;
             }
             match DirBuilder::new().mode(0o700).create(path) {
                 Ok(()) => Ok(()),

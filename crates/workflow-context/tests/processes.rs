@@ -90,6 +90,18 @@ fn child_main() {
             drop(ctx);
             std::fs::remove_dir(std::path::Path::new("/tmp").join(&name)).unwrap();
         }
+        "umask-0-nested-contexts-dir" => {
+            // A process started with umask 0 (some daemons and containers), and a contexts
+            // directory whose parents do not exist yet (a CONTEXTS_DIR_NAME of "farm/contexts").
+            // SAFETY: umask has no preconditions.
+            unsafe { libc::umask(0) };
+            let base = std::path::PathBuf::from(env("WFCTX_BASE"));
+            let ctx = WorkflowContext::builder().contexts_dir(base.join("farm/contexts")).create().unwrap();
+            for dir in [base.join("farm"), base.join("farm/contexts"), ctx.dir().to_owned()] {
+                let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
+                assert_eq!(mode & 0o022, 0, "{} is writable by others: {mode:o}", dir.display());
+            }
+        }
         "bad-env-config" => match WorkflowContext::new() {
             Err(workflow_context::Error::Config { source_name, key, .. }) => {
                 assert!(source_name.ends_with("bad.json"), "{source_name}");
@@ -488,6 +500,13 @@ fn an_empty_tmpdir_is_taken_as_unset() {
     cmd.env("WFCTX_CHILD_ROLE", "empty-tmpdir").envs(vars).current_dir(b.path());
     let out = cmd.output().unwrap();
     assert!(!b.path().join(&name).exists(), "the context was made in the working directory");
+    assert_child_ok(&out);
+}
+
+#[test]
+fn the_parents_a_contexts_dir_needs_are_made_private_whatever_the_umask() {
+    let b = base();
+    let out = run_child(ENTRY, "umask-0-nested-contexts-dir", &[("WFCTX_BASE", b.path().to_str().unwrap())]);
     assert_child_ok(&out);
 }
 
