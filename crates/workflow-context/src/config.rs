@@ -193,28 +193,41 @@ fn check_dir_name(s: &str) -> std::result::Result<(), &'static str> {
     Ok(())
 }
 
-/// The memory the machine (or its cgroup, where that is lower) has, in bytes.
-pub(crate) fn memory_limit() -> u64 {
+/// The memory the machine (or its cgroup, where that is lower) has, in bytes; `None` when
+/// that cannot be told (no `/proc/meminfo`, as in some sandboxes).
+pub(crate) fn memory_limit() -> Option<u64> {
     use sysinfo::{MemoryRefreshKind, RefreshKind, System};
-    let Ok(sys) = System::new_with_specifics(RefreshKind::nothing().with_memory(MemoryRefreshKind::everything()))
-    else {
-        return 0;
-    };
+    let sys = System::new_with_specifics(RefreshKind::nothing().with_memory(MemoryRefreshKind::everything())).ok()?;
     let total = sys.total_memory();
-    match sys.cgroup_limits() {
+    let limit = match sys.cgroup_limits() {
         Some(limits) if limits.total_memory > 0 && limits.total_memory < total => limits.total_memory,
         _ => total,
-    }
+    };
+    (limit > 0).then_some(limit)
 }
 
 /// The RAM budget from the file's two limits (the smaller holds) and the machine's memory.
-pub(crate) fn ram_budget(file: &FileConfig, memory: u64) -> u64 {
+///
+/// # Errors
+/// [`Error::Config`] naming `MAX_RAM_PERCENT` when the machine's memory is unknown and the
+/// file sets no `MAX_RAM_GB`: a share of it cannot be worked out (and is not 0).
+pub(crate) fn ram_budget(file: &FileConfig, memory: Option<u64>) -> Result<u64> {
     let percent = file.max_ram_percent.unwrap_or(DEFAULT_MAX_RAM_PERCENT);
+    let by_gb = file.max_ram_gb.map(gb_to_bytes);
+    let Some(memory) = memory else {
+        return by_gb.ok_or_else(|| {
+            config_err(
+                &file.source_name,
+                Some("MAX_RAM_PERCENT"),
+                format!(
+                    "cannot tell how much memory this machine has (is /proc mounted?), so not {percent} percent of \
+                     it either: set MAX_RAM_GB, or ContextBuilder::max_ram_gb or max_ram_bytes"
+                ),
+            )
+        });
+    };
     let by_percent = (memory as f64 * percent / 100.0) as u64;
-    match file.max_ram_gb {
-        Some(gb) => by_percent.min(gb_to_bytes(gb)),
-        None => by_percent,
-    }
+    Ok(by_gb.map_or(by_percent, |gb| by_percent.min(gb)))
 }
 
 #[cfg(test)]
@@ -299,19 +312,32 @@ mod tests {
 
     #[test]
     fn the_smaller_limit_holds() {
-        let mem = 16u64 << 30;
+        let mem = Some(16u64 << 30);
         let mut cfg = FileConfig::default();
-        assert_eq!(ram_budget(&cfg, mem), 8 << 30, "default 50 percent");
+        assert_eq!(ram_budget(&cfg, mem).unwrap(), 8 << 30, "default 50 percent");
         cfg.max_ram_gb = Some(2.0);
-        assert_eq!(ram_budget(&cfg, mem), 2 << 30);
+        assert_eq!(ram_budget(&cfg, mem).unwrap(), 2 << 30);
         cfg.max_ram_percent = Some(10.0);
-        assert_eq!(ram_budget(&cfg, mem), (mem as f64 * 0.1) as u64);
+        assert_eq!(ram_budget(&cfg, mem).unwrap(), ((16u64 << 30) as f64 * 0.1) as u64);
         cfg.max_ram_gb = Some(100.0);
-        assert_eq!(ram_budget(&cfg, mem), (mem as f64 * 0.1) as u64);
+        assert_eq!(ram_budget(&cfg, mem).unwrap(), ((16u64 << 30) as f64 * 0.1) as u64);
+    }
+
+    #[test]
+    fn an_unknown_memory_leaves_only_max_ram_gb() {
+        let mut cfg = FileConfig { source_name: "test.json".into(), ..FileConfig::default() };
+        match ram_budget(&cfg, None) {
+            Err(Error::Config { source_name, key, .. }) => {
+                assert_eq!((source_name.as_str(), key.as_deref()), ("test.json", Some("MAX_RAM_PERCENT")));
+            }
+            other => panic!("{other:?}"),
+        }
+        cfg.max_ram_gb = Some(2.0);
+        assert_eq!(ram_budget(&cfg, None).unwrap(), 2 << 30);
     }
 
     #[test]
     fn memory_limit_is_plausible() {
-        assert!(memory_limit() > 64 << 20);
+        assert!(memory_limit().is_some_and(|m| m > 64 << 20));
     }
 }

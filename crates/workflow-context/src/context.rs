@@ -288,7 +288,7 @@ impl ContextBuilder {
                 })?;
                 Ok(config::gb_to_bytes(gb))
             }
-            None => Ok(config::ram_budget(file, config::memory_limit())),
+            None => config::ram_budget(file, config::memory_limit()),
         }
     }
 

@@ -102,6 +102,27 @@ fn child_main() {
                 assert_eq!(mode & 0o022, 0, "{} is writable by others: {mode:o}", dir.display());
             }
         }
+        "no-proc-budget" => {
+            // /proc is an empty file system here: how much memory the machine has cannot be
+            // told, so neither can a share of it.
+            let base = env("WFCTX_BASE");
+            match WorkflowContext::builder().contexts_dir(&base).create() {
+                Err(workflow_context::Error::Config { key, message, .. }) => {
+                    assert_eq!(key.as_deref(), Some("MAX_RAM_PERCENT"), "{message}");
+                    assert!(message.contains("MAX_RAM_GB"), "says what to set instead: {message}");
+                }
+                other => panic!("a share of an unknown memory must be an error, not a budget: {other:?}"),
+            }
+            // An explicit limit needs no share: it holds alone.
+            let ctx = WorkflowContext::builder().contexts_dir(&base).config_path(env("WFCTX_CFG")).create().unwrap();
+            if cfg!(feature = "tier-shm") {
+                assert_eq!(ctx.usage().unwrap().ram_capacity_bytes, 1 << 29, "MAX_RAM_GB 0.5 from the file");
+            }
+            let ctx = WorkflowContext::builder().contexts_dir(&base).max_ram_bytes(1 << 20).create().unwrap();
+            if cfg!(feature = "tier-shm") {
+                assert_eq!(ctx.usage().unwrap().ram_capacity_bytes, 1 << 20);
+            }
+        }
         "bad-env-config" => match WorkflowContext::new() {
             Err(workflow_context::Error::Config { source_name, key, .. }) => {
                 assert!(source_name.ends_with("bad.json"), "{source_name}");
@@ -508,6 +529,26 @@ fn the_parents_a_contexts_dir_needs_are_made_private_whatever_the_umask() {
     let b = base();
     let out = run_child(ENTRY, "umask-0-nested-contexts-dir", &[("WFCTX_BASE", b.path().to_str().unwrap())]);
     assert_child_ok(&out);
+}
+
+#[test]
+fn without_proc_a_share_of_memory_is_an_error_not_a_zero_budget() {
+    use context_core::testing::{Sandboxed, in_private_tmpfs};
+    let b = base();
+    let c = base();
+    let cfg = c.path().join("cfg.json");
+    std::fs::write(&cfg, r#"{"MAX_RAM_GB": 0.5, "MAX_RAM_PERCENT": 50}"#).unwrap();
+    let envs = [
+        ("WFCTX_CHILD_ROLE", std::ffi::OsStr::new("no-proc-budget")),
+        ("WFCTX_BASE", b.path().as_os_str()),
+        ("WFCTX_CFG", cfg.as_os_str()),
+    ];
+    match in_private_tmpfs(ENTRY, std::path::Path::new("/proc"), "1m", &envs) {
+        Sandboxed::Ran(_) => {}
+        Sandboxed::Skipped(why) => {
+            println!("SKIPPED without_proc_a_share_of_memory_is_an_error_not_a_zero_budget: {why}")
+        }
+    }
 }
 
 #[test]
