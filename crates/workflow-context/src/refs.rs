@@ -97,8 +97,9 @@ impl WorkflowContext {
     /// This handle runs each recipe once per content hash
     /// ([`WorkflowGraph::content_hash`]): the same graph saved under two keys is rebuilt
     /// once, and concurrent first loads wait for one run. A failed run is not remembered:
-    /// the next load runs the graph again. [`shutdown`](Self::shutdown) drops every
-    /// rebuilt value.
+    /// the next load runs the graph again; nor is a value that is not a `T`. A load
+    /// dropped mid-run (a timeout) leaves the run to the next load.
+    /// [`shutdown`](Self::shutdown) drops every rebuilt value.
     ///
     /// # Errors
     /// Those of [`load_graph`](Self::load_graph); [`Error::NoRunner`] if the context was
@@ -114,13 +115,18 @@ impl WorkflowContext {
         let Some(cell) = self.refs.cell(graph.content_hash()) else {
             return Err(Error::Closed { run_id: self.run_id().to_owned() });
         };
+        let wrong_type = || Error::WrongType { key: key.to_owned(), expected: std::any::type_name::<T>() };
         let value = cell
             .get_or_try_init(|| async {
-                runner.run(&graph).await.map_err(|e| Error::Runner { key: key.to_owned(), source: Box::new(e) })
+                let value =
+                    runner.run(&graph).await.map_err(|e| Error::Runner { key: key.to_owned(), source: Box::new(e) })?;
+                // A value no load of this type can use is not remembered, as a failure.
+                if !value.is::<T>() {
+                    return Err(wrong_type());
+                }
+                Ok(value)
             })
             .await?;
-        Arc::clone(value)
-            .downcast::<T>()
-            .map_err(|_| Error::WrongType { key: key.to_owned(), expected: std::any::type_name::<T>() })
+        Arc::clone(value).downcast::<T>().map_err(|_| wrong_type())
     }
 }

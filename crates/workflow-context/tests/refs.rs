@@ -7,13 +7,16 @@ mod common;
 #[path = "../examples/graph_runner/toy.rs"]
 mod toy;
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Barrier};
+use std::any::Any;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 
 use common::{assert_child_ok, base, builder, run_child};
+use futures::channel::oneshot;
 use futures::executor::block_on;
 use toy::{Image, ToyRunner};
-use workflow_context::{Error, PassBy, SaveOptions, StorageKind, WorkflowContext, WorkflowGraph};
+use workflow_context::{Error, GraphRunner, PassBy, SaveOptions, StorageKind, WorkflowContext, WorkflowGraph};
 
 const SUM: &str = r#"{"1": {"class_type": "Constant", "inputs": {"value": 2}},
                       "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 40}}}"#;
@@ -22,6 +25,39 @@ const IMAGE: &str = r#"{"1": {"class_type": "SyntheticImage", "inputs": {"width"
 
 fn graph(json: &str) -> WorkflowGraph {
     WorkflowGraph::from_json(json).unwrap()
+}
+
+type Rebuilt = Arc<dyn Any + Send + Sync>;
+
+/// A runner whose runs each wait for the value the test sends them, in the order they
+/// start: the test decides when a run ends and what it gives. Counts its runs.
+#[derive(Default)]
+struct GatedRunner {
+    runs: AtomicUsize,
+    gates: Mutex<VecDeque<oneshot::Receiver<Rebuilt>>>,
+}
+
+impl GatedRunner {
+    /// The sender that ends the next run not yet given one.
+    fn gate(&self) -> oneshot::Sender<Rebuilt> {
+        let (tx, rx) = oneshot::channel();
+        self.gates.lock().unwrap().push_back(rx);
+        tx
+    }
+
+    fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+}
+
+#[workflow_context::async_trait]
+impl GraphRunner for GatedRunner {
+    async fn run(&self, _graph: &WorkflowGraph) -> workflow_context::Result<Rebuilt> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let gate = self.gates.lock().unwrap().pop_front().expect("the test gave this run a gate");
+        // A dropped sender fails the run.
+        gate.await.map_err(|_| Error::InvalidGraph { node: None, reason: "the run was called off".into() })
+    }
 }
 
 #[test]
@@ -237,4 +273,64 @@ fn a_stored_recipe_that_is_no_valid_graph_is_an_invalid_graph_error() {
         }
         other => panic!("expected InvalidGraph naming node \"2\", got {other:?}"),
     }
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_not_remembered() {
+    let b = base();
+    let runner = Arc::new(GatedRunner::default());
+    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    // The runner gives a value of the wrong type first (a bug of its own, since fixed),
+    // then the right one.
+    runner.gate().send(Arc::new("forty-two".to_owned())).unwrap();
+    runner.gate().send(Arc::new(42.0f64)).unwrap();
+    assert!(matches!(block_on(ctx.load_ref::<f64>("sum")), Err(Error::WrongType { key, .. }) if key == "sum"));
+    // Like a failed run, the unusable value is not kept: the next load runs the graph again.
+    let sum = block_on(ctx.load_ref::<f64>("sum")).expect("the second run gives an f64");
+    assert_eq!((*sum, runner.runs()), (42.0, 2));
+    // The right value is kept, and asking for another type does not drop it.
+    assert!(matches!(block_on(ctx.load_ref::<String>("sum")), Err(Error::WrongType { .. })));
+    assert!(Arc::ptr_eq(&sum, &block_on(ctx.load_ref::<f64>("sum")).unwrap()));
+    assert_eq!(runner.runs(), 2);
+}
+
+#[test]
+fn a_load_called_off_or_panicking_mid_run_leaves_the_next_one_to_run_the_graph() {
+    let b = base();
+    let runner = Arc::new(GatedRunner::default());
+    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    // The load running the graph is dropped (a timeout, a `select!`): the one waiting for
+    // it runs the graph and gets the value.
+    let _first_gate = runner.gate();
+    let second_gate = runner.gate();
+    let second = block_on(async {
+        let mut first = Box::pin(ctx.load_ref::<f64>("sum"));
+        let mut second = Box::pin(ctx.load_ref::<f64>("sum"));
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        assert!(futures::poll!(second.as_mut()).is_pending());
+        drop(first);
+        second_gate.send(Arc::new(42.0f64)).unwrap();
+        second.await
+    });
+    assert_eq!((*second.unwrap(), runner.runs()), (42.0, 2));
+
+    // A runner that panics: the panic reaches the caller, and the next load runs again.
+    let panicky = "{\"1\": {\"class_type\": \"Panic\", \"inputs\": {}}}";
+    ctx.save_ref("panicky", &graph(panicky)).unwrap();
+    struct Panics;
+    #[workflow_context::async_trait]
+    impl GraphRunner for Panics {
+        async fn run(&self, _graph: &WorkflowGraph) -> workflow_context::Result<Rebuilt> {
+            panic!("the runner panics")
+        }
+    }
+    let with_panics = builder(b.path()).run_id(ctx.run_id()).graph_runner(Arc::new(Panics)).open().unwrap();
+    let caught =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| block_on(with_panics.load_ref::<f64>("panicky"))));
+    assert!(caught.is_err(), "the panic reaches the caller");
+    let caught =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| block_on(with_panics.load_ref::<f64>("panicky"))));
+    assert!(caught.is_err(), "the next load runs the graph again, neither poisoned nor hung");
 }
