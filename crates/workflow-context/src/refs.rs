@@ -38,6 +38,11 @@ impl Refs {
         *self.rebuilt.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// Whether the handle is shut down (its rebuilt values dropped).
+    fn cleared(&self) -> bool {
+        self.rebuilt.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
     /// The cell of `hash`, or `None` once the handle is shut down.
     fn cell(&self, hash: u128) -> Option<Arc<OnceCell<Rebuilt>>> {
         let mut rebuilt = self.rebuilt.lock().unwrap_or_else(|p| p.into_inner());
@@ -99,13 +104,15 @@ impl WorkflowContext {
     /// once, and concurrent first loads wait for one run. A failed run is not remembered:
     /// the next load runs the graph again; nor is a value that is not a `T`. A load
     /// dropped mid-run (a timeout) leaves the run to the next load.
-    /// [`shutdown`](Self::shutdown) drops every rebuilt value.
+    /// [`shutdown`](Self::shutdown) drops every rebuilt value: a load still running or
+    /// waiting then ends with [`Error::Closed`], and no run starts after it.
     ///
     /// # Errors
     /// Those of [`load_graph`](Self::load_graph); [`Error::NoRunner`] if the context was
     /// built without [`graph_runner`](crate::ContextBuilder::graph_runner);
     /// [`Error::Runner`] (keeping the runner's error as its source) if the run fails;
-    /// [`Error::WrongType`] if the runner's value is not a `T`.
+    /// [`Error::WrongType`] if the runner's value is not a `T`; [`Error::Closed`] if this
+    /// handle shuts down before the value is handed out.
     pub async fn load_ref<T: Any + Send + Sync>(&self, key: &str) -> Result<Arc<T>> {
         let graph = self.load_graph(key)?;
         let Some(runner) = self.refs.runner.clone() else {
@@ -115,9 +122,14 @@ impl WorkflowContext {
         let Some(cell) = self.refs.cell(graph.content_hash()) else {
             return Err(Error::Closed { run_id: self.run_id().to_owned() });
         };
+        let closed = || Error::Closed { run_id: self.run_id().to_owned() };
         let wrong_type = || Error::WrongType { key: key.to_owned(), expected: std::any::type_name::<T>() };
         let value = cell
             .get_or_try_init(|| async {
+                // Waited for a run that a shutdown cut short: no run starts after it.
+                if self.refs.cleared() {
+                    return Err(closed());
+                }
                 let value =
                     runner.run(&graph).await.map_err(|e| Error::Runner { key: key.to_owned(), source: Box::new(e) })?;
                 // A value no load of this type can use is not remembered, as a failure.
@@ -127,6 +139,10 @@ impl WorkflowContext {
                 Ok(value)
             })
             .await?;
+        // Shut down during the run, or since: the value goes with the cell, to no one.
+        if self.refs.cleared() {
+            return Err(closed());
+        }
         Arc::clone(value).downcast::<T>().map_err(|_| wrong_type())
     }
 }

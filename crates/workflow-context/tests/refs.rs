@@ -296,6 +296,57 @@ fn a_value_of_the_wrong_type_is_not_remembered() {
 }
 
 #[test]
+fn a_run_in_progress_at_shutdown_hands_out_nothing() {
+    // A run in progress when the handle shuts down: the loads waiting on it, the one that
+    // started it included, end with `Closed`, and the value it gave is dropped.
+    let b = base();
+    let runner = Arc::new(GatedRunner::default());
+    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    let gate = runner.gate();
+    let value: Rebuilt = Arc::new(42.0f64);
+    let weak = Arc::downgrade(&value);
+    let (first, second) = block_on(async {
+        let mut first = Box::pin(ctx.load_ref::<f64>("sum"));
+        let mut second = Box::pin(ctx.load_ref::<f64>("sum"));
+        assert!(futures::poll!(first.as_mut()).is_pending(), "the first load runs the graph");
+        assert!(futures::poll!(second.as_mut()).is_pending(), "the second load waits for that run");
+        ctx.shutdown().unwrap();
+        gate.send(value).unwrap();
+        (first.await, second.await)
+    });
+    assert_eq!(runner.runs(), 1);
+    assert!(matches!(first, Err(Error::Closed { .. })), "{first:?}");
+    assert!(matches!(second, Err(Error::Closed { .. })), "{second:?}");
+    assert!(weak.upgrade().is_none(), "a value rebuilt for a handle that shut down is dropped");
+}
+
+#[test]
+fn no_run_starts_after_shutdown() {
+    // The load running the graph is called off after the shutdown: the one waiting for it
+    // must not start the graph again.
+    let b = base();
+    let runner = Arc::new(GatedRunner::default());
+    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    let _first_gate = runner.gate();
+    let second_gate = runner.gate();
+    let second = block_on(async {
+        let mut first = Box::pin(ctx.load_ref::<f64>("sum"));
+        let mut second = Box::pin(ctx.load_ref::<f64>("sum"));
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        assert!(futures::poll!(second.as_mut()).is_pending());
+        ctx.shutdown().unwrap();
+        drop(first);
+        // Were a second run started, it would end at once with this value.
+        second_gate.send(Arc::new(42.0f64)).unwrap();
+        second.await
+    });
+    assert!(matches!(second, Err(Error::Closed { .. })), "{second:?}");
+    assert_eq!(runner.runs(), 1, "no run starts after shutdown");
+}
+
+#[test]
 fn a_load_called_off_or_panicking_mid_run_leaves_the_next_one_to_run_the_graph() {
     let b = base();
     let runner = Arc::new(GatedRunner::default());
