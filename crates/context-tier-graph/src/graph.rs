@@ -4,6 +4,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt;
 use std::io;
+use std::ops::ControlFlow;
 
 use context_core::{Error, Result};
 use serde::de::{self, Deserializer};
@@ -102,13 +103,9 @@ pub(crate) fn cmp_ids(a: &str, b: &str) -> Ordering {
     }
 }
 
-/// The first integer (a number with no fraction or exponent) of `json`, valid JSON, that
-/// fits neither `u64` nor `i64`, and the top-level key (node id) it is under.
-///
-/// Why: serde_json reads such an integer as the nearest float, so the literal would change
-/// (`18446744073709551616` would reach the runner as `1.8446744073709552e19`) and two
-/// different literals would share a content hash, and so a rebuilt value.
-fn integer_beyond_64_bits(json: &str) -> Option<(Option<String>, &str)> {
+/// Calls `f` with each number of `json`, valid JSON, in order: where its text starts, the
+/// text, and the top-level key (node id, still quoted) it is under; until `f` breaks.
+fn for_each_number<'a>(json: &'a str, mut f: impl FnMut(usize, &'a str, Option<&'a str>) -> ControlFlow<()>) {
     let b = json.as_bytes();
     let (mut i, mut depth) = (0, 0usize);
     let (mut last_string, mut node) = (None, None);
@@ -141,16 +138,49 @@ fn integer_beyond_64_bits(json: &str) -> Option<(Option<String>, &str)> {
                 while i < b.len() && matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
                     i += 1;
                 }
-                let token = &json[start..i];
-                if !token.contains(['.', 'e', 'E']) && token.parse::<u64>().is_err() && token.parse::<i64>().is_err() {
-                    let node = node.and_then(|n| serde_json::from_str::<String>(n).ok());
-                    return Some((node, token));
+                if f(start, &json[start..i], node).is_break() {
+                    return;
                 }
             }
             _ => i += 1,
         }
     }
-    None
+}
+
+/// The first integer (a number with no fraction or exponent) of `json`, valid JSON, that
+/// fits neither `u64` nor `i64`, and the top-level key (node id) it is under.
+///
+/// Why: serde_json reads such an integer as the nearest float, so the literal would change
+/// (`18446744073709551616` would reach the runner as `1.8446744073709552e19`) and two
+/// different literals would share a content hash, and so a rebuilt value.
+fn integer_beyond_64_bits(json: &str) -> Option<(Option<String>, &str)> {
+    let mut found = None;
+    for_each_number(json, |_, token, node| {
+        if !token.contains(['.', 'e', 'E']) && token.parse::<u64>().is_err() && token.parse::<i64>().is_err() {
+            let node = node.and_then(|n| serde_json::from_str::<String>(n).ok());
+            found = Some((node, token));
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
+    found
+}
+
+/// `json`, valid JSON, with each integer `-0` written `0`, or `None` if it has none.
+///
+/// Why: serde_json reads the integer `-0` as the float -0.0, so the literal would change (a
+/// runner asking for an integer would find none, `["4", -0]` would be no link) and it would
+/// hash apart from `0`, the integer it is (Python's json, which ComfyUI uses, reads 0).
+fn negative_zero_integers_as_zero(json: &str) -> Option<String> {
+    let mut zeroed: Option<Vec<u8>> = None;
+    for_each_number(json, |start, token, _| {
+        if token == "-0" {
+            // Whitespace for the sign: the text stays valid JSON of the same length.
+            zeroed.get_or_insert_with(|| json.as_bytes().to_vec())[start] = b' ';
+        }
+        ControlFlow::Continue(())
+    });
+    zeroed.map(|bytes| String::from_utf8(bytes).expect("an ASCII byte replaced by another"))
 }
 
 /// How deeply `value` nests arrays and objects, counted without recursion and given up
@@ -197,6 +227,11 @@ impl WorkflowGraph {
         if let Some((node, token)) = integer_beyond_64_bits(json) {
             return Err(invalid(node.as_deref(), format!("the integer {} does not fit in 64 bits", shorten(token))));
         }
+        // serde_json reads the integer `-0` as the float -0.0: read as the integer 0 instead.
+        let value = match negative_zero_integers_as_zero(json) {
+            Some(json) => serde_json::from_str(&json).map_err(|e| invalid(None, format!("not valid JSON: {e}")))?,
+            None => value,
+        };
         Self::from_value(value)
     }
 

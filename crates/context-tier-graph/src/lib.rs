@@ -52,7 +52,8 @@
 //! string and a number. This is the ComfyUI convention, so a literal such as `["a", 1]` is
 //! read as a link (and refused if no node `"a"` exists); arrays of any other length or
 //! shape (`["a", "b"]`, `["a", 1, 2]`) and arrays nested inside literals are literals.
-//! JSON objects with a duplicate key keep the last value, as serde_json does.
+//! JSON objects with a duplicate key keep the last value, as serde_json does. The integer
+//! `-0` is the integer 0, as Python's json reads it (serde_json alone reads the float -0.0).
 //!
 //! The value a graph gives is one output of one node. By default it is output 0 of the
 //! graph's sink, the node no other node links to; when there are several sinks, the one

@@ -435,3 +435,27 @@ fn integers_beyond_64_bits_are_not_silently_rounded() {
     .unwrap_err();
     assert!(!err.to_string().contains("not an integer"), "{err}");
 }
+
+#[test]
+fn negative_zero_written_as_an_integer_is_the_integer_zero() {
+    // `-0` is an integer (no fraction, no exponent): Python's json, which ComfyUI reads
+    // graphs with, gives 0. serde_json alone reads it as the float -0.0.
+    let seed = |n: &str| {
+        WorkflowGraph::from_json(&format!(r#"{{"1": {{"class_type": "KSampler", "inputs": {{"seed": {n}}}}}}}"#))
+            .unwrap()
+    };
+    let (minus, zero) = (seed("-0"), seed("0"));
+    assert_eq!(minus.nodes()["1"].inputs["seed"].as_u64(), Some(0), "{}", minus.to_json());
+    assert_eq!(minus, zero);
+    assert_eq!(minus.content_hash(), zero.content_hash());
+    // As a link's output index it is output 0, not "not an integer".
+    let g = WorkflowGraph::from_json(
+        r#"{"1": {"class_type": "A"}, "2": {"class_type": "B", "inputs": {"x": ["1", -0], "y": [-0, "-0"]}}}"#,
+    )
+    .unwrap();
+    assert_eq!(g.links("2"), [("x", "1", 0)]);
+    assert_eq!(g.nodes()["2"].inputs["y"], serde_json::json!([0, "-0"]), "strings are left alone");
+    // The float stays a float.
+    assert!(seed("-0.0").to_json().contains(r#""seed":-0.0"#));
+    assert!(seed("-0e0").to_json().contains(r#""seed":-0.0"#));
+}
