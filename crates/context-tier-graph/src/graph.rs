@@ -51,7 +51,11 @@ pub struct Node {
 /// Its serde form is format-agnostic and validated on the way in: in human-readable formats
 /// (JSON) `{"nodes": {…API format…}, "output": [node_id, index]}`, in binary ones (postcard)
 /// the canonical API JSON text and the output.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Two graphs are equal when their nodes and outputs are, literal for literal as the content
+/// hash sees them: `-0.0` and `0.0` are different literals (which [`Node`]'s `PartialEq`,
+/// that of serde_json's `Value`, calls equal).
+#[derive(Clone, Debug)]
 pub struct WorkflowGraph {
     nodes: BTreeMap<String, Node>,
     output: (String, u32),
@@ -589,6 +593,33 @@ impl<'g> Order<'g> {
         let sink =
             (0..self.ids.len()).rev().find(|&i| self.dependents[i].is_empty()).expect("an acyclic graph has a sink");
         self.ids[sink]
+    }
+}
+
+impl PartialEq for WorkflowGraph {
+    fn eq(&self, other: &Self) -> bool {
+        self.output == other.output
+            && self.nodes.len() == other.nodes.len()
+            && self.nodes.iter().zip(&other.nodes).all(|((id, a), (other_id, b))| {
+                id == other_id && a.class_type == b.class_type && same_object(&a.inputs, &b.inputs)
+            })
+    }
+}
+
+/// Whether two JSON objects are the same, as the canonical encoding writes them.
+fn same_object(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
+    a.len() == b.len() && a.iter().all(|(key, v)| b.get(key).is_some_and(|w| same_value(v, w)))
+}
+
+/// Whether two JSON values are the same, as the canonical encoding writes them: unlike
+/// `Value`'s `==`, floats compare by their bits, so `-0.0` is not `0.0`. Recursion is
+/// bounded: inputs nest at most [`MAX_INPUT_DEPTH`] deep in a parsed graph.
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x == y && x.as_f64().map(f64::to_bits) == y.as_f64().map(f64::to_bits),
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same_value(v, w)),
+        (Value::Object(x), Value::Object(y)) => same_object(x, y),
+        _ => a == b,
     }
 }
 

@@ -67,7 +67,8 @@
 //! numbers and strings as serde_json writes them), `_meta` dropped, followed by the chosen
 //! output. The same nodes and output give the same hash in every process and run, whatever
 //! the key order or whitespace of the text; a different literal, link or output gives a
-//! different one. Note that `1` and `1.0` are different literals (an integer and a float).
+//! different one. Note that `1` and `1.0` are different literals (an integer and a float),
+//! and so are `0.0` and `-0.0`: graphs equal by `==` are exactly those of equal hash.
 //!
 //! # The tier and what it costs
 //! [`GraphTier`] is the mmap tier (`context-tier-mmap`) under its own name and directory:

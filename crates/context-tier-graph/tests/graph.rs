@@ -459,3 +459,17 @@ fn negative_zero_written_as_an_integer_is_the_integer_zero() {
     assert!(seed("-0.0").to_json().contains(r#""seed":-0.0"#));
     assert!(seed("-0e0").to_json().contains(r#""seed":-0.0"#));
 }
+
+#[test]
+fn graphs_that_compare_equal_hash_the_same() {
+    let seed = |n: &str| {
+        WorkflowGraph::from_json(&format!(r#"{{"1": {{"class_type": "KSampler", "inputs": {{"seed": {n}}}}}}}"#))
+            .unwrap()
+    };
+    for (a, b) in
+        [("0.0", "-0.0"), ("[0.0]", "[-0.0]"), ("{\"x\": 0.0}", "{\"x\": -1e-400}"), ("1", "1.0"), ("1.0", "1e0")]
+    {
+        let (a, b) = (seed(a), seed(b));
+        assert_eq!(a == b, a.content_hash() == b.content_hash(), "{} and {}", a.to_json(), b.to_json());
+    }
+}
