@@ -18,7 +18,33 @@ type Rebuilt = Arc<dyn Any + Send + Sync>;
 pub(crate) struct Refs {
     runner: Option<Arc<dyn GraphRunner>>,
     /// `None` once the handle is shut down: nothing is kept after that.
-    rebuilt: Mutex<Option<HashMap<u128, Arc<OnceCell<Rebuilt>>>>>,
+    rebuilt: Mutex<Option<HashMap<u128, Arc<Cell>>>>,
+}
+
+/// The value rebuilt from one graph, once a run gave it, and the runs that failed.
+#[derive(Default)]
+struct Cell {
+    value: OnceCell<Rebuilt>,
+    /// How many runs failed, and the last one's error message: a load that waited for a
+    /// run that failed ends with its failure, rather than running the graph again.
+    failed: Mutex<(u64, String)>,
+}
+
+impl Cell {
+    fn failures(&self) -> u64 {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// The message of the last failed run, if one failed since `failures` were counted.
+    fn failed_since(&self, failures: u64) -> Option<String> {
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        (failed.0 != failures).then(|| failed.1.clone())
+    }
+
+    fn fail(&self, error: &Error) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        *failed = (failed.0 + 1, error.to_string());
+    }
 }
 
 impl Refs {
@@ -44,10 +70,10 @@ impl Refs {
     }
 
     /// The cell of `hash`, or `None` once the handle is shut down.
-    fn cell(&self, hash: u128) -> Option<Arc<OnceCell<Rebuilt>>> {
+    fn cell(&self, hash: u128) -> Option<Arc<Cell>> {
         let mut rebuilt = self.rebuilt.lock().unwrap_or_else(|p| p.into_inner());
         let rebuilt = rebuilt.as_mut()?;
-        Some(Arc::clone(rebuilt.entry(hash).or_insert_with(|| Arc::new(OnceCell::new()))))
+        Some(Arc::clone(rebuilt.entry(hash).or_default()))
     }
 }
 
@@ -101,16 +127,17 @@ impl WorkflowContext {
     ///
     /// This handle runs each recipe once per content hash
     /// ([`WorkflowGraph::content_hash`]): the same graph saved under two keys is rebuilt
-    /// once, and concurrent first loads wait for one run. A failed run is not remembered:
-    /// the next load runs the graph again; nor is a value that is not a `T`. A load
-    /// dropped mid-run (a timeout) leaves the run to the next load.
+    /// once, and concurrent first loads wait for one run (and share its failure). A failed
+    /// run is not remembered: the next load runs the graph again; nor is a value that is
+    /// not a `T`. A load dropped mid-run (a timeout) leaves the run to the next load.
     /// [`shutdown`](Self::shutdown) drops every rebuilt value: a load still running or
     /// waiting then ends with [`Error::Closed`], and no run starts after it.
     ///
     /// # Errors
     /// Those of [`load_graph`](Self::load_graph); [`Error::NoRunner`] if the context was
     /// built without [`graph_runner`](crate::ContextBuilder::graph_runner);
-    /// [`Error::Runner`] (keeping the runner's error as its source) if the run fails;
+    /// [`Error::Runner`] (keeping the runner's error as its source, or its message for the
+    /// loads that waited for the run) if the run fails;
     /// [`Error::WrongType`] if the runner's value is not a `T`; [`Error::Closed`] if this
     /// handle shuts down before the value is handed out.
     pub async fn load_ref<T: Any + Send + Sync>(&self, key: &str) -> Result<Arc<T>> {
@@ -124,14 +151,22 @@ impl WorkflowContext {
         };
         let closed = || Error::Closed { run_id: self.run_id().to_owned() };
         let wrong_type = || Error::WrongType { key: key.to_owned(), expected: std::any::type_name::<T>() };
+        let failures = cell.failures();
         let value = cell
+            .value
             .get_or_try_init(|| async {
                 // Waited for a run that a shutdown cut short: no run starts after it.
                 if self.refs.cleared() {
                     return Err(closed());
                 }
-                let value =
-                    runner.run(&graph).await.map_err(|e| Error::Runner { key: key.to_owned(), source: Box::new(e) })?;
+                // Waited for a run that failed: its failure is this load's too.
+                if let Some(message) = cell.failed_since(failures) {
+                    return Err(Error::Runner { key: key.to_owned(), source: message.into() });
+                }
+                let value = runner.run(&graph).await.map_err(|e| {
+                    cell.fail(&e);
+                    Error::Runner { key: key.to_owned(), source: Box::new(e) }
+                })?;
                 // A value no load of this type can use is not remembered, as a failure.
                 if !value.is::<T>() {
                     return Err(wrong_type());

@@ -385,3 +385,38 @@ fn a_load_called_off_or_panicking_mid_run_leaves_the_next_one_to_run_the_graph()
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| block_on(with_panics.load_ref::<f64>("panicky"))));
     assert!(caught.is_err(), "the next load runs the graph again, neither poisoned nor hung");
 }
+
+#[test]
+fn a_failed_run_fails_the_loads_that_waited_for_it() {
+    let b = base();
+    let runner = Arc::new(GatedRunner::default());
+    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    ctx.save_ref("same", &graph(SUM)).unwrap();
+    let first_gate = runner.gate();
+    // Were a second run started, it would end at once with this value.
+    runner.gate().send(Arc::new(42.0f64)).unwrap();
+    let (first, second) = block_on(async {
+        let mut first = Box::pin(ctx.load_ref::<f64>("sum"));
+        let mut second = Box::pin(ctx.load_ref::<f64>("same"));
+        assert!(futures::poll!(first.as_mut()).is_pending(), "the first load runs the graph");
+        assert!(futures::poll!(second.as_mut()).is_pending(), "the second load waits for that run");
+        drop(first_gate); // the run fails
+        (first.await, second.await)
+    });
+    assert!(matches!(&first, Err(Error::Runner { key, .. }) if key == "sum"), "{first:?}");
+    // The waiting load shares the failure of the run it waited for, under its own key,
+    // rather than running the graph again (eight waiters would run a failing graph eight
+    // times, one after the other).
+    match &second {
+        Err(err @ Error::Runner { key, .. }) => {
+            assert_eq!(key, "same");
+            assert!(err.to_string().contains("called off"), "{err}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(runner.runs(), 1, "concurrent first loads wait for one run, failed or not");
+    // The failure is not remembered: the next load runs the graph again.
+    assert_eq!(*block_on(ctx.load_ref::<f64>("sum")).unwrap(), 42.0);
+    assert_eq!(runner.runs(), 2);
+}
