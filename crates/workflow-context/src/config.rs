@@ -49,6 +49,8 @@ impl FileConfig {
 
     /// Parses JSON text (with `//` and `/* */` comments) from `source_name`.
     pub(crate) fn parse(text: &str, source_name: &str) -> Result<FileConfig> {
+        // Editors on Windows start UTF-8 files with a byte-order mark, which JSON forbids.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let stripped =
             json_comments::StripComments::with_settings(json_comments::CommentSettings::c_style(), text.as_bytes());
         let TopLevel(members) = serde_json::from_reader(stripped)
@@ -299,6 +301,14 @@ mod tests {
                 other => panic!("{text}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_read_past() {
+        let cfg = parse("\u{feff}{\"MAX_RAM_GB\": 2}").unwrap();
+        assert_eq!(cfg.max_ram_gb, Some(2.0));
+        // Only at the start: anywhere else it is no whitespace JSON knows.
+        assert!(matches!(parse("{\"MAX_RAM_GB\": 2}\u{feff}"), Err(Error::Config { .. })));
     }
 
     #[test]

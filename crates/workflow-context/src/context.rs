@@ -182,6 +182,12 @@ impl ContextBuilder {
     /// The disk budget in bytes, shared like the RAM budget by every attached process.
     /// Past it a save returns [`Error::OutOfDisk`] and stores nothing. Default: no limit
     /// but the file system's.
+    ///
+    /// It bounds what the values take, each counted as its footprint in its tier (a value
+    /// in the redb tier at its uncompressed size), not the size of the files: the key
+    /// table, the journal and the redb database's own pages come on top (a redb file of
+    /// many small values is about half as large again as the values). Only the creator's
+    /// budgets count: a handle that opens the context ignores its own.
     pub fn max_disk_bytes(mut self, bytes: u64) -> Self {
         self.max_disk = Some(bytes);
         self
@@ -231,13 +237,15 @@ impl ContextBuilder {
         self
     }
 
-    /// The RAM budget in GiB (2^30 bytes); wins over the configuration file.
+    /// The RAM budget in GiB (2^30 bytes); wins over the configuration file. Only the
+    /// creator's budget counts: a handle that opens the context ignores its own.
     pub fn max_ram_gb(mut self, gib: f64) -> Self {
         self.max_ram = Some(RamLimit::Gib(gib));
         self
     }
 
-    /// The RAM budget in bytes; wins over the configuration file.
+    /// The RAM budget in bytes; wins over the configuration file. Only the creator's
+    /// budget counts: a handle that opens the context ignores its own.
     pub fn max_ram_bytes(mut self, bytes: u64) -> Self {
         self.max_ram = Some(RamLimit::Bytes(bytes));
         self
@@ -323,8 +331,8 @@ impl ContextBuilder {
 
     /// Attaches to an existing context by its run id (set with [`run_id`](Self::run_id)).
     ///
-    /// The context's RAM budget is the one it was created with; a budget set on this
-    /// builder is ignored.
+    /// The context's RAM and disk budgets are the ones it was created with; budgets set on
+    /// this builder are ignored.
     ///
     /// # Errors
     /// [`Error::ContextNotFound`] if there is no such context, [`Error::Closed`] if it is
