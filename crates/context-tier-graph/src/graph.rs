@@ -51,6 +51,10 @@ pub struct Node {
 /// Its serde form is format-agnostic and validated on the way in: in human-readable formats
 /// (JSON) `{"nodes": {…API format…}, "output": [node_id, index]}`, in binary ones (postcard)
 /// the canonical API JSON text and the output.
+/// In a human-readable format, serde hands over numbers already read, not their text: an
+/// integer beyond 64 bits arrives as the nearest float and `-0` as the float -0.0, where
+/// [`WorkflowGraph::from_json`] refuses the first and reads the second as the integer 0.
+/// Parse API JSON text with `from_json`.
 ///
 /// Two graphs are equal when their nodes and outputs are, literal for literal as the content
 /// hash sees them: `-0.0` and `0.0` are different literals (which [`Node`]'s `PartialEq`,
