@@ -1224,10 +1224,20 @@ impl WorkflowContext {
             self.meta.set_in_flight(0);
         }
         if let Some(old) = old {
-            self.free(g, &old)?;
+            self.free_replaced(g, &old);
         }
         g.replica.maybe_compact(&self.meta);
         Ok(())
+    }
+
+    /// Frees `at`, which a committed change replaced or removed. That change stands
+    /// whatever happens here, so a failure (no room for the journal's record of it, on a
+    /// full disk) does not fail the operation: the object stays pending (counted in usage)
+    /// and this handle frees it again at its next write.
+    fn free_replaced(&self, g: &mut WriteGuard<'_>, at: &Placed) {
+        if self.free(g, at).is_err() {
+            self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
+        }
     }
 
     /// Deletes a pending object this handle owns and records that it is gone.
@@ -1530,7 +1540,7 @@ impl WorkflowContext {
     fn remove_entry(&self, g: &mut WriteGuard<'_>, key: &str, entry: &Entry) -> Result<()> {
         g.replica
             .append(&self.meta, &[Rec::Remove { key: key.to_owned(), at: entry.at.clone(), owner: self.token }])?;
-        self.free(g, &entry.at)?;
+        self.free_replaced(g, &entry.at);
         g.replica.maybe_compact(&self.meta);
         Ok(())
     }
@@ -1951,6 +1961,40 @@ mod tests {
         assert_eq!(&*other.load_bytes("made it").unwrap(), b"committed");
         let (stored, keys) = held(&ctx, &*tier);
         assert_eq!(stored, keys, "the tier holds exactly what the keys hold");
+    }
+
+    #[test]
+    fn a_change_that_committed_stands_though_freeing_what_it_replaced_fails() {
+        let base = tempfile::tempdir().unwrap();
+        let ctx = context(base.path(), "free-fails");
+        let twin = context(base.path(), "free-fails-twin");
+        for c in [&ctx, &twin] {
+            c.save("k", "old").unwrap();
+            c.save("gone", "soon").unwrap();
+        }
+        let fault_after = |appends| ctx.replica.write().unwrap().appends_before_fault = appends;
+        // The overwrite commits (one append), then cannot record the old value's release.
+        fault_after(Some(1));
+        let saved = ctx.save("k", "new");
+        fault_after(None);
+        saved.expect("an overwrite that committed reported a failure");
+        assert_eq!(ctx.load::<String>("k").unwrap(), "new");
+        // The next write releases it.
+        ctx.save("flush", &1u8).unwrap();
+        // Likewise a removal.
+        fault_after(Some(1));
+        let removed = ctx.remove("gone");
+        fault_after(None);
+        assert!(removed.expect("a removal that committed reported a failure"));
+        assert!(!ctx.contains("gone").unwrap());
+        ctx.save("flush", &2u8).unwrap();
+        // Nothing is left counted but the values, as in a context where nothing failed.
+        twin.save("k", "new").unwrap();
+        twin.save("flush", &1u8).unwrap();
+        assert!(twin.remove("gone").unwrap());
+        twin.save("flush", &2u8).unwrap();
+        assert_eq!(ctx.usage().unwrap(), twin.usage().unwrap());
+        assert!(ctx.replica.read().unwrap().pending.is_empty());
     }
 
     #[test]

@@ -509,6 +509,10 @@ pub(crate) struct Replica {
     /// Checked zero-copy views of large objects, by object, dropped as soon as their object
     /// leaves the live set.
     pub(crate) views: Mutex<HashMap<u64, View>>,
+    /// Tests only: how many more appends succeed before every one fails as if the disk
+    /// were full (`None`: no fault).
+    #[cfg(test)]
+    pub(crate) appends_before_fault: Option<usize>,
 }
 
 /// A checked zero-copy view of a large object, and the key it was loaded for.
@@ -585,6 +589,8 @@ impl Replica {
             pending_used: Used::default(),
             live_bytes: 0,
             views: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            appends_before_fault: None,
         }
     }
 
@@ -869,6 +875,14 @@ impl Replica {
     /// holds the write lock and has caught up.
     pub(crate) fn append(&mut self, meta: &Meta, recs: &[Rec]) -> Result<()> {
         debug_assert!(self.is_current(meta));
+        #[cfg(test)]
+        if let Some(left) = self.appends_before_fault.as_mut() {
+            if *left == 0 {
+                let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+                return Err(Error::io("append to index journal (a test's fault)", self.path(), full));
+            }
+            *left -= 1;
+        }
         // Make room in the table before committing: a change that is committed must be
         // applied, so what can fail (disk space for a bigger table, the tier registry) fails
         // first, with nothing committed.
