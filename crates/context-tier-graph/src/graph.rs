@@ -17,6 +17,12 @@ use serde_json::{Map, Value};
 pub(crate) const MAX_GRAPH_BYTES: usize = 64 << 20;
 /// The most nodes a graph may have.
 pub(crate) const MAX_NODES: usize = 100_000;
+/// The most JSON values (object keys included) a graph's text may hold: what bounds the
+/// memory of parsing it. Parsed, a value takes 32 to about 100 bytes whatever its text's
+/// length, so 64 MiB of `[0,0,0,…]` would take about 1.5 GiB (measured); this many take
+/// at most a few hundred MiB, and leave 20 values to each of the most nodes a graph may
+/// have.
+pub(crate) const MAX_JSON_VALUES: usize = 2_000_000;
 /// The longest node id, in bytes.
 pub(crate) const MAX_NODE_ID_BYTES: usize = 256;
 /// How deep an input's literal may nest arrays and objects (`[1]` is 1 deep, `1` is 0).
@@ -191,6 +197,43 @@ fn negative_zero_integers_as_zero(json: &str) -> Option<String> {
     zeroed.map(|bytes| String::from_utf8(bytes).expect("an ASCII byte replaced by another"))
 }
 
+/// Whether `json` holds more than `limit` JSON values (object keys included), counted on
+/// the text before it is parsed: strings, numbers, `true`, `false`, `null`, arrays and
+/// objects. Any text will do (it need not be valid JSON): the count is an upper bound of
+/// what parsing it would allocate, and the scan stops once past `limit`.
+fn more_json_values_than(json: &str, limit: usize) -> bool {
+    let b = json.as_bytes();
+    let (mut i, mut values) = (0, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+                values += 1;
+            }
+            b'{' | b'[' => {
+                i += 1;
+                values += 1;
+            }
+            b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => {
+                i += 1;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || matches!(b[i], b'-' | b'+' | b'.')) {
+                    i += 1;
+                }
+                values += 1;
+            }
+            _ => i += 1,
+        }
+        if values > limit {
+            return true;
+        }
+    }
+    false
+}
+
 /// How deeply `value` nests arrays and objects, counted without recursion and given up
 /// past `limit` (the answer is then `limit + 1`).
 fn depth_beyond(value: &Value, limit: usize) -> usize {
@@ -226,6 +269,15 @@ impl WorkflowGraph {
             return Err(invalid(
                 None,
                 format!("the graph is {} bytes, over the limit of {MAX_GRAPH_BYTES}", json.len()),
+            ));
+        }
+        // Counted before parsing: what parsing allocates grows with the values, not the bytes.
+        if more_json_values_than(json, MAX_JSON_VALUES) {
+            return Err(invalid(
+                None,
+                format!(
+                    "the graph holds more than {MAX_JSON_VALUES} JSON values (object keys included), over the limit"
+                ),
             ));
         }
         // serde_json's recursion limit (128) stays on: hostile nesting is an error here,
@@ -684,5 +736,25 @@ impl<'de> Deserialize<'de> for WorkflowGraph {
             (WorkflowGraph::from_json(&c.api_json), c.output)
         };
         graph.and_then(|g| g.with_output(&node, index)).map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_values_are_counted_on_any_text() {
+        let count = |json: &str| (0..100).find(|&limit| !more_json_values_than(json, limit)).unwrap();
+        assert_eq!(count(""), 0);
+        assert_eq!(count("[1, 2.5e3, -7]"), 4);
+        assert_eq!(count(r#"{"a": true, "b": [false, null], "c": {}}"#), 9);
+        // Escaped quotes stay inside their string; structure inside strings is text.
+        assert_eq!(count(r#"["x\"y", "{[1,2]}", "\\"]"#), 4);
+        // Not JSON: still bounded, and never past the text.
+        assert_eq!(count(r#"["unterminated"#), 2);
+        assert_eq!(count(r#"[1 2 3 truefalse"#), 5);
+        // The scan stops once past the limit.
+        assert!(more_json_values_than(&"[0,".repeat(1000), 10));
     }
 }

@@ -33,6 +33,8 @@
 //! fault when there is one:
 //! - text over 64 MiB, text that is not JSON, or JSON nested deeper than serde_json's
 //!   recursion limit of 128 (hostile nesting is an error, never a stack overflow);
+//! - text holding more than 2,000,000 JSON values, object keys included (parsed, each
+//!   takes 32 bytes or more, so a few MiB of `[0,0,0,…]` would take hundreds of MiB);
 //! - a top level that is not an object, or an empty one; more than 100,000 nodes;
 //! - an empty node id, or one over 256 bytes;
 //! - a node that is not an object; a `class_type` missing, not a string, or empty;
