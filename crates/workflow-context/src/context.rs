@@ -1131,7 +1131,7 @@ impl WorkflowContext {
                     Err(e) => {
                         // Shut down meanwhile (or the lock failed): take the object back.
                         if let Ok(PutOutcome::Stored(r)) = outcome {
-                            let _ = tier.delete(&r);
+                            self.take_back_uncommitted(&*tier, &r);
                         }
                         return Err(e);
                     }
@@ -1192,13 +1192,29 @@ impl WorkflowContext {
                 Ok(mut guard) => self.free(&mut guard, at),
                 // Shut down meanwhile (or the lock failed): at least the object goes.
                 Err(e) => {
-                    let _ = tier.delete(&at.object_ref());
+                    self.take_back_uncommitted(tier, &at.object_ref());
                     Err(e)
                 }
             },
         };
         if freed.is_err() {
             self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
+        }
+    }
+
+    /// Deletes the object `r`, written into `tier` outside the index lock, when the lock
+    /// cannot be had again to commit or free it: the context was shut down meanwhile (or
+    /// the lock failed).
+    ///
+    /// A disk tier finds an object by its path in the context's directory, which a shutdown
+    /// removes; by now a new context of the same run id may have the directory's name, and
+    /// an object of its own (ids start at 1 in every context) under that path. So the
+    /// object goes from a disk tier only while the directory is still this context's (if it
+    /// is not, what this save wrote there went with it). A RAM tier names its objects by
+    /// the context's instance too: they always go.
+    fn take_back_uncommitted(&self, tier: &dyn StorageTier, r: &context_core::ObjectRef) {
+        if tier.kind() == StorageKind::Ram || self.meta.is_at(&self.dir.join(META_FILE)) {
+            let _ = tier.delete(r);
         }
     }
 

@@ -118,6 +118,9 @@ impl Head {
 #[derive(Debug)]
 pub(crate) struct Meta {
     map: MmapRaw,
+    /// The file's device and inode, to tell it from the meta page of a later context of
+    /// the same run id.
+    id: (u64, u64),
 }
 
 impl Meta {
@@ -167,11 +170,18 @@ impl Meta {
     }
 
     fn map(file: &File, path: &Path) -> Result<Meta> {
+        let stat = file.metadata().map_err(|e| Error::io("inspect context meta file", path, e))?;
         let map = MmapRaw::map_raw(file).map_err(|e| Error::io("map context meta file", path, e))?;
         if (map.len() as u64) < META_LEN {
             return Err(Error::corrupt(path.display().to_string(), "meta file shrank"));
         }
-        Ok(Meta { map })
+        Ok(Meta { map, id: (stat.dev(), stat.ino()) })
+    }
+
+    /// Whether `path` names this very meta file now: a shut-down context's directory is
+    /// removed, and a new context of the same run id may have taken its name since.
+    pub(crate) fn is_at(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
     }
 
     fn word(&self, off: usize) -> &AtomicU64 {

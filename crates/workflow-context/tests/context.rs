@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use common::{PanicsWhileWritten, base, budget, builder, run_id, shm_segments, to_disk, tree};
+use common::{PanicsWhileWritten, PausesWhileWritten, base, budget, builder, run_id, shm_segments, to_disk, tree};
 use serde::{Deserialize, Serialize};
 use workflow_context::{Error, PassBy, SaveOptions, StorageKind, WorkflowContext, read_exported, read_exported_bytes};
 
@@ -843,4 +843,40 @@ fn a_missing_kind_of_tier_is_a_clear_error() {
     // A default save always finds a home.
     ctx.save("any", &vec![1u8; 100_000]).unwrap();
     assert_eq!(ctx.load::<Vec<u8>>("any").unwrap(), vec![1u8; 100_000]);
+}
+
+#[test]
+fn a_save_cut_off_by_a_shutdown_leaves_a_new_context_of_its_run_id_alone() {
+    // A large value is written outside the index lock. The context is shut down meanwhile,
+    // and a new one of the same run id made (a run started again): the save ends `Closed`,
+    // and takes back nothing of the new context's, whose object ids start at 1 again.
+    let b = base();
+    for (what, opts) in [("disk", to_disk()), ("RAM", SaveOptions::new())] {
+        let owner = builder(b.path()).create().unwrap();
+        let run = owner.run_id().to_owned();
+        let other = builder(b.path()).run_id(&run).open().unwrap();
+        let (value, paused, resume) = PausesWhileWritten::new(1 << 20);
+        std::thread::scope(|s| {
+            let other = &other;
+            let saver = s.spawn(move || other.save_with("late", &value, opts));
+            paused.recv().unwrap();
+            drop(owner);
+            let again = builder(b.path()).run_id(&run).create().unwrap();
+            for i in 0..4u8 {
+                again.save_bytes(&format!("v{i}"), &[i; 100_000], opts).unwrap();
+            }
+            resume.send(()).unwrap();
+            let saved = saver.join().unwrap();
+            assert!(matches!(saved, Err(Error::Closed { .. })), "{what}: {saved:?}");
+            for i in 0..4u8 {
+                let loaded = again.load_bytes(&format!("v{i}")).map(|v| v.to_vec());
+                assert_eq!(loaded.ok(), Some(vec![i; 100_000]), "{what}: v{i} of the new context");
+            }
+            let u = again.usage().unwrap();
+            let held: u64 = (0..4).map(|i| again.storage_info(&format!("v{i}")).unwrap().unwrap().size).sum();
+            assert_eq!(u.ram_usage_bytes + u.temp_disk_usage_bytes, held, "{what}");
+            let segments = common::large_segments(&run);
+            assert_eq!(segments.len(), if what == "RAM" { 4 } else { 0 }, "{what}: {segments:?}");
+        });
+    }
 }

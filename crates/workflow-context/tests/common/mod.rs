@@ -126,3 +126,38 @@ impl serde::Serialize for PanicsWhileWritten {
         seq.end()
     }
 }
+
+/// A value of `len` bytes whose `Serialize`, the second time it is called (a save's write,
+/// after its count), stops halfway: it says so on `paused` and waits for `resume`. With it a
+/// test puts other operations in the middle of a save.
+pub struct PausesWhileWritten {
+    len: usize,
+    calls: std::cell::Cell<u32>,
+    paused: std::sync::mpsc::Sender<()>,
+    resume: std::sync::mpsc::Receiver<()>,
+}
+
+impl PausesWhileWritten {
+    /// The value, the receiver told when it pauses, and the sender that resumes it.
+    pub fn new(len: usize) -> (Self, std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (paused, on_pause) = std::sync::mpsc::channel();
+        let (resume, on_resume) = std::sync::mpsc::channel();
+        (PausesWhileWritten { len, calls: 0.into(), paused, resume: on_resume }, on_pause, resume)
+    }
+}
+
+impl serde::Serialize for PausesWhileWritten {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let call = self.calls.replace(self.calls.get() + 1);
+        let mut seq = s.serialize_tuple(self.len)?;
+        for i in 0..self.len {
+            if call == 1 && i == self.len / 2 {
+                let _ = self.paused.send(());
+                let _ = self.resume.recv();
+            }
+            seq.serialize_element(&(i as u8))?;
+        }
+        seq.end()
+    }
+}
