@@ -1605,7 +1605,9 @@ impl WorkflowContext {
     /// linked or renamed into place, so a reader sees the whole file or none; with an
     /// unnamed file, a process killed during the write leaves nothing behind. Missing
     /// parent directories are created. If anything fails, the value stays in the context,
-    /// and the directories this export made are removed again.
+    /// and the directories this export made are removed again. A shutdown (from any handle)
+    /// that comes once the value has been read ends the export as if the export had come
+    /// first: the file is written, and the value goes with the context.
     ///
     /// # Errors
     /// [`Error::KeyNotFound`]; [`Error::AlreadyExists`] if `dest` exists and `overwrite` is
@@ -1626,7 +1628,13 @@ impl WorkflowContext {
         export::write(dest, key, u16::from(entry.flags), record::payload(&record), overwrite)
             .map_err(|e| e.with_key(key))?;
         // Remove the key only if it still holds what was exported: a concurrent overwrite wins.
-        let mut g = self.write_lock()?;
+        let mut g = match self.write_lock() {
+            Ok(g) => g,
+            // Shut down meanwhile: the file is in place, and the value went with the context,
+            // as if the export had come first.
+            Err(Error::Closed { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         if let Some(now) = g.replica.get_locked(key)?.filter(|now| now.at.obj == entry.at.obj) {
             self.remove_entry(&mut g, key, &now)?;
         }

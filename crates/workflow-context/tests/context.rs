@@ -880,3 +880,33 @@ fn a_save_cut_off_by_a_shutdown_leaves_a_new_context_of_its_run_id_alone() {
         });
     }
 }
+
+#[test]
+fn an_export_that_a_shutdown_cuts_off_says_its_file_is_there() {
+    // The exported file is written outside the index lock. A shutdown meanwhile leaves it
+    // in place: the export answers `Ok`, as if it had come first (it answered `Closed`,
+    // though the file was there).
+    let b = base();
+    for round in 0..4 {
+        for (what, opts) in [("RAM", SaveOptions::new()), ("disk", to_disk())] {
+            let owner = builder(b.path()).max_ram_bytes(64 << 20).create().unwrap();
+            let other = builder(b.path()).run_id(owner.run_id()).open().unwrap();
+            let big = context_core::testing::pattern(round, 16 << 20);
+            owner.save_bytes("big", &big, opts).unwrap();
+            // In a directory of its own, which the export makes once it has read the value.
+            let dest = b.path().join(format!("out-{what}-{round}/big.wfx"));
+            let exported = std::thread::scope(|s| {
+                let exporter = s.spawn(|| other.export_data("big", &dest, false));
+                while !dest.parent().unwrap().exists() && !exporter.is_finished() {
+                    std::thread::yield_now();
+                }
+                owner.shutdown().unwrap();
+                exporter.join().unwrap()
+            });
+            match exported {
+                Ok(()) => assert_eq!(read_exported_bytes(&dest).unwrap(), big, "{what} {round}"),
+                Err(e) => panic!("{what} {round}: {e:?}; the file is there: {}", dest.exists()),
+            }
+        }
+    }
+}
