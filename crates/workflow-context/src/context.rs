@@ -438,6 +438,16 @@ fn marked_process_gone(mark: &str) -> bool {
     }
 }
 
+/// Whether the context in `dir` was shut down: its meta page says so, or it is gone (a
+/// shutdown moves the directory away before removing it).
+fn shut_down(dir: &Path) -> bool {
+    match Meta::open(&dir.join(META_FILE)) {
+        Ok(meta) => meta.state() == STATE_CLOSED,
+        Err(Error::Io { source, .. }) => source.kind() == io::ErrorKind::NotFound,
+        Err(_) => false,
+    }
+}
+
 /// Whether any handle, in any process, holds the context in `dir`.
 ///
 /// # Errors
@@ -768,18 +778,20 @@ impl WorkflowContext {
             Err(_) if meta.state() == STATE_CLOSED => return Err(Error::Closed { run_id }),
             Err(e) => return Err(e),
         };
-        // Until the handle exists, a failure must take the liveness file back with it.
+        // Until the handle exists, a failure must take the liveness file back with it. One
+        // that comes from a shutdown meanwhile (the context's files going while this handle
+        // maps them and builds its tiers) is `Closed`, whatever file it found missing.
         let unregister = |e: Error| {
             let _ = fs::remove_file(&live_path);
-            e
+            if shut_down(&dir) { Error::Closed { run_id: run_id.clone() } } else { e }
         };
         // Shut down (or collected as dead) between the first check and the registration.
         if meta.state() == STATE_CLOSED {
-            return Err(unregister(Error::Closed { run_id }));
+            return Err(unregister(Error::Closed { run_id: run_id.clone() }));
         }
         let replica = Replica::open(&dir, &meta).map_err(unregister)?;
         let attached = Attached { token, meta, replica, liveness: (live_file, live_path.clone()) };
-        let ctx = Self::assemble(run_id, dir, false, attached, setup).map_err(unregister)?;
+        let ctx = Self::assemble(run_id.clone(), dir.clone(), false, attached, setup).map_err(unregister)?;
         // Objects a dead writer held: pending ones, or one it was writing under the lock.
         let has_pending = !ctx.replica.read().unwrap_or_else(lock_poisoned).pending.is_empty();
         if has_pending || ctx.meta.in_flight() != 0 {

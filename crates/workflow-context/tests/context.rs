@@ -910,3 +910,57 @@ fn an_export_that_a_shutdown_cuts_off_says_its_file_is_there() {
         }
     }
 }
+
+/// `rounds` times: a context whose owner shuts it down while `openers` threads attach to it
+/// in a loop. Each round gives what the shutdown answered, the error each opener's loop
+/// ended with, and what was left in the contexts directory.
+fn shut_down_as_handles_attach(
+    openers: usize,
+    rounds: usize,
+) -> Vec<(workflow_context::Result<()>, Vec<Error>, Vec<std::path::PathBuf>)> {
+    let b = base();
+    (0..rounds)
+        .map(|_| {
+            let owner = builder(b.path()).create().unwrap();
+            let run = owner.run_id().to_owned();
+            let started = std::sync::Barrier::new(openers + 1);
+            let (shut, ends) = std::thread::scope(|s| {
+                let looping: Vec<_> = (0..openers)
+                    .map(|_| {
+                        s.spawn(|| {
+                            started.wait();
+                            loop {
+                                if let Err(e) = builder(b.path()).run_id(&run).open() {
+                                    break e;
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                started.wait();
+                // Some opens succeed first (a head start, not a timing assertion).
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                let shut = owner.shutdown();
+                (shut, looping.into_iter().map(|o| o.join().unwrap()).collect())
+            });
+            let left = tree(b.path());
+            // What a round left must not disturb the next one.
+            for entry in fs::read_dir(b.path()).unwrap() {
+                let _ = fs::remove_dir_all(entry.unwrap().path());
+            }
+            (shut, ends, left)
+        })
+        .collect()
+}
+
+#[test]
+fn opening_a_context_as_it_is_shut_down_is_closed_not_an_io_error() {
+    // Each open answers with a handle, `Closed` or `ContextNotFound`, never an error about a
+    // file of the context that went meanwhile ("create value directory ...: No such file or
+    // directory", "open redb database ..."), as about one round in four did.
+    for (round, (_, ends, _)) in shut_down_as_handles_attach(3, 100).into_iter().enumerate() {
+        for e in ends {
+            assert!(matches!(e, Error::Closed { .. } | Error::ContextNotFound { .. }), "round {round}: {e:?}");
+        }
+    }
+}
