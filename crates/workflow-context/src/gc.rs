@@ -30,9 +30,29 @@ pub(crate) const STAGING_GRACE: Duration = Duration::from_secs(60);
 /// `.removing-<name>-<random>`): the run id is free at once, and a removal cut short (a
 /// process killed, a file that will not go) leaves a directory that orphan collection
 /// finishes, never one that looks like a context without its meta page.
+///
+/// A handle attaching meanwhile may still create its liveness file in it: a path looked up
+/// before the rename ends in the renamed directory, where the removal may have passed
+/// already (`ENOTEMPTY`). Only lookups already under way can do that, so the removal starts
+/// over, a few times, until they are done.
 pub(crate) fn remove_context_dir(dir: &Path) -> io::Result<()> {
-    fs::remove_dir_all(rename_for_removal(dir)?)
+    let doomed = rename_for_removal(dir)?;
+    let mut tries = 0;
+    loop {
+        match fs::remove_dir_all(&doomed) {
+            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty && tries < REMOVAL_TRIES => {
+                tries += 1;
+                std::thread::sleep(REMOVAL_PAUSE);
+            }
+            done => return done,
+        }
+    }
 }
+
+/// How many times [`remove_context_dir`] starts over, and how long it waits before each
+/// time: long enough for a process that was in the middle of a lookup to be scheduled.
+const REMOVAL_TRIES: u32 = 20;
+const REMOVAL_PAUSE: Duration = Duration::from_millis(1);
 
 /// Renames `dir` to `.removing-<name>-<random>` beside it; returns where it is now (`dir`
 /// itself if it cannot be renamed here).
