@@ -690,6 +690,10 @@ fn a_sweep_short_of_file_descriptors_leaves_a_live_context_alone() {
     }
     creator.kill().unwrap();
     creator.wait().unwrap();
+    // Dead now: a sweep with descriptors to spare takes it, shared memory and all.
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert!(shm_segments(&live).is_empty(), "{:?}", shm_segments(&live));
 }
 
 #[test]
@@ -746,6 +750,8 @@ fn a_removal_cut_short_is_finished_by_the_next_sweep() {
     let report = workflow_context::collect_orphans(b.path()).unwrap();
     assert_eq!(report.contexts_removed, 1, "{report:?}");
     assert!(!in_progress.exists());
+    // Its shared memory went with it: the meta page inside named it.
+    assert!(shm_segments(&live_run).is_empty(), "{:?}", shm_segments(&live_run));
 }
 
 #[test]
