@@ -4,6 +4,11 @@
 //! to the context (mode 0700, files 0600). Any process that builds an [`MmapTier`] over the
 //! same directory sees the same objects.
 //!
+//! A tier holds its directory open and finds every file relative to it, so it keeps to the
+//! directory it was built over: once that is renamed, removed or replaced by another at the
+//! same path (the next context of the same run id, say), the tier never reads, writes or
+//! deletes a file of the directory now at its path.
+//!
 //! # What it is for
 //! - Values that do not fit the RAM budget: they go to disk instead of failing the save.
 //! - Large values read without a copy: [`StorageTier::get`] of an object over 64 KiB maps
@@ -58,9 +63,12 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::{self, DirBuilder, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -68,7 +76,7 @@ use context_core::{
     Capabilities, Error, FileAt, Location, NewObject, ObjectId, ObjectRef, Payload, PutOutcome, Result, StorageKind,
     StorageTier, TierUsage, WriteFailure,
 };
-use rustix::fs::{FallocateFlags, OFlags};
+use rustix::fs::{AtFlags, FallocateFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 /// The tier's name, recorded in the index beside each object.
@@ -98,11 +106,15 @@ impl MmapConfig {
 
 /// A disk tier keeping one file per object in a private directory; see the [crate] docs.
 ///
-/// Cheap to build; holds no open files between calls, so any number of instances, in any
-/// number of processes, can share one directory.
+/// Cheap to build: it holds one descriptor, of its directory, and any number of instances,
+/// in any number of processes, can share one directory.
 #[derive(Debug)]
 pub struct MmapTier {
     dir: PathBuf,
+    /// The directory, open: every file is found relative to it (see the [crate] docs).
+    fd: OwnedFd,
+    /// The directory's device and inode, to tell it from another at its path.
+    id: (u64, u64),
 }
 
 impl MmapTier {
@@ -121,7 +133,17 @@ impl MmapTier {
             Err(e) => return Err(Error::io("create value directory", dir, e)),
         }
         check_dir(&dir)?;
-        Ok(MmapTier { dir })
+        const OP: &str = "open value directory";
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(&dir, flags, Mode::empty()).map_err(|e| Error::io(OP, &dir, e.into()))?;
+        // What was checked by path is what was opened.
+        let stat = rustix::fs::fstat(&fd).map_err(|e| Error::io(OP, &dir, e.into()))?;
+        let euid = rustix::process::geteuid().as_raw();
+        if stat.st_uid != euid {
+            let why = format!("is owned by uid {}, not by this process's uid {euid}", stat.st_uid);
+            return Err(Error::io(OP, &dir, io::Error::other(why)));
+        }
+        Ok(MmapTier { dir, fd, id: (stat.st_dev, stat.st_ino) })
     }
 
     /// The directory that holds this context's value files.
@@ -129,9 +151,20 @@ impl MmapTier {
         &self.dir
     }
 
+    /// Where object `id`'s file is, for messages: the tier opens it by name, relative to
+    /// its directory.
     fn path_of(&self, id: ObjectId) -> PathBuf {
-        self.dir.join(format!("{id}.{EXTENSION}"))
+        self.dir.join(file_name(id))
     }
+
+    fn unlink(&self, name: &str) -> io::Result<()> {
+        rustix::fs::unlinkat(&self.fd, name, AtFlags::empty()).map_err(io::Error::from)
+    }
+}
+
+/// The name of object `id`'s file in the tier's directory.
+fn file_name(id: ObjectId) -> String {
+    format!("{id}.{EXTENSION}")
 }
 
 /// Refuses a directory that is a symbolic link, not a directory, or someone else's.
@@ -157,18 +190,18 @@ fn is_no_space(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(code) if code == Errno::NOSPC.raw_os_error() || code == Errno::DQUOT.raw_os_error())
 }
 
-/// Opens an existing value file for reading, never through a symbolic link and never
-/// blocking (on a FIFO planted in its place).
-fn open_for_read(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC).bits() as i32)
-        .open(path)
+/// Opens the existing value file `name` of `tier` for reading, never through a symbolic
+/// link and never blocking (on a FIFO planted in its place).
+fn open_for_read(tier: &MmapTier, name: &str) -> io::Result<File> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    Ok(File::from(rustix::fs::openat(&tier.fd, name, flags, Mode::empty())?))
 }
 
 /// A value file being written: removed on drop unless [`NewFile::keep`] was called, so no
 /// error path (nor a panic in a fill closure) leaves a partial object behind.
 struct NewFile<'a> {
+    tier: &'a MmapTier,
+    name: &'a str,
     path: &'a Path,
     file: File,
     keep: bool,
@@ -178,7 +211,7 @@ impl NewFile<'_> {
     /// Removes the file now and returns `result` (the reason it is being dropped).
     fn discard<T>(mut self, result: Result<T>) -> Result<T> {
         self.keep = true;
-        match fs::remove_file(self.path) {
+        match self.tier.unlink(self.name) {
             Ok(()) => result,
             Err(e) if e.kind() == io::ErrorKind::NotFound => result,
             // The object's own failure matters more; report the cleanup failure only when
@@ -191,7 +224,7 @@ impl NewFile<'_> {
 impl Drop for NewFile<'_> {
     fn drop(&mut self) {
         if !self.keep {
-            let _ = fs::remove_file(self.path);
+            let _ = self.tier.unlink(self.name);
         }
     }
 }
@@ -239,21 +272,16 @@ impl StorageTier for MmapTier {
     fn put(&self, mut object: NewObject<'_>) -> Result<PutOutcome> {
         let id = object.id;
         let len = object.len;
+        let name = file_name(id);
         let path = self.path_of(id);
-        let file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags((OFlags::NOFOLLOW | OFlags::CLOEXEC).bits() as i32)
-            .open(&path)
-        {
-            Ok(file) => file,
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let file = match rustix::fs::openat(&self.fd, &name, flags, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => File::from(fd),
             // Out of inodes, or of quota.
-            Err(e) if is_no_space(&e) => return Ok(PutOutcome::NoSpace),
-            Err(e) => return Err(Error::io("create value file", path, e)),
+            Err(e) if is_no_space(&e.into()) => return Ok(PutOutcome::NoSpace),
+            Err(e) => return Err(Error::io("create value file", path, e.into())),
         };
-        let mut new = NewFile { path: &path, file, keep: false };
+        let mut new = NewFile { tier: self, name: &name, path: &path, file, keep: false };
 
         match reserve(&new.file, len) {
             Ok(()) => {}
@@ -281,7 +309,7 @@ impl StorageTier for MmapTier {
     /// mapped read-only above (see the [crate] docs on truncation).
     fn get(&self, object: &ObjectRef) -> Result<Option<Payload>> {
         let path = self.path_of(object.id);
-        let mut file = match open_for_read(&path) {
+        let mut file = match open_for_read(self, &file_name(object.id)) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("open value file", path, e)),
@@ -307,11 +335,10 @@ impl StorageTier for MmapTier {
 
     /// Unlinks the object's file; the slot is not used.
     fn delete(&self, object: &ObjectRef) -> Result<bool> {
-        let path = self.path_of(object.id);
-        match fs::remove_file(&path) {
+        match self.unlink(&file_name(object.id)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Error::io("remove value file", path, e)),
+            Err(e) => Err(Error::io("remove value file", self.path_of(object.id), e)),
         }
     }
 
@@ -321,35 +348,42 @@ impl StorageTier for MmapTier {
 
     /// Lists the directory: every regular `*.val` file counts as an object of its length.
     fn usage(&self) -> Result<TierUsage> {
-        let entries = match fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(TierUsage::default()),
-            Err(e) => return Err(Error::io("list value directory", &self.dir, e)),
-        };
+        const OP: &str = "list value directory";
+        let entries = rustix::fs::Dir::read_from(&self.fd).map_err(|e| Error::io(OP, &self.dir, e.into()))?;
         let mut usage = TierUsage::default();
         for entry in entries {
-            let entry = entry.map_err(|e| Error::io("list value directory", &self.dir, e))?;
-            if Path::new(&entry.file_name()).extension().is_none_or(|ext| ext != EXTENSION) {
+            let entry = entry.map_err(|e| Error::io(OP, &self.dir, e.into()))?;
+            let name = entry.file_name();
+            if Path::new(OsStr::from_bytes(name.to_bytes())).extension().is_none_or(|ext| ext != EXTENSION) {
                 continue;
             }
-            // Neither call follows symbolic links. A file deleted meanwhile no longer counts.
-            let meta =
-                match entry.file_type().and_then(|t| if t.is_file() { entry.metadata().map(Some) } else { Ok(None) }) {
-                    Ok(Some(meta)) => meta,
-                    Ok(None) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(Error::io("inspect value file", entry.path(), e)),
-                };
-            usage.bytes = usage.bytes.saturating_add(self.footprint(meta.len()));
+            // Symbolic links are not followed. A file deleted meanwhile no longer counts.
+            let stat = match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(stat) => stat,
+                Err(Errno::NOENT) => continue,
+                Err(e) => {
+                    let path = self.dir.join(OsStr::from_bytes(name.to_bytes()));
+                    return Err(Error::io("inspect value file", path, e.into()));
+                }
+            };
+            if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+                continue;
+            }
+            usage.bytes = usage.bytes.saturating_add(self.footprint(stat.st_size as u64));
             usage.objects += 1;
         }
         Ok(usage)
     }
 
-    /// Removes the directory with everything in it; a missing directory is success.
+    /// Removes the directory with everything in it; a missing directory is success. Only
+    /// the tier's own directory: another one at its path is left alone (an error).
     fn destroy(&self) -> Result<()> {
         match fs::symlink_metadata(&self.dir) {
-            Ok(meta) if meta.is_dir() => {}
+            Ok(meta) if meta.is_dir() && (meta.dev(), meta.ino()) == self.id => {}
+            Ok(meta) if meta.is_dir() => {
+                let why = io::Error::other("another directory has taken its path since the tier opened it; left alone");
+                return Err(Error::io("remove value directory", &self.dir, why));
+            }
             Ok(_) => {
                 let why = io::Error::other("no longer a directory (a symbolic link?); left alone");
                 return Err(Error::io("remove value directory", &self.dir, why));

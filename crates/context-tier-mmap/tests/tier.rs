@@ -169,3 +169,38 @@ fn usage_ignores_foreign_entries() {
     assert!(!tier.dir().exists());
     tier.destroy().unwrap();
 }
+
+#[test]
+fn a_tier_keeps_to_its_directory_once_another_takes_its_path() {
+    // A context is shut down (its directory moved away and removed) and the next context of
+    // the same run id makes a directory at the same path, with objects of the same ids: a
+    // tier built over the first never touches the second's files.
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = value_dir(&scratch);
+    let old = MmapTier::new(MmapConfig::new(&dir)).unwrap();
+    let kept = put(&old, 1, b"the old context's");
+    fs::rename(&dir, scratch.path().join("moved away")).unwrap();
+    let new = MmapTier::new(MmapConfig::new(&dir)).unwrap();
+    let theirs = [put(&new, 1, b"the new context's 1"), put(&new, 2, b"the new context's 2")];
+
+    assert_eq!(&*old.get(&kept).unwrap().unwrap(), b"the old context's");
+    assert!(old.get(&theirs[1]).unwrap().is_none(), "read a file of the new directory");
+    assert!(old.delete(&theirs[1]).is_ok_and(|existed| !existed));
+    put(&old, 3, b"late");
+    assert_eq!(old.usage().unwrap().objects, 2, "old: objects 1 and 3");
+    assert!(old.destroy().is_err(), "destroyed the directory now at its path");
+    for r in &theirs {
+        assert_eq!(new.get(r).unwrap().unwrap().len() as u64, r.len);
+    }
+    assert_eq!(new.usage().unwrap().objects, 2, "new: objects 1 and 2, and no object 3");
+
+    // Once its directory is removed, it stores nothing, anywhere.
+    fs::remove_dir_all(scratch.path().join("moved away")).unwrap();
+    let parts: [&[u8]; 1] = [b"after removal"];
+    let late = old.put(NewObject { id: ObjectId(4), len: 13, data: ObjectData::Parts(&parts) });
+    assert!(late.is_err(), "{late:?}");
+    assert!(!dir.join("0000000000000004.val").exists());
+    assert!(old.get(&kept).unwrap().is_none());
+    new.destroy().unwrap();
+    assert!(!dir.exists());
+}

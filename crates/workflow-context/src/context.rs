@@ -1218,12 +1218,13 @@ impl WorkflowContext {
     /// cannot be had again to commit or free it: the context was shut down meanwhile (or
     /// the lock failed).
     ///
-    /// A disk tier finds an object by its path in the context's directory, which a shutdown
-    /// removes; by now a new context of the same run id may have the directory's name, and
-    /// an object of its own (ids start at 1 in every context) under that path. So the
-    /// object goes from a disk tier only while the directory is still this context's (if it
-    /// is not, what this save wrote there went with it). A RAM tier names its objects by
-    /// the context's instance too: they always go.
+    /// A disk tier may find an object by its path in the context's directory (the mmap
+    /// tier does not: it keeps its directory open; a tier of the user's may), which a
+    /// shutdown removes; by now a new context of the same run id may have the directory's
+    /// name, and an object of its own (ids start at 1 in every context) under that path. So
+    /// the object goes from a disk tier only while the directory is still this context's
+    /// (if it is not, what this save wrote there went with it). A RAM tier names its
+    /// objects by the context's instance too: they always go.
     fn take_back_uncommitted(&self, tier: &dyn StorageTier, r: &context_core::ObjectRef) {
         if tier.kind() == StorageKind::Ram || self.meta.is_at(&self.dir.join(META_FILE)) {
             let _ = tier.delete(r);
