@@ -50,6 +50,14 @@ impl GatedRunner {
     }
 }
 
+/// A context whose runner is a [`GatedRunner`], with the graph `SUM` saved as `"sum"`.
+fn gated_context(base: &std::path::Path) -> (Arc<GatedRunner>, WorkflowContext) {
+    let runner = Arc::new(GatedRunner::default());
+    let ctx = builder(base).graph_runner(runner.clone()).create().unwrap();
+    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    (runner, ctx)
+}
+
 #[workflow_context::async_trait]
 impl GraphRunner for GatedRunner {
     async fn run(&self, _graph: &WorkflowGraph) -> workflow_context::Result<Rebuilt> {
@@ -278,9 +286,7 @@ fn a_stored_recipe_that_is_no_valid_graph_is_an_invalid_graph_error() {
 #[test]
 fn a_value_of_the_wrong_type_is_not_remembered() {
     let b = base();
-    let runner = Arc::new(GatedRunner::default());
-    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
-    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    let (runner, ctx) = gated_context(b.path());
     // The runner gives a value of the wrong type first (a bug of its own, since fixed),
     // then the right one.
     runner.gate().send(Arc::new("forty-two".to_owned())).unwrap();
@@ -300,9 +306,7 @@ fn a_run_in_progress_at_shutdown_hands_out_nothing() {
     // A run in progress when the handle shuts down: the loads waiting on it, the one that
     // started it included, end with `Closed`, and the value it gave is dropped.
     let b = base();
-    let runner = Arc::new(GatedRunner::default());
-    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
-    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    let (runner, ctx) = gated_context(b.path());
     let gate = runner.gate();
     let value: Rebuilt = Arc::new(42.0f64);
     let weak = Arc::downgrade(&value);
@@ -326,9 +330,7 @@ fn no_run_starts_after_shutdown() {
     // The load running the graph is called off after the shutdown: the one waiting for it
     // must not start the graph again.
     let b = base();
-    let runner = Arc::new(GatedRunner::default());
-    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
-    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    let (runner, ctx) = gated_context(b.path());
     let _first_gate = runner.gate();
     let second_gate = runner.gate();
     let second = block_on(async {
@@ -349,9 +351,7 @@ fn no_run_starts_after_shutdown() {
 #[test]
 fn a_load_called_off_or_panicking_mid_run_leaves_the_next_one_to_run_the_graph() {
     let b = base();
-    let runner = Arc::new(GatedRunner::default());
-    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
-    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    let (runner, ctx) = gated_context(b.path());
     // The load running the graph is dropped (a timeout, a `select!`): the one waiting for
     // it runs the graph and gets the value.
     let _first_gate = runner.gate();
@@ -389,9 +389,7 @@ fn a_load_called_off_or_panicking_mid_run_leaves_the_next_one_to_run_the_graph()
 #[test]
 fn a_failed_run_fails_the_loads_that_waited_for_it() {
     let b = base();
-    let runner = Arc::new(GatedRunner::default());
-    let ctx = builder(b.path()).graph_runner(runner.clone()).create().unwrap();
-    ctx.save_ref("sum", &graph(SUM)).unwrap();
+    let (runner, ctx) = gated_context(b.path());
     ctx.save_ref("same", &graph(SUM)).unwrap();
     let first_gate = runner.gate();
     // Were a second run started, it would end at once with this value.
