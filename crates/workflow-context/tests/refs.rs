@@ -58,6 +58,28 @@ fn gated_context(base: &std::path::Path) -> (Arc<GatedRunner>, WorkflowContext) 
     (runner, ctx)
 }
 
+/// Two loads of `"sum"`: the first runs the graph, the second waits for it; then `meanwhile`
+/// runs and the first is dropped mid-run. Returns what the second gets. A second run, if one
+/// starts, ends at once with 42.0.
+fn second_load_once_the_first_is_dropped(
+    ctx: &WorkflowContext,
+    runner: &GatedRunner,
+    meanwhile: impl FnOnce(),
+) -> workflow_context::Result<Arc<f64>> {
+    let _first_gate = runner.gate();
+    let second_gate = runner.gate();
+    block_on(async {
+        let mut first = Box::pin(ctx.load_ref::<f64>("sum"));
+        let mut second = Box::pin(ctx.load_ref::<f64>("sum"));
+        assert!(futures::poll!(first.as_mut()).is_pending(), "the first load runs the graph");
+        assert!(futures::poll!(second.as_mut()).is_pending(), "the second load waits for that run");
+        meanwhile();
+        drop(first);
+        second_gate.send(Arc::new(42.0f64)).unwrap();
+        second.await
+    })
+}
+
 #[workflow_context::async_trait]
 impl GraphRunner for GatedRunner {
     async fn run(&self, _graph: &WorkflowGraph) -> workflow_context::Result<Rebuilt> {
@@ -331,19 +353,7 @@ fn no_run_starts_after_shutdown() {
     // must not start the graph again.
     let b = base();
     let (runner, ctx) = gated_context(b.path());
-    let _first_gate = runner.gate();
-    let second_gate = runner.gate();
-    let second = block_on(async {
-        let mut first = Box::pin(ctx.load_ref::<f64>("sum"));
-        let mut second = Box::pin(ctx.load_ref::<f64>("sum"));
-        assert!(futures::poll!(first.as_mut()).is_pending());
-        assert!(futures::poll!(second.as_mut()).is_pending());
-        ctx.shutdown().unwrap();
-        drop(first);
-        // Were a second run started, it would end at once with this value.
-        second_gate.send(Arc::new(42.0f64)).unwrap();
-        second.await
-    });
+    let second = second_load_once_the_first_is_dropped(&ctx, &runner, || ctx.shutdown().unwrap());
     assert!(matches!(second, Err(Error::Closed { .. })), "{second:?}");
     assert_eq!(runner.runs(), 1, "no run starts after shutdown");
 }
@@ -354,17 +364,7 @@ fn a_load_called_off_or_panicking_mid_run_leaves_the_next_one_to_run_the_graph()
     let (runner, ctx) = gated_context(b.path());
     // The load running the graph is dropped (a timeout, a `select!`): the one waiting for
     // it runs the graph and gets the value.
-    let _first_gate = runner.gate();
-    let second_gate = runner.gate();
-    let second = block_on(async {
-        let mut first = Box::pin(ctx.load_ref::<f64>("sum"));
-        let mut second = Box::pin(ctx.load_ref::<f64>("sum"));
-        assert!(futures::poll!(first.as_mut()).is_pending());
-        assert!(futures::poll!(second.as_mut()).is_pending());
-        drop(first);
-        second_gate.send(Arc::new(42.0f64)).unwrap();
-        second.await
-    });
+    let second = second_load_once_the_first_is_dropped(&ctx, &runner, || {});
     assert_eq!((*second.unwrap(), runner.runs()), (42.0, 2));
 
     // A runner that panics: the panic reaches the caller, and the next load runs again.
