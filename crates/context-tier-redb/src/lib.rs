@@ -151,11 +151,14 @@
 //! back (see below), and the instance opens a fresh redb handle, since redb refuses all
 //! further work on a handle after an I/O error. A chunked put that runs out of space (or
 //! fails otherwise) after some of its transactions committed removes their chunks in one
-//! more transaction, which frees their pages for later puts. The file grows sparse; redb fills it as it
-//! writes, so a transaction can run out of space part way. The tier's storage backend
-//! remembers what a write transaction wrote while it holds redb's writer lock, and punches
-//! holes over it if the transaction runs out of space before its commit goes live. Those
-//! pages are free, and named by no commit or reader.
+//! more transaction, which frees their pages for later puts. redb reuses a page a commit
+//! freed only once a later commit has gone through, so a put that finds the disk full first
+//! commits an empty transaction, which makes the pages freed before it (by a delete, or by
+//! such a removal) reusable, and tries once more: only then is it `NoSpace`. The file grows
+//! sparse; redb fills it as it writes, so a transaction can run out of space part way. The
+//! tier's storage backend remembers what a write transaction wrote while it holds redb's
+//! writer lock, and punches holes over it if the transaction runs out of space before its
+//! commit goes live. Those pages are free, and named by no commit or reader.
 //!
 //! # Example
 //! ```
@@ -365,6 +368,26 @@ impl RedbTier {
         }
     }
 
+    /// Runs the write transaction `op`; if the disk is full, commits an empty transaction
+    /// and runs `op` once more. Why: redb reuses a page freed by a commit (a delete, or the
+    /// removal of a failed put's chunks) only once a later commit has gone through, so on a
+    /// full disk every put answered `NoSpace` beside all the room a delete had just made,
+    /// until some other write committed (on a file system that cannot punch holes, never).
+    fn write(&self, op: impl Fn(&Database) -> Result<(), Failed>) -> Result<(), Failed> {
+        match self.run(&op) {
+            Err(failure) if failure.is_no_space() && self.release_freed_pages() => {
+                self.run(&op).map_err(|again| Failed { committing: again.committing || failure.committing, ..again })
+            }
+            done => done,
+        }
+    }
+
+    /// Commits an empty write transaction, in which redb makes the pages earlier commits freed
+    /// free to reuse; answers whether it committed.
+    fn release_freed_pages(&self) -> bool {
+        self.run(|db| db.begin_write().map_err(Failed::new)?.commit().map_err(Failed::in_commit)).is_ok()
+    }
+
     /// Converts a redb failure into the tier's error, naming the file and what was done.
     fn error(&self, op: &'static str, error: redb::Error) -> Error {
         match error {
@@ -397,10 +420,10 @@ impl RedbTier {
         let mut committed_any = false;
         let mut store = |chunks: &[Chunk]| {
             committed_any = true;
-            self.run(|db| write_chunks(db, id, chunks, None))
+            self.write(|db| write_chunks(db, id, chunks, None))
         };
         let failure = match blob::encode_chunked(&mut object, self.level, &mut store) {
-            Ok(done) => match self.run(|db| write_chunks(db, id, &done.last, Some(&done.manifest))) {
+            Ok(done) => match self.write(|db| write_chunks(db, id, &done.last, Some(&done.manifest))) {
                 Ok(()) => return Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0, held: done.held })),
                 Err(failure) => Err(failure),
             },
@@ -712,7 +735,7 @@ impl StorageTier for RedbTier {
             Err(EncodeError::Compress(e)) => return Err(Error::io("compress object for redb database", &self.path, e)),
         };
         let held = encoded.blob_len();
-        let failure = match self.run(|db| write_object(db, id, &encoded)) {
+        let failure = match self.write(|db| write_object(db, id, &encoded)) {
             Ok(()) => return Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0, held })),
             Err(failure) => failure,
         };
