@@ -158,7 +158,10 @@
 //! sparse; redb fills it as it writes, so a transaction can run out of space part way. The
 //! tier's storage backend remembers what a write transaction wrote while it holds redb's
 //! writer lock, and punches holes over it if the transaction runs out of space before its
-//! commit goes live. Those pages are free, and named by no commit or reader.
+//! commit goes live. Those pages are free, and named by no commit or reader. A destroy that
+//! cannot commit the deletion of the tables for want of space truncates the file instead:
+//! its blocks come back at once, though other processes still hold it open, and each of
+//! their handles, after an error, reopens it and finds an empty database.
 //!
 //! # Example
 //! ```
@@ -447,6 +450,27 @@ impl RedbTier {
             Ok(EncodeError::Data(e)) => Err(e),
             Ok(EncodeError::Compress(e)) => Err(Error::io("compress object for redb database", &self.path, e)),
         }
+    }
+
+    /// Truncates the database file (the one this tier opened) to nothing, then opens a fresh
+    /// handle, which makes an empty database in it. For a destroy on a full disk: deleting the
+    /// tables needs fresh pages, and removing the file frees nothing while any process, this
+    /// one included, holds it open. A truncated file gives its blocks back at once; every
+    /// other handle gets an error from it once, then reopens it and finds no objects.
+    fn empty_file(&self) -> Result<()> {
+        const OP: &str = "empty redb database";
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags((OFlags::NOFOLLOW | OFlags::CLOEXEC).bits() as i32)
+            .open(&self.path)
+            .map_err(|e| Error::io(OP, &self.path, e))?;
+        if check_file(&file).map_err(|e| Error::io(OP, &self.path, e))? != self.identity {
+            let why = io::Error::other("the file was replaced since the tier opened it");
+            return Err(Error::io(OP, &self.path, why));
+        }
+        file.set_len(0).map_err(|e| Error::io(OP, &self.path, e))?;
+        self.reopen(&self.handle())?;
+        Ok(())
     }
 
     /// Removes the database file, if the path still names the file this tier opened.
@@ -810,17 +834,22 @@ impl StorageTier for RedbTier {
     }
 
     /// Deletes the table (every object) in one write transaction, then removes the file.
-    /// Other processes may still have the file open: they find no objects in it.
+    /// Other processes may still have the file open: they find no objects in it. On a full
+    /// disk, where that transaction cannot commit, truncates the file instead: its blocks
+    /// come back at once, and every handle on it, after an error, finds an empty database.
     fn destroy(&self) -> Result<()> {
-        let cleared = self.run(|db| {
+        let cleared = match self.run(|db| {
             let txn = db.begin_write().map_err(Failed::new)?;
             txn.delete_table(OBJECTS).map_err(Failed::new)?;
             txn.delete_table(CHUNKS).map_err(Failed::new)?;
             txn.commit().map_err(Failed::in_commit)
-        });
-        // The file goes even if the objects could not be deleted: that frees the space.
+        }) {
+            Err(failure) if failure.is_no_space() => self.empty_file(),
+            cleared => cleared.map_err(|f| self.error("delete every object in redb database", f.error)),
+        };
+        // The file goes even if the objects could not be deleted.
         let removed = self.remove_file();
-        cleared.map_err(|f| self.error("delete every object in redb database", f.error))?;
+        cleared?;
         removed
     }
 }
