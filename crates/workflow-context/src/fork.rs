@@ -37,9 +37,11 @@ impl Process {
     }
 }
 
-/// The page whose first word holds this process's identity, zeroed in forked children.
-/// `None` where the kernel cannot wipe a page on fork.
-static PAGE: OnceLock<Option<MmapRaw>> = OnceLock::new();
+/// The identity word, at the start of a page that forked children see zeroed; `None` where
+/// the kernel cannot wipe a page on fork. The page is mapped once and never unmapped.
+static WORD: OnceLock<Option<&'static AtomicU64>> = OnceLock::new();
+
+const PAGE_BYTES: usize = 4096;
 
 /// The identity of a process that cannot keep one in a wiped page: drawn anew each time,
 /// so only its process id can be compared (see [`Process::same`]).
@@ -52,47 +54,51 @@ fn fresh() -> Process {
     Process(u64::from(u32::from_le_bytes(random)) << 32 | pid)
 }
 
-fn wiped_on_fork() -> Option<MmapRaw> {
+/// Maps the identity page, for the rest of the process.
+fn wiped_on_fork() -> Option<&'static AtomicU64> {
     let map = MmapRaw::from(MmapOptions::new().len(PAGE_BYTES).map_anon().ok()?);
     // SAFETY: the range is exactly the anonymous mapping made above, which nothing else
     // refers to yet. MADV_WIPEONFORK changes no byte of this process's memory: it only
     // gives a child forked later a zeroed copy of the range instead of this one.
     unsafe { rustix::mm::madvise(map.as_mut_ptr().cast(), map.len(), rustix::mm::Advice::LinuxWipeOnFork) }.ok()?;
-    Some(map)
-}
-
-const PAGE_BYTES: usize = 4096;
-
-/// The identity word in the page.
-fn word(map: &'static MmapRaw) -> &'static AtomicU64 {
+    let map: &'static MmapRaw = Box::leak(Box::new(map));
     // SAFETY: the mapping is PAGE_BYTES long, readable and writable, page-aligned (so
-    // aligned for an `AtomicU64`), and lives for the rest of the process (a static). Its
-    // memory is touched only through this atomic.
-    unsafe { &*map.as_mut_ptr().cast::<AtomicU64>() }
+    // aligned for an `AtomicU64`), and never unmapped (leaked above). Its memory is
+    // touched only through this atomic.
+    Some(unsafe { &*map.as_mut_ptr().cast::<AtomicU64>() })
 }
 
-/// This process's identity.
+/// This process's identity. Checked at every operation, so the common case is two loads.
+#[inline]
 pub(crate) fn this_process() -> Process {
-    let Some(map) = PAGE.get_or_init(wiped_on_fork) else {
+    if let Some(Some(word)) = WORD.get() {
+        let known = word.load(Ordering::Relaxed);
+        if known != 0 {
+            return Process(known);
+        }
+    }
+    first_asked()
+}
+
+/// This process's identity the first time it is asked for, in this process or in this
+/// forked child (whose page is zeroed), or every time without a wiped page.
+#[cold]
+fn first_asked() -> Process {
+    let Some(word) = WORD.get_or_init(wiped_on_fork) else {
         return fresh();
     };
-    let word = word(map);
-    match word.load(Ordering::Relaxed) {
-        0 => {
-            // First asked in this process, or in this forked child. Of two threads asking
-            // at once, the first to store wins, and both hand out what the page holds.
-            let _ = word.compare_exchange(0, fresh().0, Ordering::Relaxed, Ordering::Relaxed);
-            Process(word.load(Ordering::Relaxed))
-        }
-        known => Process(known),
-    }
+    // Of two threads asking at once, the first to store wins, and both hand out what the
+    // page holds.
+    let _ = word.compare_exchange(0, fresh().0, Ordering::Relaxed, Ordering::Relaxed);
+    Process(word.load(Ordering::Relaxed))
 }
 
 impl Process {
     /// Whether `self` and `other` are one process. Identities drawn without a wiped page
-    /// differ at every draw, so only their process ids are compared.
+    /// differ at every draw, so only their process ids are compared then.
+    #[inline]
     pub(crate) fn same(self, other: Process) -> bool {
-        if PAGE.get().is_some_and(Option::is_some) { self == other } else { self.pid() == other.pid() }
+        self == other || (matches!(WORD.get(), Some(None)) && self.pid() == other.pid())
     }
 }
 
