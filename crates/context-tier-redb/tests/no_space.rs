@@ -75,6 +75,16 @@ fn put_parts(tier: &RedbTier, id: u64, bytes: &[u8]) -> PutOutcome {
     tier.put(NewObject { id: ObjectId(id), len: bytes.len() as u64, data: ObjectData::Parts(&parts) }).unwrap()
 }
 
+/// Puts `len` bytes of pattern `id` through `writer`, which must store them (`when` says in
+/// what state, for the panic), and checks that `reader` reads them back.
+fn stored_and_read_back(writer: &RedbTier, reader: &RedbTier, id: u64, len: usize, when: &str) -> ObjectRef {
+    let bytes = pattern(id, len);
+    let outcome = put_parts(writer, id, &bytes);
+    let PutOutcome::Stored(r) = outcome else { panic!("{len} bytes {when}: {outcome:?}") };
+    assert!(reader.get(&r).unwrap().as_deref() == Some(&bytes[..]), "{len} bytes {when} read back wrong");
+    r
+}
+
 fn id_ref(id: u64) -> ObjectRef {
     ObjectRef { id: ObjectId(id), len: 0, slot: ObjectRef::UNKNOWN_SLOT, held: 0 }
 }
@@ -246,12 +256,7 @@ fn no_space_fresh_inner() {
 #[test]
 #[ignore = "run by space_a_delete_frees_on_a_full_disk_is_reused inside a private mount namespace"]
 fn freed_space_inner() {
-    let Some(dir) = std::env::var_os(DIR_VAR).map(PathBuf::from) else {
-        println!("{DIR_VAR} is not set; nothing to check");
-        return;
-    };
-    let path = dir.join("context.redb");
-    let (tier, peer) = (RedbTier::new(RedbConfig::new(&path)).unwrap(), RedbTier::new(RedbConfig::new(&path)).unwrap());
+    let Some((dir, _, tier, peer)) = tiers_on_the_small_file_system() else { return };
     let PutOutcome::Stored(large) = put_parts(&tier, 1, &pattern(1, 10 << 20)) else { panic!("10 MiB did not fit") };
     let PutOutcome::Stored(small) = put_parts(&tier, 2, b"small") else { panic!("a small value did not fit") };
     fill(&dir.join("filler"));
@@ -260,10 +265,7 @@ fn freed_space_inner() {
     // instance (another process).
     let puts: [(&RedbTier, u64, usize); 3] = [(&tier, 3, 2 << 20), (&tier, 4, 5 << 20), (&peer, 5, 2 << 20)];
     for (t, id, len) in puts {
-        let bytes = pattern(id, len);
-        let outcome = put_parts(t, id, &bytes);
-        let PutOutcome::Stored(r) = outcome else { panic!("{len} bytes in the room of 10 MiB deleted: {outcome:?}") };
-        assert!(tier.get(&r).unwrap().as_deref() == Some(&bytes[..]));
+        let r = stored_and_read_back(t, &tier, id, len, "in the room of 10 MiB deleted");
         assert!(t.delete(&r).unwrap());
     }
     assert_eq!(peer.get(&small).unwrap().as_deref(), Some(&b"small"[..]));
@@ -286,10 +288,7 @@ fn failed_chunked_put_on_ext2_inner() {
     assert_eq!(put_parts(&tier, 2, &big), PutOutcome::NoSpace);
     assert_eq!(tier.usage().unwrap().objects, 1, "chunks of a failed put left behind");
     for (t, id, len) in [(&tier, 3, 100_000), (&peer, 4, 5 << 20), (&tier, 5, 10 << 20)] {
-        let bytes = pattern(id, len);
-        let outcome = put_parts(t, id, &bytes);
-        let PutOutcome::Stored(r) = outcome else { panic!("{len} bytes after a failed put: {outcome:?}") };
-        assert!(peer.get(&r).unwrap().as_deref() == Some(&bytes[..]));
+        stored_and_read_back(t, &peer, id, len, "after a failed put");
     }
     assert_eq!(tier.get(&first).unwrap().as_deref(), Some(&b"small"[..]));
     peer.destroy().unwrap();
