@@ -308,19 +308,20 @@ impl StorageTier for MmapTier {
     /// Returns the file's bytes at their actual length: read into memory up to 64 KiB,
     /// mapped read-only above (see the [crate] docs on truncation).
     fn get(&self, object: &ObjectRef) -> Result<Option<Payload>> {
-        let path = self.path_of(object.id);
+        // The path only names the file in errors: a read opens it by name in the directory.
+        let path = || self.path_of(object.id);
         let mut file = match open_for_read(self, &file_name(object.id)) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("open value file", path, e)),
+            Err(e) => return Err(Error::io("open value file", path(), e)),
         };
-        let meta = file.metadata().map_err(|e| Error::io("inspect value file", &path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io("inspect value file", path(), e))?;
         if !meta.is_file() {
-            return Err(Error::io("open value file", &path, io::Error::other("not a regular file")));
+            return Err(Error::io("open value file", path(), io::Error::other("not a regular file")));
         }
         if meta.len() <= READ_LIMIT {
             let mut bytes = Vec::with_capacity(meta.len() as usize);
-            file.read_to_end(&mut bytes).map_err(|e| Error::io("read value file", &path, e))?;
+            file.read_to_end(&mut bytes).map_err(|e| Error::io("read value file", path(), e))?;
             return Ok(Some(Payload::from_vec(bytes)));
         }
         // SAFETY: the mapping is read-only and private to this payload. The file is a
@@ -329,7 +330,7 @@ impl StorageTier for MmapTier {
         // remaining hazard, another process of the same user truncating the file while the
         // mapping is in use (SIGBUS on access past the new end), cannot be excluded by any
         // mapping-based reader and is documented in the crate docs.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("map value file", &path, e))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("map value file", path(), e))?;
         Ok(Some(Payload::from_shared(Arc::new(map))))
     }
 
