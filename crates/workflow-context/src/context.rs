@@ -1174,9 +1174,9 @@ impl WorkflowContext {
                         if tier.delete(&at.object_ref()).is_ok() {
                             self.meta.set_in_flight(0);
                         }
-                    } else if self.free(guard, &at).is_err() {
-                        // The put's error is the one to report; the object is tried again.
-                        self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
+                    } else {
+                        // The put's error is the one to report.
+                        self.free_or_defer(guard, &at);
                     }
                     return Err(e.with_key(key));
                 }
@@ -1198,19 +1198,16 @@ impl WorkflowContext {
         }
         // Pending: freed as a replaced object is (deleted and recorded gone, or else queued
         // to try again at this handle's next write).
-        let freed = match held {
-            Some(guard) => self.free(guard, at),
+        match held {
+            Some(guard) => self.free_or_defer(guard, at),
             None => match self.write_lock() {
-                Ok(mut guard) => self.free(&mut guard, at),
+                Ok(mut guard) => self.free_or_defer(&mut guard, at),
                 // Shut down meanwhile (or the lock failed): at least the object goes.
-                Err(e) => {
+                Err(_) => {
                     self.take_back_uncommitted(tier, &at.object_ref());
-                    Err(e)
+                    self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
                 }
             },
-        };
-        if freed.is_err() {
-            self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
         }
     }
 
@@ -1253,17 +1250,18 @@ impl WorkflowContext {
             self.meta.set_in_flight(0);
         }
         if let Some(old) = old {
-            self.free_replaced(g, &old);
+            self.free_or_defer(g, &old);
         }
         g.replica.maybe_compact(&self.meta);
         Ok(())
     }
 
-    /// Frees `at`, which a committed change replaced or removed. That change stands
-    /// whatever happens here, so a failure (no room for the journal's record of it, on a
-    /// full disk) does not fail the operation: the object stays pending (counted in usage)
-    /// and this handle frees it again at its next write.
-    fn free_replaced(&self, g: &mut WriteGuard<'_>, at: &Placed) {
+    /// Frees `at`, which the operation at hand let go of (a committed change replaced or
+    /// removed it, or a put failed). What the operation did stands whatever happens here,
+    /// so a failure (no room for the journal's record of it, on a full disk) does not fail
+    /// it: the object stays pending (counted in usage) and this handle frees it again at
+    /// its next write.
+    fn free_or_defer(&self, g: &mut WriteGuard<'_>, at: &Placed) {
         if self.free(g, at).is_err() {
             self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
         }
@@ -1569,7 +1567,7 @@ impl WorkflowContext {
     fn remove_entry(&self, g: &mut WriteGuard<'_>, key: &str, entry: &Entry) -> Result<()> {
         g.replica
             .append(&self.meta, &[Rec::Remove { key: key.to_owned(), at: entry.at.clone(), owner: self.token }])?;
-        self.free_replaced(g, &entry.at);
+        self.free_or_defer(g, &entry.at);
         g.replica.maybe_compact(&self.meta);
         Ok(())
     }
