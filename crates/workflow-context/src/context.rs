@@ -1609,16 +1609,25 @@ impl WorkflowContext {
 
     /// Makes a value permanent: writes it to `dest` as a self-describing, checksummed file
     /// (read it back with [`crate::read_exported`] or [`crate::read_exported_bytes`]), then
-    /// removes it from the context.
+    /// removes it from the context: the value moves out.
     ///
     /// The file is written atomically: into an unnamed file in the destination directory
     /// (`O_TMPFILE`; a named temporary file where the file system has none), synced, then
     /// linked or renamed into place, so a reader sees the whole file or none; with an
     /// unnamed file, a process killed during the write leaves nothing behind. Missing
-    /// parent directories are created. If anything fails, the value stays in the context,
-    /// and the directories this export made are removed again. A shutdown (from any handle)
-    /// that comes once the value has been read ends the export as if the export had come
-    /// first: the file is written, and the value goes with the context.
+    /// parent directories are created. Once the file is in place, its directory and the
+    /// parents of the directories made for it are synced too. If anything fails, the value
+    /// stays in the context, and the directories this export made are removed again.
+    ///
+    /// The file is put in place under the context's index lock, together with the removal
+    /// of the key, so an export is one step to every other operation on the key, in any
+    /// process. Of two exports of a key at the same time, one moves the value and the other
+    /// is [`Error::KeyNotFound`] and writes nothing, as after a [`remove`](Self::remove) that
+    /// comes while the file is written. A save that replaces the value while the file is
+    /// written wins: the file holds the value as it was before, and the key keeps the new
+    /// one. A shutdown (from any handle) that comes once the value has been read ends the
+    /// export as if the export had come first: the file is written, and the value goes with
+    /// the context.
     ///
     /// # Errors
     /// [`Error::KeyNotFound`]; [`Error::AlreadyExists`] if `dest` exists and `overwrite` is
@@ -1636,20 +1645,44 @@ impl WorkflowContext {
                 reason: "it is stored by reference (a recipe), not by value".into(),
             });
         }
-        export::write(dest, key, u16::from(entry.flags), record::payload(&record), overwrite)
+        // Written and synced outside the lock; dropped on any failure below, it leaves
+        // nothing (nor the directories it made).
+        let mut staged = export::stage(dest, key, u16::from(entry.flags), record::payload(&record), overwrite)
             .map_err(|e| e.with_key(key))?;
-        // Remove the key only if it still holds what was exported: a concurrent overwrite wins.
-        let mut g = match self.write_lock() {
-            Ok(g) => g,
-            // Shut down meanwhile: the file is in place, and the value went with the context,
-            // as if the export had come first.
-            Err(Error::Closed { .. }) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if let Some(now) = g.replica.get_locked(key)?.filter(|now| now.at.obj == entry.at.obj) {
-            self.remove_entry(&mut g, key, &now)?;
+        loop {
+            let mut g = match self.write_lock() {
+                Ok(g) => g,
+                // Shut down meanwhile: the value went with the context, as if the export had
+                // come first; the file goes in place.
+                Err(Error::Closed { .. }) => {
+                    while !staged.place().map_err(|e| e.with_key(key))? {
+                        staged.restage_named().map_err(|e| e.with_key(key))?;
+                    }
+                    staged.sync();
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            // Removed meanwhile (by a remove, or another export): this export comes after it.
+            let Some(now) = g.replica.get_locked(key)? else {
+                return Err(Error::KeyNotFound { key: key.to_owned() });
+            };
+            if !staged.place().map_err(|e| e.with_key(key))? {
+                // This process cannot link an unnamed file: written again under a name,
+                // outside the lock, then placed under it.
+                drop(g);
+                staged.restage_named().map_err(|e| e.with_key(key))?;
+                continue;
+            }
+            // The key still holds what was exported: it moves out. If a save replaced it
+            // meanwhile, this export came first and the save wins: the key keeps the new value.
+            if now.at.obj == entry.at.obj {
+                self.remove_entry(&mut g, key, &now)?;
+            }
+            drop(g);
+            staged.sync();
+            return Ok(());
         }
-        Ok(())
     }
 
     /// Refuses an export destination inside this context's directory: the file would be

@@ -63,10 +63,19 @@ fn header(key: &str, flags: u16, payload: &[u8]) -> [u8; HEADER] {
     h
 }
 
-/// Decodes export bytes read from `path`.
-pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Exported> {
-    let bad = |detail: String| Error::corrupt(path.display().to_string(), detail);
-    let h = bytes.get(..HEADER).ok_or_else(|| bad(format!("{} bytes is too short for an export file", bytes.len())))?;
+/// The fields of a header that passed [`check_header`].
+struct Checked {
+    flags: u16,
+    key_len: usize,
+    payload_len: usize,
+    stored: u64,
+}
+
+/// Checks the header `h` of a file of `total` bytes: its magic, its version, and lengths
+/// that add up to the file's (before anything of the sizes they announce is allocated).
+/// `bad` makes the error.
+fn check_header(h: &[u8], total: u64, bad: &dyn Fn(String) -> Error) -> Result<Checked> {
+    let h = h.get(..HEADER).ok_or_else(|| bad(format!("{total} bytes is too short for an export file")))?;
     if &h[0..8] != MAGIC {
         return Err(bad("not a workflow-context export file (bad magic)".to_owned()));
     }
@@ -78,39 +87,145 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Exported> {
     let key_len = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes")) as u64;
     let payload_len = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
     let stored = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
-    let body = &bytes[HEADER..];
-    if key_len.checked_add(payload_len) != Some(body.len() as u64) {
+    let body = total.saturating_sub(HEADER as u64);
+    if key_len.checked_add(payload_len) != Some(body) {
         return Err(bad(format!(
-            "the header announces {key_len} key bytes and {payload_len} payload bytes, the file holds {} (truncated or extended)",
-            body.len()
+            "the header announces {key_len} key bytes and {payload_len} payload bytes, the file holds {body} (truncated or extended)"
         )));
     }
-    let (key, payload) = body.split_at(key_len as usize);
-    if sum(h, key, payload) != stored {
-        return Err(bad("checksum mismatch: the file is damaged".to_owned()));
-    }
-    let key = std::str::from_utf8(key).map_err(|_| bad("the key is not UTF-8".to_owned()))?;
-    Ok(Exported { key: key.to_owned(), flags, payload: payload.to_vec() })
+    let too_large = || bad(format!("a payload of {payload_len} bytes is more than this machine can address"));
+    Ok(Checked {
+        flags,
+        key_len: usize::try_from(key_len).map_err(|_| too_large())?,
+        payload_len: usize::try_from(payload_len).map_err(|_| too_large())?,
+        stored,
+    })
+}
+
+/// Decodes export bytes read from `path`.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Exported> {
+    decode_from(&mut &bytes[..], bytes.len() as u64, path)
 }
 
 /// Reads and checks an export file.
+///
+/// Only a regular file is read (a FIFO would block, a device such as `/dev/zero` would
+/// never end).
 pub(crate) fn read(path: &Path) -> Result<Exported> {
-    let mut file = File::open(path).map_err(|e| Error::io("open export file", path, e))?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(|e| Error::io("read export file", path, e))?;
-    decode(&bytes, path)
+    use std::os::unix::fs::OpenOptionsExt;
+    let io_err = |op, e| Error::io(op, path, e);
+    // Non-blocking, so that opening a FIFO does not wait for a writer.
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(|e| io_err("open export file", e))?;
+    let meta = file.metadata().map_err(|e| io_err("inspect export file", e))?;
+    if !meta.is_file() {
+        return Err(io_err("read export file", io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")));
+    }
+    decode_from(&mut file, meta.len(), path)
+}
+
+/// Decodes the `total` bytes of an export file read from `r` (from `path`).
+///
+/// The header is checked against `total` before anything the size it announces is
+/// allocated, so a foreign or damaged file costs no such allocation; the payload is read
+/// into a buffer of its own, once.
+fn decode_from(r: &mut dyn Read, total: u64, path: &Path) -> Result<Exported> {
+    let bad = |detail: String| Error::corrupt(path.display().to_string(), detail);
+    let read_err = |e| Error::io("read export file", path, e);
+    let mut h = [0u8; HEADER];
+    if total >= HEADER as u64 {
+        r.read_exact(&mut h).map_err(read_err)?;
+    }
+    let c = check_header(if total >= HEADER as u64 { &h } else { &[] }, total, &bad)?;
+    let mut read_exactly = |n: usize| -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(n).map_err(|_| read_err(io::ErrorKind::OutOfMemory.into()))?;
+        r.take(n as u64).read_to_end(&mut buf).map_err(read_err)?;
+        if buf.len() != n {
+            return Err(bad(format!("the file shrank while it was read ({} bytes short)", n - buf.len())));
+        }
+        Ok(buf)
+    };
+    let key = read_exactly(c.key_len)?;
+    let payload = read_exactly(c.payload_len)?;
+    if sum(&h, &key, &payload) != c.stored {
+        return Err(bad("checksum mismatch: the file is damaged".to_owned()));
+    }
+    let key = String::from_utf8(key).map_err(|_| bad("the key is not UTF-8".to_owned()))?;
+    Ok(Exported { key, flags: c.flags, payload })
 }
 
 /// Writes an export file atomically, refusing to replace an existing file unless
-/// `overwrite`.
-///
-/// The bytes go into an unnamed file in the destination directory (`O_TMPFILE`), which is
-/// synced and then linked into place: a process killed before the link leaves nothing
-/// behind, because the kernel frees an unnamed file with its last descriptor. Where the
-/// file system has no unnamed files, or the process cannot link one, a named temporary
-/// file (`.wfx-export.<random>.tmp`) is written instead and renamed into place; a kill during
-/// that write leaves it behind.
+/// `overwrite`: [`stage`], then [`Staged::place`] and [`Staged::sync`].
+#[cfg(test)]
 pub(crate) fn write(dest: &Path, key: &str, flags: u16, payload: &[u8], overwrite: bool) -> Result<()> {
+    let mut staged = stage(dest, key, flags, payload, overwrite)?;
+    while !staged.place()? {
+        staged.restage_named()?;
+    }
+    staged.sync();
+    Ok(())
+}
+
+/// An export file written and synced beside its destination, not yet in place.
+///
+/// [`place`](Staged::place) puts it there. Dropped before that, it leaves nothing: the
+/// unnamed file goes with its descriptor, a named temporary file is removed, and so are
+/// the directories [`stage`] made (those still empty).
+pub(crate) struct Staged<'a> {
+    dest: PathBuf,
+    parent: PathBuf,
+    overwrite: bool,
+    header: [u8; HEADER],
+    key: &'a [u8],
+    payload: &'a [u8],
+    /// The directories made for the file, deepest first.
+    made: Vec<PathBuf>,
+    temp: Temp,
+}
+
+enum Temp {
+    /// Nothing written yet.
+    None,
+    /// An unnamed file (`O_TMPFILE`) in the destination directory.
+    Unnamed(File),
+    /// A named temporary file in the destination directory.
+    Named(PathBuf),
+    /// In place at the destination.
+    Placed,
+}
+
+/// Writes the export file of `payload` beside `dest`, without putting it in place.
+///
+/// The bytes go into an unnamed file in the destination directory (`O_TMPFILE`), synced:
+/// a process killed before [`Staged::place`] links it leaves nothing behind, because the
+/// kernel frees an unnamed file with its last descriptor. Where the file system has no
+/// unnamed files, a named temporary file (`.wfx-export.<random>.tmp`) is written instead;
+/// a kill leaves that behind. Missing directories are made. An existing destination is
+/// refused here already unless `overwrite` (and again by the placing).
+pub(crate) fn stage<'a>(
+    dest: &Path,
+    key: &'a str,
+    flags: u16,
+    payload: &'a [u8],
+    overwrite: bool,
+) -> Result<Staged<'a>> {
+    stage_with(dest, key, flags, payload, overwrite, true)
+}
+
+/// [`stage`], through an unnamed file only if `unnamed`.
+fn stage_with<'a>(
+    dest: &Path,
+    key: &'a str,
+    flags: u16,
+    payload: &'a [u8],
+    overwrite: bool,
+    unnamed: bool,
+) -> Result<Staged<'a>> {
     if dest.file_name().is_none() {
         return Err(Error::io("export to", dest, io::Error::other("the destination has no file name")));
     }
@@ -118,95 +233,155 @@ pub(crate) fn write(dest: &Path, key: &str, flags: u16, payload: &[u8], overwrit
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
-    // The directories this export makes go again if it fails: a failed export leaves nothing.
+    // The directories this export makes go again if it fails (see `Drop`).
     let made: Vec<PathBuf> = parent
         .ancestors()
         .take_while(|dir| !dir.as_os_str().is_empty() && fs::symlink_metadata(dir).is_err())
         .map(Path::to_owned)
         .collect();
-    fs::create_dir_all(&parent).map_err(|e| Error::io("create export directory", &parent, e))?;
-    let written = write_in(&parent, dest, key, flags, payload, overwrite);
-    if written.is_err() {
-        // Deepest first; only empty ones go (`remove_dir`), so nothing anyone else put
-        // there meanwhile is touched.
-        for dir in &made {
-            if fs::remove_dir(dir).is_err() {
-                break;
-            }
-        }
-    }
-    written
-}
-
-/// [`write`] into the existing directory `parent` of `dest`.
-fn write_in(parent: &Path, dest: &Path, key: &str, flags: u16, payload: &[u8], overwrite: bool) -> Result<()> {
+    let mut staged = Staged {
+        dest: dest.to_owned(),
+        parent,
+        overwrite,
+        header: header(key, flags, payload),
+        key: key.as_bytes(),
+        payload,
+        made,
+        temp: Temp::None,
+    };
+    fs::create_dir_all(&staged.parent).map_err(|e| Error::io("create export directory", &staged.parent, e))?;
     if !overwrite && fs::symlink_metadata(dest).is_ok() {
         return Err(Error::AlreadyExists { what: "export destination", path: dest.to_owned() });
     }
-    let header = header(key, flags, payload);
-    let parts: [&[u8]; 3] = [&header, key.as_bytes(), payload];
-    let tmp_name = || -> Result<PathBuf> {
-        let mut rand = [0u8; 8];
-        getrandom::fill(&mut rand).map_err(|e| Error::io("make a temporary name in", parent, io::Error::other(e)))?;
-        // Not named after the destination, whose name may be as long as a name can be.
-        Ok(parent.join(format!(".wfx-export.{:016x}.tmp", u64::from_le_bytes(rand))))
-    };
-    if !write_unnamed(parent, dest, &parts, overwrite, tmp_name)? {
-        write_named(&tmp_name()?, dest, &parts, overwrite)?;
+    if !(unnamed && staged.write_unnamed()?) {
+        staged.write_named()?;
     }
-    if let Ok(dir) = File::open(parent) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
+    Ok(staged)
 }
 
-/// Writes `parts` to `file` and syncs it; errors name `path`.
-fn write_parts(file: &mut File, parts: &[&[u8]], path: &Path) -> Result<()> {
-    for part in parts {
-        file.write_all(part).map_err(|e| Error::io("write export file", path, e))?;
-    }
-    file.sync_all().map_err(|e| Error::io("sync export file", path, e))
-}
-
-/// The export through an unnamed file; `false` if this file system or process cannot make
-/// one or link it (nothing is left behind then).
-fn write_unnamed(
-    parent: &Path,
-    dest: &Path,
-    parts: &[&[u8]],
-    overwrite: bool,
-    tmp_name: impl FnOnce() -> Result<PathBuf>,
-) -> Result<bool> {
-    use rustix::fs::{CWD, Mode, OFlags};
-    use rustix::io::Errno;
-    let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
-    let mut file = match rustix::fs::openat(CWD, parent, flags, Mode::from_raw_mode(0o600)) {
-        Ok(fd) => File::from(fd),
-        // No unnamed files here (an older kernel reports EISDIR).
-        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => return Ok(false),
-        Err(e) => return Err(Error::io("create export file in", parent, e.into())),
-    };
-    write_parts(&mut file, parts, dest)?;
-    if !overwrite {
-        // The link itself refuses an existing destination.
-        return match link_unnamed(&file, dest) {
-            Ok(()) => Ok(true),
-            Err(Errno::EXIST) => Err(Error::AlreadyExists { what: "export destination", path: dest.to_owned() }),
-            Err(e) if cannot_link(e) => Ok(false),
-            Err(e) => Err(Error::io("move export file into place at", dest, e.into())),
+impl Staged<'_> {
+    /// Writes the file as an unnamed one; `false` if this file system cannot make one.
+    fn write_unnamed(&mut self) -> Result<bool> {
+        use rustix::fs::{CWD, Mode, OFlags};
+        use rustix::io::Errno;
+        let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
+        let mut file = match rustix::fs::openat(CWD, &self.parent, flags, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => File::from(fd),
+            // No unnamed files here (an older kernel reports EISDIR).
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => return Ok(false),
+            Err(e) => return Err(Error::io("create export file in", &self.parent, e.into())),
         };
+        self.write_parts(&mut file)?;
+        self.temp = Temp::Unnamed(file);
+        Ok(true)
     }
-    // Replacing takes a name first: only a rename replaces a file atomically. A kill
-    // between the two steps leaves the named file.
-    let tmp = tmp_name()?;
-    match link_unnamed(&file, &tmp) {
-        Ok(()) => {}
-        Err(e) if cannot_link(e) => return Ok(false),
-        Err(e) => return Err(Error::io("link export file at", &tmp, e.into())),
+
+    /// Writes the file under a temporary name.
+    fn write_named(&mut self) -> Result<()> {
+        let tmp = tmp_name(&self.parent)?;
+        let mut file = fsutil::create_new(&tmp, "create temporary export file")?;
+        self.temp = Temp::Named(tmp);
+        self.write_parts(&mut file)
     }
-    drop(file);
-    rename_into_place(&tmp, dest, true)?;
-    Ok(true)
+
+    /// Writes the header, key and payload to `file` and syncs it; errors name the
+    /// destination.
+    fn write_parts(&self, file: &mut File) -> Result<()> {
+        for part in [&self.header[..], self.key, self.payload] {
+            file.write_all(part).map_err(|e| Error::io("write export file", &self.dest, e))?;
+        }
+        file.sync_all().map_err(|e| Error::io("sync export file", &self.dest, e))
+    }
+
+    /// Writes the file again, under a temporary name: after [`place`](Self::place) found
+    /// that this process cannot link an unnamed file.
+    pub(crate) fn restage_named(&mut self) -> Result<()> {
+        self.temp = Temp::None;
+        self.write_named()
+    }
+
+    /// Puts the file at its destination: a link of the unnamed file (which refuses an
+    /// existing destination), or a rename (which replaces one atomically, if `overwrite`).
+    /// `Ok(false)` if this process cannot link an unnamed file (no `CAP_DAC_READ_SEARCH`
+    /// for `AT_EMPTY_PATH`, and no `/proc`): nothing changed, and
+    /// [`restage_named`](Self::restage_named) writes the file so that it can be renamed.
+    pub(crate) fn place(&mut self) -> Result<bool> {
+        use rustix::io::Errno;
+        match &self.temp {
+            Temp::Unnamed(file) if !self.overwrite => match link_unnamed(file, &self.dest) {
+                Ok(()) => {}
+                Err(Errno::EXIST) => {
+                    return Err(Error::AlreadyExists { what: "export destination", path: self.dest.clone() });
+                }
+                Err(e) if cannot_link(e) => return Ok(false),
+                Err(e) => return Err(Error::io("move export file into place at", &self.dest, e.into())),
+            },
+            Temp::Unnamed(file) => {
+                // Replacing takes a name first: only a rename replaces a file atomically. A
+                // kill between the two steps leaves the named file.
+                let tmp = tmp_name(&self.parent)?;
+                match link_unnamed(file, &tmp) {
+                    Ok(()) => {}
+                    Err(e) if cannot_link(e) => return Ok(false),
+                    Err(e) => return Err(Error::io("link export file at", &tmp, e.into())),
+                }
+                self.temp = Temp::Named(tmp.clone());
+                rename_into_place(&tmp, &self.dest, true)?;
+            }
+            Temp::Named(tmp) => rename_into_place(tmp, &self.dest, self.overwrite)?,
+            Temp::None | Temp::Placed => {
+                return Err(Error::io("export to", &self.dest, io::Error::other("no export file is staged")));
+            }
+        }
+        self.temp = Temp::Placed;
+        Ok(true)
+    }
+
+    /// Once the file is in place: syncs its directory, and the parent of each directory
+    /// the export made, so that the file's name, and the names of the directories on its
+    /// path, outlive a crash of the machine as its bytes do. Best effort: the file is in
+    /// place whatever this finds.
+    pub(crate) fn sync(&self) {
+        for dir in self.dirs_to_sync() {
+            if let Ok(dir) = File::open(dir) {
+                let _ = dir.sync_all();
+            }
+        }
+    }
+
+    /// The directories [`sync`](Self::sync) syncs: the file's, and the parent of each one
+    /// made for it.
+    fn dirs_to_sync(&self) -> impl Iterator<Item = &Path> {
+        let parents =
+            self.made.iter().map(|d| d.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
+        std::iter::once(self.parent.as_path()).chain(parents)
+    }
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.temp, Temp::None) {
+            Temp::Placed => return,
+            Temp::Named(tmp) => {
+                let _ = fs::remove_file(tmp);
+            }
+            Temp::Unnamed(_) | Temp::None => {}
+        }
+        // Deepest first; only empty ones go (`remove_dir`), so nothing anyone else put
+        // there meanwhile is touched. Those never made (the export failed making a deeper
+        // one, whose name was too long, say) are passed over, not taken for full.
+        for dir in &self.made {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+/// A new temporary name in `parent`; not named after the destination, whose name may be as
+/// long as a name can be.
+fn tmp_name(parent: &Path) -> Result<PathBuf> {
+    let mut rand = [0u8; 8];
+    getrandom::fill(&mut rand).map_err(|e| Error::io("make a temporary name in", parent, io::Error::other(e)))?;
+    Ok(parent.join(format!(".wfx-export.{:016x}.tmp", u64::from_le_bytes(rand))))
 }
 
 /// Whether a failed link of an unnamed file means this process cannot link one at all
@@ -234,19 +409,6 @@ fn link_by_proc(file: &File, to: &Path) -> rustix::io::Result<()> {
     rustix::fs::linkat(rustix::fs::CWD, by_proc.as_str(), rustix::fs::CWD, to, rustix::fs::AtFlags::SYMLINK_FOLLOW)
 }
 
-/// The export through a named temporary file `tmp`, renamed into place.
-fn write_named(tmp: &Path, dest: &Path, parts: &[&[u8]], overwrite: bool) -> Result<()> {
-    let result = fsutil::create_new(tmp, "create temporary export file").and_then(|mut file| {
-        write_parts(&mut file, parts, tmp)?;
-        drop(file);
-        rename_into_place(tmp, dest, overwrite)
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(tmp);
-    }
-    result
-}
-
 /// Renames `tmp` to `dest`, refusing to replace a file unless `overwrite`; removes `tmp`
 /// if the rename fails.
 fn rename_into_place(tmp: &Path, dest: &Path, overwrite: bool) -> Result<()> {
@@ -264,7 +426,9 @@ fn rename_into_place(tmp: &Path, dest: &Path, overwrite: bool) -> Result<()> {
 /// Reads the payload of a file written by `WorkflowContext::export_data`.
 ///
 /// The file's magic, version, length and checksum are checked: a damaged or truncated file
-/// is [`Error::Corrupt`]. For values saved with `save_bytes` this is exactly the bytes
+/// is [`Error::Corrupt`], and so is a foreign file, refused by its header before anything
+/// the size it claims is allocated; a path that is no regular file (a directory, a FIFO, a
+/// device) is [`Error::Io`]. For values saved with `save_bytes` this is exactly the bytes
 /// saved; for typed values, their postcard encoding (see [`read_exported`]).
 pub fn read_exported_bytes(path: impl AsRef<Path>) -> Result<Vec<u8>> {
     Ok(read(path.as_ref())?.payload)
@@ -273,7 +437,8 @@ pub fn read_exported_bytes(path: impl AsRef<Path>) -> Result<Vec<u8>> {
 /// Reads a typed value from a file written by `WorkflowContext::export_data`.
 ///
 /// A value saved as raw bytes (`save_bytes`) is [`Error::Codec`]: read it with
-/// [`read_exported_bytes`].
+/// [`read_exported_bytes`]. So is a value of another type than `T`; the error names the
+/// key and the file.
 ///
 /// ```
 /// # fn main() -> workflow_context::Result<()> {
@@ -297,7 +462,12 @@ pub fn read_exported<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T> {
             message: format!("{} holds raw bytes (save_bytes): read it with read_exported_bytes", path.display()),
         });
     }
-    crate::codec::decode(&exported.payload, &exported.key)
+    crate::codec::decode(&exported.payload, &exported.key).map_err(|e| match e {
+        Error::Codec { key, op, message } => {
+            Error::Codec { key, op, message: format!("{message} (in {})", path.display()) }
+        }
+        other => other,
+    })
 }
 
 #[cfg(test)]
@@ -379,13 +549,15 @@ mod tests {
     fn an_unnamed_file_is_linked_into_place() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("x.wfx");
-        let parts: [&[u8]; 2] = [b"first ", b"file"];
-        let no_name = || -> Result<PathBuf> { panic!("a new file needs no temporary name") };
-        if !write_unnamed(dir.path(), &dest, &parts, false, no_name).unwrap() {
+        let mut staged = stage_with(&dest, "k", 0, b"first", false, true).unwrap();
+        if !matches!(staged.temp, Temp::Unnamed(_)) {
             eprintln!("skipped: the file system under {} has no O_TMPFILE", dir.path().display());
             return;
         }
-        assert_eq!(fs::read(&dest).unwrap(), b"first file");
+        assert!(names(dir.path()).is_empty(), "nothing has a name before the file is placed");
+        assert!(staged.place().unwrap());
+        drop(staged);
+        assert_eq!(read(&dest).unwrap().payload, b"first");
         // The link without privilege, through /proc, where /proc is mounted.
         if Path::new("/proc/self/fd").exists() {
             let flags = rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::WRONLY;
@@ -396,33 +568,107 @@ mod tests {
             assert_eq!(fs::read(dir.path().join("p.wfx")).unwrap(), b"by proc");
             fs::remove_file(dir.path().join("p.wfx")).unwrap();
         }
-        let refused = write_unnamed(dir.path(), &dest, &[b"second"], false, no_name);
-        assert!(matches!(refused, Err(Error::AlreadyExists { .. })), "{refused:?}");
-        assert_eq!(fs::read(&dest).unwrap(), b"first file");
-        let tmp = dir.path().join(".x.wfx.1.tmp");
-        assert!(write_unnamed(dir.path(), &dest, &[b"second"], true, || Ok(tmp.clone())).unwrap());
-        assert_eq!(fs::read(&dest).unwrap(), b"second");
-        assert_eq!(names(dir.path()), ["x.wfx"]);
+        // The link itself refuses a destination made after the file was staged.
+        let other = dir.path().join("y.wfx");
+        let mut staged = stage_with(&other, "k", 0, b"second", false, true).unwrap();
+        fs::write(&other, b"someone else's").unwrap();
+        assert!(matches!(staged.place(), Err(Error::AlreadyExists { .. })));
+        drop(staged);
+        assert_eq!(fs::read(&other).unwrap(), b"someone else's");
+        // Replacing goes through a temporary name, renamed over the destination.
+        let mut staged = stage_with(&dest, "k", 0, b"third", true, true).unwrap();
+        assert!(staged.place().unwrap());
+        drop(staged);
+        assert_eq!(read(&dest).unwrap().payload, b"third");
+        // Written again under a name (as when this process cannot link an unnamed file).
+        let mut staged = stage_with(&dest, "k", 0, b"fourth", true, true).unwrap();
+        staged.restage_named().unwrap();
+        assert!(matches!(staged.temp, Temp::Named(_)));
+        assert!(staged.place().unwrap());
+        drop(staged);
+        assert_eq!(read(&dest).unwrap().payload, b"fourth");
+        assert_eq!(names(dir.path()), ["x.wfx", "y.wfx"]);
     }
 
     #[test]
     fn the_named_fallback_renames_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("x.wfx");
-        let tmp = dir.path().join(".x.wfx.1.tmp");
-        write_named(&tmp, &dest, &[b"one"], false).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), b"one");
-        let refused = write_named(&tmp, &dest, &[b"two"], false);
-        assert!(matches!(refused, Err(Error::AlreadyExists { .. })), "{refused:?}");
-        assert_eq!(fs::read(&dest).unwrap(), b"one");
-        assert_eq!(names(dir.path()), ["x.wfx"], "the refused temporary file is removed");
-        write_named(&tmp, &dest, &[b"two"], true).unwrap();
-        assert_eq!(fs::read(&dest).unwrap(), b"two");
-        assert_eq!(names(dir.path()), ["x.wfx"]);
-        // A destination in a directory that is gone: an error naming it, nothing left.
-        let gone = dir.path().join("gone/x.wfx");
-        let err = write_named(&dir.path().join("gone/.x.tmp"), &gone, &[b"3"], false).unwrap_err();
-        assert!(err.to_string().contains("gone"), "{err}");
-        assert_eq!(names(dir.path()), ["x.wfx"]);
+        let mut staged = stage_with(&dest, "k", 0, b"one", false, false).unwrap();
+        assert!(matches!(staged.temp, Temp::Named(_)));
+        assert!(staged.place().unwrap());
+        drop(staged);
+        assert_eq!(read(&dest).unwrap().payload, b"one");
+        // Refused by the rename (the destination was made after the file was staged).
+        let other = dir.path().join("y.wfx");
+        let mut staged = stage_with(&other, "k", 0, b"two", false, false).unwrap();
+        fs::write(&other, b"someone else's").unwrap();
+        assert!(matches!(staged.place(), Err(Error::AlreadyExists { .. })));
+        drop(staged);
+        assert_eq!(fs::read(&other).unwrap(), b"someone else's");
+        assert_eq!(names(dir.path()), ["x.wfx", "y.wfx"], "the refused temporary file is removed");
+        let mut staged = stage_with(&dest, "k", 0, b"two", true, false).unwrap();
+        assert!(staged.place().unwrap());
+        drop(staged);
+        assert_eq!(read(&dest).unwrap().payload, b"two");
+        assert_eq!(names(dir.path()), ["x.wfx", "y.wfx"]);
+    }
+
+    #[test]
+    fn a_file_never_placed_leaves_nothing_nor_the_directories_made_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for unnamed in [true, false] {
+            drop(stage_with(&dir.path().join("made/for/it/x.wfx"), "k", 0, b"v", false, unnamed).unwrap());
+            assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+        }
+        // Making the directories fails part way (a name too long): those made go.
+        let deep = dir.path().join("made/for").join("d".repeat(300)).join("x.wfx");
+        let err = stage(&deep, "k", 0, b"v", false).err().unwrap();
+        assert!(matches!(&err, Error::Io { path, .. } if path == deep.parent().unwrap()), "{err:?}");
+        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+    }
+
+    #[test]
+    fn the_names_on_the_path_of_a_placed_file_are_synced() {
+        // The file's name is in its directory; each directory made for it, in its parent.
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("a")).unwrap();
+        let mut staged = stage(&dir.path().join("a/b/c/x.wfx"), "k", 0, b"v", false).unwrap();
+        assert!(staged.place().unwrap());
+        let synced: Vec<&Path> = staged.dirs_to_sync().collect();
+        let expected = [dir.path().join("a/b/c"), dir.path().join("a/b"), dir.path().join("a")];
+        assert_eq!(synced, expected.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+        staged.sync();
+    }
+
+    #[test]
+    fn what_is_no_export_file_is_refused_before_its_size_is_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        // A sparse file of 1 TiB: refused by its header, not read.
+        let sparse = dir.path().join("sparse.wfx");
+        File::create(&sparse).unwrap().set_len(1 << 40).unwrap();
+        assert!(matches!(read(&sparse), Err(Error::Corrupt { what, .. }) if what.contains("sparse.wfx")));
+        // A header claiming 1 TiB, on a file that holds less: refused by the lengths.
+        write(&dir.path().join("x.wfx"), "k", 0, b"payload", false).unwrap();
+        let mut bytes = fs::read(dir.path().join("x.wfx")).unwrap();
+        bytes[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        fs::write(dir.path().join("x.wfx"), &bytes).unwrap();
+        assert!(matches!(read(&dir.path().join("x.wfx")), Err(Error::Corrupt { .. })));
+        // No regular file: a device that never ends, a FIFO no one writes to, a directory.
+        let fifo = dir.path().join("fifo.wfx");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        for path in [Path::new("/dev/zero"), &fifo, dir.path()] {
+            match read(path) {
+                Err(Error::Io { path: named, .. }) => assert_eq!(named, path),
+                other => panic!("{}: {other:?}", path.display()),
+            }
+        }
     }
 }
