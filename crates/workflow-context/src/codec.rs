@@ -53,27 +53,65 @@ pub(crate) fn write_record<T: Serialize + ?Sized>(
 ) -> Result<()> {
     let stream = |e: std::io::Error| Error::io("stream value into", format!("object {id}"), e);
     let write_err = |e: std::io::Error| Error::Codec { key: key.to_owned(), op: "encode", message: e.to_string() };
+    // A value whose second encoding (the write) is not as long as its first (the count).
+    let unstable = |then: String| Error::Codec {
+        key: key.to_owned(),
+        op: "encode",
+        message: format!("the value encoded to {len} bytes, then to {then}: its encoding is not stable"),
+    };
     if len <= SMALL {
         let mut buf = [0u8; SMALL];
-        let encoded = postcard::to_slice(value, &mut buf).map_err(|e| codec_err(key, "encode", e))?;
+        let encoded = match postcard::to_slice(value, &mut buf) {
+            Ok(encoded) => encoded,
+            Err(postcard::Error::SerializeBufferFull) => return Err(unstable(format!("more than {SMALL}"))),
+            Err(e) => return Err(codec_err(key, "encode", e)),
+        };
         if encoded.len() != len {
-            return Err(Error::Codec {
-                key: key.to_owned(),
-                op: "encode",
-                message: format!(
-                    "the value encoded to {} bytes, then to {len}: its encoding is not stable",
-                    encoded.len()
-                ),
-            });
+            return Err(unstable(encoded.len().to_string()));
         }
         return record::write_record(out, id, FLAG_TYPED, encoded).map_err(stream);
     }
     let mut rec = RecordWriter::new(out, id, FLAG_TYPED, len as u64).map_err(stream)?;
-    let mut buffered = std::io::BufWriter::with_capacity(len.min(64 << 10), &mut rec);
-    postcard::to_io(value, &mut buffered).map_err(|e| codec_err(key, "encode", e))?;
-    buffered.flush().map_err(write_err)?;
+    let mut tally = Tally { inner: &mut rec, written: 0, limit: len as u64, over: false };
+    let mut buffered = std::io::BufWriter::with_capacity(len.min(64 << 10), &mut tally);
+    let encoded = postcard::to_io(value, &mut buffered).map(drop);
+    let flushed = buffered.flush();
     drop(buffered);
+    // Checked first: the record refuses what is past its length, which postcard reports
+    // only as a full buffer.
+    if tally.over {
+        return Err(unstable(format!("more than {len}")));
+    }
+    encoded.map_err(|e| codec_err(key, "encode", e))?;
+    flushed.map_err(write_err)?;
+    if tally.written < len as u64 {
+        return Err(unstable(tally.written.to_string()));
+    }
     rec.finish().map_err(stream)
+}
+
+/// Counts the bytes of a value's encoding that reach its record, and notes an encoding
+/// longer than the record.
+struct Tally<'w> {
+    inner: &'w mut dyn Write,
+    written: u64,
+    limit: u64,
+    over: bool,
+}
+
+impl Write for Tally<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written + buf.len() as u64 > self.limit {
+            self.over = true;
+        }
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Decodes a value, requiring every byte to be used (trailing bytes mean the wrong type).
@@ -110,6 +148,43 @@ mod tests {
             assert_eq!((header.payload_len, header.flags), (n as u64, FLAG_TYPED));
             let back: (String, Vec<f32>, Option<u64>) = decode(record::payload(&buf), "k").unwrap();
             assert_eq!(back, v);
+        }
+    }
+
+    /// A value that encodes to `first` bytes, then to `then`.
+    struct Unstable(std::cell::Cell<bool>, usize, usize);
+
+    impl Serialize for Unstable {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeTuple;
+            let n = if self.0.replace(true) { self.2 } else { self.1 };
+            let mut t = s.serialize_tuple(n)?;
+            for _ in 0..n {
+                t.serialize_element(&1u8)?;
+            }
+            t.end()
+        }
+    }
+
+    #[test]
+    fn an_encoding_that_changes_length_says_so() {
+        // Below and above the stack buffer, shorter and longer the second time (it was "The
+        // serialize buffer is full", or an I/O error of a missing payload, or the two
+        // lengths the other way round).
+        for (first, then) in [(100, 200), (200, 100), (100, 1000), (1000, 2000), (2000, 1000), (100_000, 70_000)] {
+            let value = Unstable(false.into(), first, then);
+            let len = encoded_len(&value, "k").unwrap();
+            assert_eq!(len, first);
+            let err = write_record(&value, len, ObjectId(1), &mut Vec::new(), "k").unwrap_err();
+            let Error::Codec { key, op: "encode", message } = &err else { panic!("{first} then {then}: {err:?}") };
+            assert_eq!(key, "k");
+            let then = match (first <= SMALL, then) {
+                (true, then) if then > SMALL => format!("more than {SMALL}"),
+                (false, then) if then > first => format!("more than {first}"),
+                (_, then) => then.to_string(),
+            };
+            let expected = format!("the value encoded to {first} bytes, then to {then}: its encoding is not stable");
+            assert_eq!(message, &expected);
         }
     }
 
