@@ -12,8 +12,8 @@ use crate::WorkflowGraph;
 /// it describes.
 ///
 /// This crate only defines the hook; the composed context calls it when a by-reference
-/// value is loaded and memoizes the result (by [`WorkflowGraph::content_hash`]), so a
-/// runner need not cache.
+/// value is loaded and memoizes the result (one run per graph, found by
+/// [`WorkflowGraph::content_hash`] and compared in full), so a runner need not cache.
 ///
 /// # Behavior
 /// - Returns the value that the graph's chosen output ([`WorkflowGraph::output`]) gives;
