@@ -555,10 +555,23 @@ fn follow_generation<T>(
             {
                 continue;
             }
+            Err(Error::Io { ref source, ref path, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(missing_generation(path, what, generation));
+            }
             other => return other.map(|t| (t, generation)),
         }
     }
     Err(Error::corrupt(dir.display().to_string(), format!("the {what} kept changing generation while being opened")))
+}
+
+/// The error for the file of generation `generation` of an index file (`what`), at `path`,
+/// which is missing though the meta page still names that generation: damage, not a writer
+/// moving on (a writer publishes the next generation before the file of this one goes).
+fn missing_generation(path: &Path, what: &str, generation: u32) -> Error {
+    Error::corrupt(
+        path.display().to_string(),
+        format!("the {what} is missing, though the meta page names its generation {generation} as current"),
+    )
 }
 
 impl Replica {
@@ -701,9 +714,12 @@ impl Replica {
                         matches!(table.lookup(&view.key, |_| {}), Ok(Lookup::Found(now)) if now.at.obj == obj)
                     });
                 }
-                // Compacted again meanwhile.
-                Err(Error::Io { ref source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                    return Ok(false);
+                // Compacted again meanwhile, or else the file is missing.
+                Err(Error::Io { ref source, ref path, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    if meta.head().generation != head.generation {
+                        return Ok(false);
+                    }
+                    return Err(missing_generation(path, "journal", head.generation));
                 }
                 Err(e) => return Err(e),
             }

@@ -168,6 +168,56 @@ fn damaged_context_files_are_corrupt_on_open_and_change_nothing() {
     assert_eq!(ctx.usage().unwrap().stored_keys_count, 2);
 }
 
+/// The one file in `dir` whose name starts with `prefix` (`journal.spare` aside).
+fn generation_file(dir: &std::path::Path, prefix: &str) -> String {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(prefix) && n != "journal.spare")
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    names.pop().unwrap()
+}
+
+#[test]
+fn a_missing_journal_or_key_table_generation_is_corrupt_naming_it() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save("k", "v").unwrap();
+    let attached = builder(b.path()).run_id(ctx.run_id()).open().unwrap();
+    let open = || builder(b.path()).run_id(ctx.run_id()).open();
+    for prefix in ["journal.", "table."] {
+        // Enough new keys for the journal to compact and the key table to grow past the
+        // generations `attached` maps.
+        let key = |i: u32| format!("{prefix}{i}");
+        for i in 0..1_000u32 {
+            ctx.save(&key(i), &i).unwrap();
+        }
+        let name = generation_file(ctx.dir(), prefix);
+        assert!(!name.ends_with(".0"), "{name}: the index moved on");
+        let (path, aside) = (ctx.dir().join(&name), b.path().join("aside"));
+        fs::rename(&path, &aside).unwrap();
+        // Opening, and a handle that follows the index to the generation the meta page
+        // names (the table at a load, the journal at a save).
+        let followed =
+            if prefix == "table." { attached.load::<String>("k").err() } else { attached.save("k", "w").err() };
+        for (how, err) in [("open", open().err()), ("follow", followed)] {
+            match err {
+                Some(Error::Corrupt { what, detail, .. }) => {
+                    assert!(what.ends_with(&name), "{how} without {name}: names {what}: {detail}");
+                    assert!(detail.contains("missing"), "{how} without {name}: {detail}");
+                }
+                other => panic!("{how} without {name}: {other:?}"),
+            }
+        }
+        fs::rename(&aside, &path).unwrap();
+        assert_eq!(open().unwrap().load::<u32>(&key(999)).unwrap(), 999);
+        assert_eq!(attached.load::<u32>(&key(999)).unwrap(), 999);
+    }
+    attached.save("k", "w").unwrap();
+    assert_eq!(ctx.load::<String>("k").unwrap(), "w");
+}
+
 #[test]
 fn foreign_files_planted_in_the_context_dir_are_ignored() {
     let b = base();
