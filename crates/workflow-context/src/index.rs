@@ -743,6 +743,12 @@ impl Replica {
         if to < from {
             return Err(self.corrupt(format!("committed length went back from {from} to {to}")));
         }
+        // Checked before anything is read or allocated: a damaged head may claim 4 GiB.
+        if to > self.journal.cap() {
+            return Err(
+                self.corrupt(format!("committed length {to} is past the journal's {} bytes", self.journal.cap()))
+            );
+        }
         if held == Held::Locked {
             let bytes = self.journal.locked_bytes(from, to).ok_or_else(|| {
                 self.corrupt(format!("committed length {to} is past the journal's {} bytes", self.journal.cap()))

@@ -226,6 +226,25 @@ fn child_main() {
             // A small save writes its value under the index lock: this one never finishes.
             ctx.save("held", &HoldsTheLock(std::cell::Cell::new(0))).unwrap();
         }
+        "open-in-1-gib-of-address-space" => {
+            // Room for the context's mappings, not for a 4 GiB buffer.
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let vm_kib: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmSize:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap();
+            let limit = (vm_kib << 10) + (1 << 30);
+            let rlim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            // SAFETY: `setrlimit` reads the struct, which outlives the call.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rlim) }, 0);
+            match WorkflowContext::builder().contexts_dir(env("WFCTX_BASE")).run_id(env("WFCTX_RUN")).open() {
+                Err(workflow_context::Error::Corrupt { what, detail, .. }) if what.contains("journal") => {
+                    println!("refused: {what}: {detail}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
         "open-and-wait" => {
             let _ctx = open_from_env();
             println!("READY");
@@ -564,6 +583,29 @@ fn another_process_can_shut_the_context_down() {
     assert!(!ctx.dir().exists());
     assert!(shm_segments(&run).is_empty(), "{:?}", shm_segments(&run));
     ctx.shutdown().unwrap();
+}
+
+#[test]
+fn a_meta_page_claiming_a_4_gib_journal_is_corrupt_without_allocating_it() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save("k", "v").unwrap();
+    // The head word (at byte 24 of the meta page): the journal's committed length, in its
+    // low 32 bits, made 4 GiB less 16 bytes; its generation kept.
+    let meta = ctx.dir().join("meta");
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&meta).unwrap();
+    let mut head = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 24).unwrap();
+    let lie = (u64::from_le_bytes(head) & !0xffff_ffff) | 0xffff_fff0;
+    std::os::unix::fs::FileExt::write_all_at(&file, &lie.to_le_bytes(), 24).unwrap();
+    // Opened by a process with 1 GiB of address space to spare: refused, not aborted for
+    // want of memory.
+    let env = [("WFCTX_BASE", b.path().to_str().unwrap()), ("WFCTX_RUN", ctx.run_id())];
+    let out = run_child(ENTRY, "open-in-1-gib-of-address-space", &env);
+    assert_child_ok(&out);
+    // Told the truth again, the context opens.
+    std::os::unix::fs::FileExt::write_all_at(&file, &head, 24).unwrap();
+    assert_eq!(builder(b.path()).run_id(ctx.run_id()).open().unwrap().load::<String>("k").unwrap(), "v");
 }
 
 #[cfg(all(feature = "tier-redb", feature = "tier-mmap"))]
