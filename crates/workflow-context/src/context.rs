@@ -1450,11 +1450,12 @@ impl WorkflowContext {
     /// mmap tier over 64 KiB, which stays valid even if the value is overwritten or removed
     /// meanwhile; a copy for smaller values and for values in the redb tier (decompressed).
     ///
-    /// Every load checks the bytes (length and checksum), except that a value whose record
-    /// is 64 KiB or more is checked only the first time this handle reads it: objects never
-    /// change after they are written, so the handle keeps the checked view, and later loads
-    /// of the same object cost O(1), until it sees the value replaced or removed (at its
-    /// next operation on the context). A smaller value is copied and checked at every load.
+    /// Every load checks the bytes (length and checksum), except that a zero-copy view of a
+    /// value whose record is 64 KiB or more is checked only the first time this handle reads
+    /// it: objects never change after they are written, so the handle keeps the checked view,
+    /// and later loads of the same object cost O(1), until it sees the value replaced or
+    /// removed (at its next operation on the context). A smaller value, and a value the tier
+    /// copies (the redb tier), is copied and checked at every load.
     ///
     /// # Errors
     /// [`Error::KeyNotFound`]; [`Error::ByReference`] if the key holds a value passed by
@@ -1501,7 +1502,10 @@ impl WorkflowContext {
                 None => "its object is missing".to_owned(),
                 Some(rec) => match record::check(&rec, ObjectId(entry.at.obj), true) {
                     Ok(_) => {
-                        if rec.len() >= VIEW_CACHE_MIN {
+                        // Only views are kept: a copy (the redb tier decompresses one at
+                        // every load) kept here would hold the value a second time, in this
+                        // process's heap, for as long as its key holds it.
+                        if rec.len() >= VIEW_CACHE_MIN && tier.capabilities().zero_copy {
                             self.remember_view(key, &entry, &rec)?;
                         }
                         return Ok((entry, rec));

@@ -290,6 +290,23 @@ fn a_view_of_a_value_replaced_before_a_compaction_is_dropped() {
     }
 }
 
+/// A tier that copies what it reads (the redb tier decompresses a copy at every load):
+/// a copy the handle kept, as it keeps a zero-copy view, would hold the value's bytes
+/// again in this process's heap for as long as its key holds it, one per value loaded.
+#[cfg(feature = "tier-redb")]
+#[test]
+fn a_handle_keeps_no_copy_of_a_large_value_read_from_a_copying_tier() {
+    let b = base();
+    let ctx = builder(b.path()).policy(workflow_context::core::Compressed).create().unwrap();
+    let big = context_core::testing::pattern(3, 1 << 20);
+    ctx.save_bytes("big", &big, SaveOptions::new()).unwrap();
+    assert_eq!(ctx.storage_info("big").unwrap().unwrap().tier, "redb");
+    let first = ctx.load_bytes("big").unwrap();
+    let second = ctx.load_bytes("big").unwrap();
+    assert!(*first == big[..] && *second == big[..]);
+    assert_ne!(first.as_ptr(), second.as_ptr(), "the second load handed out the copy the handle kept of the first");
+}
+
 #[test]
 fn shutdown_drops_views_even_when_another_handle_ended_the_context() {
     let b = base();
