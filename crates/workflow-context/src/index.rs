@@ -780,7 +780,15 @@ impl Replica {
         // only on an applied table); this generation's are re-applied from its start.
         let from =
             if applied.generation == self.head.generation && applied.len <= self.head.len { applied.len } else { 0 };
-        for (rec, _) in self.read_journal(from, self.head.len, Held::Locked)? {
+        let recs = match self.read_journal(from, self.head.len, Held::Locked) {
+            Ok(recs) => recs,
+            // No record starts there: the table's word is what is damaged. Applying the whole
+            // generation again is as safe (idempotent) and ends in the same state. (Damage in
+            // the journal itself fails that read too.)
+            Err(_) if from != 0 => self.read_journal(0, self.head.len, Held::Locked)?,
+            Err(e) => return Err(e),
+        };
+        for (rec, _) in recs {
             self.apply_to_table(meta, &rec)?;
         }
         self.table.recount()?;

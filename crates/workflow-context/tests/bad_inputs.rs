@@ -168,6 +168,39 @@ fn damaged_context_files_are_corrupt_on_open_and_change_nothing() {
     assert_eq!(ctx.usage().unwrap().stored_keys_count, 2);
 }
 
+#[test]
+fn a_key_table_whose_applied_position_lies_is_repaired_from_the_journal() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    for i in 0..20u32 {
+        ctx.save(&format!("k{i}"), &i).unwrap();
+    }
+    assert!(ctx.remove("k19").unwrap());
+    // The header word (at byte 40 of the table) that says how far into the journal the
+    // table reflects, with one bit flipped: mostly a position inside a record.
+    let table = fs::OpenOptions::new().read(true).write(true).open(ctx.dir().join("table.0")).unwrap();
+    let mut word = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(&table, &mut word, 40).unwrap();
+    for bit in 0..12 {
+        let lie = u64::from_le_bytes(word) ^ (1 << bit);
+        std::os::unix::fs::FileExt::write_all_at(&table, &lie.to_le_bytes(), 40).unwrap();
+        // The next writer, finding the table behind the journal (as after a writer that
+        // died before applying its change), repairs it; the journal is whole.
+        let other = builder(b.path()).run_id(ctx.run_id()).open().unwrap();
+        for (who, h) in [("this handle", &ctx), ("another", &other)] {
+            if let Err(e) = h.save("k0", &bit) {
+                panic!("bit {bit}: a save through {who}: {e}");
+            }
+        }
+        for i in 1..19u32 {
+            assert_eq!(other.load::<u32>(&format!("k{i}")).unwrap(), i, "bit {bit}");
+        }
+        assert!(!other.contains("k19").unwrap(), "bit {bit}: a removed key came back");
+        assert_eq!(other.usage().unwrap().stored_keys_count, 19, "bit {bit}");
+        std::os::unix::fs::FileExt::read_exact_at(&table, &mut word, 40).unwrap();
+    }
+}
+
 /// The one file in `dir` whose name starts with `prefix` (`journal.spare` aside).
 fn generation_file(dir: &std::path::Path, prefix: &str) -> String {
     let mut names: Vec<String> = fs::read_dir(dir)
