@@ -1391,6 +1391,7 @@ impl WorkflowContext {
             let mut write = |out: &mut dyn io::Write| codec::write_record(value, encoded, id, out, key);
             tier.put(NewObject { id, len, data: ObjectData::Write(&mut write) })
         })
+        .map_err(|e| e.with_key(key))
     }
 
     /// Saves raw bytes; [`load_bytes`](Self::load_bytes) returns exactly these bytes.
@@ -1421,6 +1422,7 @@ impl WorkflowContext {
             };
             tier.put(NewObject { id, len, data: ObjectData::Write(&mut write) })
         })
+        .map_err(|e| e.with_key(key))
     }
 
     /// Loads and decodes a value saved with [`save`](Self::save).
@@ -1570,7 +1572,8 @@ impl WorkflowContext {
 
     fn remove_entry(&self, g: &mut WriteGuard<'_>, key: &str, entry: &Entry) -> Result<()> {
         g.replica
-            .append(&self.meta, &[Rec::Remove { key: key.to_owned(), at: entry.at.clone(), owner: self.token }])?;
+            .append(&self.meta, &[Rec::Remove { key: key.to_owned(), at: entry.at.clone(), owner: self.token }])
+            .map_err(|e| e.with_key(key))?;
         self.free_or_defer(g, &entry.at);
         g.replica.maybe_compact(&self.meta);
         Ok(())
@@ -2067,6 +2070,40 @@ mod tests {
         twin.save("flush", &2u8).unwrap();
         assert_eq!(ctx.usage().unwrap(), twin.usage().unwrap());
         assert!(ctx.replica.read().unwrap().pending.is_empty());
+    }
+
+    #[test]
+    fn a_write_the_index_cannot_record_is_an_error_naming_its_key() {
+        let base = tempfile::tempdir().unwrap();
+        let ctx = context(base.path(), "unrecorded");
+        ctx.save("small", "kept").unwrap();
+        let big = vec![3u8; 200_000];
+        ctx.save_bytes("big", &big, SaveOptions::new()).unwrap();
+        let usage = ctx.usage().unwrap();
+        // Every append to the journal fails, as on a full disk when the journal must move to
+        // a new generation.
+        let fault = |on: bool| ctx.replica.write().unwrap().appends_before_fault = on.then_some(0);
+        fault(true);
+        let results = [
+            ("small", ctx.save("small", "new").err()),
+            ("new small", ctx.save("new small", "new").err()),
+            ("big", ctx.save_bytes("big", &[4u8; 200_000], SaveOptions::new()).err()),
+            ("new big", ctx.save_bytes("new big", &[4u8; 200_000], SaveOptions::new()).err()),
+            ("small", ctx.remove("small").err()),
+            ("big", ctx.remove("big").err()),
+        ];
+        fault(false);
+        for (key, err) in results {
+            match err {
+                Some(Error::Io { key: named, .. }) => assert_eq!(named.as_deref(), Some(key), "{key}"),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        // Nothing changed.
+        assert_eq!(ctx.load::<String>("small").unwrap(), "kept");
+        assert!(*ctx.load_bytes("big").unwrap() == big[..]);
+        assert!(!ctx.contains("new small").unwrap() && !ctx.contains("new big").unwrap());
+        assert_eq!(ctx.usage().unwrap(), usage);
     }
 
     #[test]
