@@ -366,7 +366,8 @@ fn new_token(near: &Path) -> Result<u64> {
 /// Takes the liveness lock that marks a context as in use by this handle, and writes in the
 /// file which process took it ([`own_mark`]).
 fn register_liveness(dir: &Path, token: u64) -> Result<(File, PathBuf)> {
-    let path = dir.join(PROCS_DIR).join(format!("{token:016x}"));
+    let procs = liveness_dir(dir)?.unwrap_or_else(|| dir.join(PROCS_DIR));
+    let path = procs.join(format!("{token:016x}"));
     let file = fsutil::create_new(&path, "create liveness file")?;
     file.lock().map_err(|e| Error::io("lock liveness file", &path, e))?;
     if let Some(mark) = own_mark() {
@@ -448,6 +449,23 @@ fn shut_down(dir: &Path) -> bool {
     }
 }
 
+/// The directory of the liveness files of the context in `dir`, or `None` if it has none.
+///
+/// # Errors
+/// If something other than a directory is in its place: a symbolic link planted there is
+/// never followed (a handle would make its liveness file wherever it points, and the sweep
+/// of dead handles' files would remove the old files there).
+fn liveness_dir(dir: &Path) -> Result<Option<PathBuf>> {
+    const OP: &str = "open liveness directory";
+    let procs = dir.join(PROCS_DIR);
+    match fs::symlink_metadata(&procs) {
+        Ok(meta) if meta.is_dir() => Ok(Some(procs)),
+        Ok(_) => Err(Error::io(OP, &procs, io::Error::other("not a directory (a symlink or a file is in its place)"))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(OP, &procs, e)),
+    }
+}
+
 /// Whether any handle, in any process, holds the context in `dir`.
 ///
 /// # Errors
@@ -455,7 +473,7 @@ fn shut_down(dir: &Path) -> bool {
 /// descriptors, say). Callers must then treat the context as live: taking a context for
 /// dead destroys it under the feet of the processes that use it.
 pub(crate) fn is_live(dir: &Path) -> Result<bool> {
-    let procs = dir.join(PROCS_DIR);
+    let Some(procs) = liveness_dir(dir)? else { return Ok(false) };
     let entries = match fs::read_dir(&procs) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -478,7 +496,8 @@ pub(crate) fn is_live(dir: &Path) -> Result<bool> {
 /// holds: an open costs one lock attempt per old file, not the `/proc` reads that tell a
 /// forked heir's lock (such a file goes with its heir). Best effort.
 fn sweep_dead_liveness(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir.join(PROCS_DIR)) else { return };
+    let Ok(Some(procs)) = liveness_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(procs) else { return };
     for entry in entries.flatten() {
         let old = entry.metadata().is_ok_and(|m| crate::gc::unchanged_for(&m, crate::gc::STAGING_GRACE));
         let unlocked = || {

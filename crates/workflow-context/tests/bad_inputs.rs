@@ -47,6 +47,39 @@ fn a_symlink_planted_where_a_value_file_will_be_is_not_followed() {
 }
 
 #[test]
+fn a_symlink_planted_as_the_liveness_directory_is_not_followed() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    ctx.save("k", "v").unwrap();
+    // A directory outside the context, with a file as old as a dead handle's liveness file.
+    let outside = b.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("precious"), b"mine").unwrap();
+    let two_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+    fs::File::options().write(true).open(outside.join("precious")).unwrap().set_modified(two_minutes_ago).unwrap();
+    // The context's liveness directory replaced by a link to it.
+    let procs = ctx.dir().join("procs");
+    fs::rename(&procs, ctx.dir().join("procs-moved")).unwrap();
+    symlink(&outside, &procs).unwrap();
+    let opened = builder(b.path()).run_id(ctx.run_id()).open();
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    let listed: Vec<_> = fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(listed, vec!["precious"], "nothing made or removed through the link; open gave {opened:?}");
+    assert_eq!(fs::read(outside.join("precious")).unwrap(), b"mine");
+    match opened {
+        Err(Error::Io { path, .. }) => assert_eq!(path, procs),
+        other => panic!("{other:?}"),
+    }
+    // A context whose liveness cannot be told is left alone, and reported.
+    assert_eq!((report.contexts_removed, report.failed.len()), (0, 1), "{report:?}");
+    assert_eq!(report.failed[0].path, ctx.dir());
+    assert!(fs::symlink_metadata(&procs).unwrap().file_type().is_symlink(), "the link is left alone");
+    fs::remove_file(&procs).unwrap();
+    fs::rename(ctx.dir().join("procs-moved"), &procs).unwrap();
+    assert_eq!(ctx.load::<String>("k").unwrap(), "v");
+}
+
+#[test]
 fn a_contexts_dir_owned_by_another_user_is_refused() {
     let b = base();
     let dir = b.path().join("theirs");
