@@ -54,13 +54,16 @@ pub(crate) fn remove_context_dir(dir: &Path) -> io::Result<()> {
 const REMOVAL_TRIES: u32 = 20;
 const REMOVAL_PAUSE: Duration = Duration::from_millis(1);
 
-/// Renames `dir` to `.removing-<name>-<random>` beside it; returns where it is now (`dir`
-/// itself if it cannot be renamed here).
+/// Renames `dir` to `.removing-<name>-<random>` beside it (one named so already keeps its
+/// name: `.removing-<name>-<new random>`); returns where it is now (`dir` itself if it
+/// cannot be renamed here).
 pub(crate) fn rename_for_removal(dir: &Path) -> io::Result<PathBuf> {
     let mut rand = [0u8; 8];
     let doomed = match (dir.parent(), dir.file_name(), getrandom::fill(&mut rand)) {
         (Some(parent), Some(name), Ok(())) => {
-            parent.join(format!("{REMOVING_PREFIX}{}-{:016x}", name.to_string_lossy(), u64::from_le_bytes(rand)))
+            let name = name.to_string_lossy();
+            let name = removing_stem(&name).unwrap_or(&name);
+            parent.join(format!("{REMOVING_PREFIX}{name}-{:016x}", u64::from_le_bytes(rand)))
         }
         _ => return Ok(dir.to_owned()),
     };
@@ -168,6 +171,10 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
             // finished: its shared memory too, if its meta page is still there to name it.
             match is_live(&path) {
                 Ok(false) if unchanged_for(&meta, STAGING_GRACE) => {
+                    // Claimed first, renamed (the second to `.removing-<run id>-<random>`, the
+                    // first to a name that gives no run id): a sweeper running at the same time
+                    // finds it gone, rather than removing it too and counting it twice.
+                    let Ok(path) = rename_for_removal(&path) else { continue };
                     let bytes = disk_bytes(&path);
                     let removed = match removing_run_id(name) {
                         Some(run_id) if path.join(META_FILE).is_file() => finish_removal(run_id, &path),
@@ -231,9 +238,13 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
 
 /// The run id of a directory named for its removal (`.removing-<run id>-<16 hex digits>`).
 fn removing_run_id(name: &str) -> Option<&str> {
-    let (run_id, random) = name.strip_prefix(REMOVING_PREFIX)?.rsplit_once('-')?;
-    (random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit()) && validate_run_id(run_id).is_ok())
-        .then_some(run_id)
+    removing_stem(name).filter(|run_id| validate_run_id(run_id).is_ok())
+}
+
+/// What a directory named for its removal (`.removing-<name>-<16 hex digits>`) was named.
+fn removing_stem(name: &str) -> Option<&str> {
+    let (stem, random) = name.strip_prefix(REMOVING_PREFIX)?.rsplit_once('-')?;
+    (random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit())).then_some(stem)
 }
 
 /// Whether the directory `meta` describes has not changed (no entry made or removed in it)
@@ -301,5 +312,47 @@ mod tests {
         assert!(doomed.join("values/x").exists());
         fs::remove_dir_all(&doomed).unwrap();
         assert!(matches!(rename_for_removal(&dir), Err(e) if e.kind() == io::ErrorKind::NotFound));
+    }
+
+    #[test]
+    fn sweepers_at_once_remove_each_abandoned_directory_once() {
+        let two_minutes_ago = SystemTime::now() - Duration::from_secs(120);
+        // A claim keeps the name the directory had before its removal began, however often
+        // it is claimed.
+        let base = tempfile::tempdir().unwrap();
+        let made = format!("{STAGING_PREFIX}made-{:016x}", 7);
+        let mut dir = base.path().join(&made);
+        fs::create_dir(&dir).unwrap();
+        for _ in 0..3 {
+            dir = rename_for_removal(&dir).unwrap();
+        }
+        assert_eq!(removing_stem(dir.file_name().unwrap().to_str().unwrap()), Some(&*made));
+        for round in 0..20 {
+            let base = tempfile::tempdir().unwrap();
+            // Directories whose creation or removal was cut short long ago.
+            let names: Vec<String> = (0..8)
+                .flat_map(|i| {
+                    [format!("{REMOVING_PREFIX}gone-{i}-{i:016x}"), format!("{STAGING_PREFIX}made-{i}-{i:016x}")]
+                })
+                .collect();
+            for name in &names {
+                let dir = base.path().join(name);
+                fs::create_dir_all(dir.join("procs")).unwrap();
+                fs::create_dir_all(dir.join("values")).unwrap();
+                for f in 0..20 {
+                    fs::write(dir.join("values").join(f.to_string()), [7; 5000]).unwrap();
+                }
+                fs::File::open(&dir).unwrap().set_modified(two_minutes_ago).unwrap();
+            }
+            let reports: Vec<GcReport> = std::thread::scope(|s| {
+                let sweepers: Vec<_> = (0..4).map(|_| s.spawn(|| collect_orphans(base.path()).unwrap())).collect();
+                sweepers.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            let removed: usize = reports.iter().map(|r| r.contexts_removed).sum();
+            let failed: Vec<&GcFailure> = reports.iter().flat_map(|r| &r.failed).collect();
+            assert!(failed.is_empty(), "round {round}: {failed:.300?}");
+            assert_eq!(removed, names.len(), "round {round}: each removed once, by one sweeper: {reports:.300?}");
+            assert_eq!(fs::read_dir(base.path()).unwrap().count(), 0, "round {round}");
+        }
     }
 }
