@@ -175,14 +175,24 @@ pub fn collect_orphans(contexts_dir: impl AsRef<Path>) -> Result<GcReport> {
                     // first to a name that gives no run id): a sweeper running at the same time
                     // finds it gone, rather than removing it too and counting it twice.
                     let Ok(path) = rename_for_removal(&path) else { continue };
-                    let bytes = disk_bytes(&path);
+                    let (mut segments, mut bytes) = (0, disk_bytes(&path));
                     let removed = match removing_run_id(name) {
-                        Some(run_id) if path.join(META_FILE).is_file() => finish_removal(run_id, &path),
+                        Some(run_id) if path.join(META_FILE).is_file() => {
+                            // Its shared memory may be all there still: a collection killed
+                            // right after claiming a dead context leaves it whole.
+                            if let Ok(meta) = Meta::open(&path.join(META_FILE)) {
+                                let (n, shm_bytes) = shm_usage(run_id, meta.instance());
+                                segments = n;
+                                bytes += shm_bytes;
+                            }
+                            finish_removal(run_id, &path)
+                        }
                         _ => fs::remove_dir_all(&path).map_err(|e| Error::io("remove directory", &path, e)),
                     };
                     match removed {
                         Ok(()) => {
                             report.contexts_removed += 1;
+                            report.segments_removed += segments;
                             report.bytes_freed += bytes;
                         }
                         Err(e) => report.failed.push(GcFailure::new(&path, &e)),

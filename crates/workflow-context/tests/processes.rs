@@ -789,11 +789,17 @@ fn a_removal_cut_short_is_finished_by_the_next_sweep() {
     assert!(!cut_short.exists());
     assert!(left_alone, "a live process's directory is left to it");
     live.wait().unwrap();
+    let had_segments = shm_segments(&live_run).len();
+    if cfg!(feature = "tier-shm") {
+        assert!(had_segments >= 2, "the context being removed still had its segments: {had_segments}");
+    }
     let report = workflow_context::collect_orphans(b.path()).unwrap();
     assert_eq!(report.contexts_removed, 1, "{report:?}");
     assert!(!in_progress.exists());
-    // Its shared memory went with it: the meta page inside named it.
+    // Its shared memory went with it: the meta page inside named it. The report counts it.
     assert!(shm_segments(&live_run).is_empty(), "{:?}", shm_segments(&live_run));
+    assert_eq!(report.segments_removed, had_segments, "{report:?}");
+    assert!(report.bytes_freed >= 400_000, "its RAM value counts too: {report:?}");
 }
 
 #[test]
