@@ -1841,8 +1841,14 @@ pub(crate) fn remove_dead_context(run_id: &str, dir: &Path) -> Result<bool> {
     }
     // What could not be removed goes back too, so that the next collection finds it as the
     // dead context it is (unless a new context took the name: then it is finished as a
-    // removal cut short).
-    finish_removal(run_id, &claimed).inspect_err(|_| put_back())?;
+    // removal cut short). Only with its meta page, though: without it, it would pass for a
+    // foreign directory, never collected and in the way of its run id. A removal that
+    // stopped after the meta page went leaves it renamed, for a collection to finish.
+    finish_removal(run_id, &claimed).inspect_err(|_| {
+        if fs::symlink_metadata(claimed.join(META_FILE)).is_ok() {
+            put_back();
+        }
+    })?;
     Ok(true)
 }
 

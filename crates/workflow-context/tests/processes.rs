@@ -802,6 +802,66 @@ fn a_removal_cut_short_is_finished_by_the_next_sweep() {
     assert!(report.bytes_freed >= 400_000, "its RAM value counts too: {report:?}");
 }
 
+/// A file below `.0` made immutable (`chattr +i`) until this is dropped, wherever it has
+/// been moved below `.0` by then: no process, root's included, can remove it.
+struct Immutable<'a>(&'a std::path::Path);
+
+impl<'a> Immutable<'a> {
+    /// `None` where that cannot be done (not root, no `chattr`, a file system without the flag).
+    fn new(below: &'a std::path::Path, file: &std::path::Path) -> Option<Self> {
+        let made = Command::new("chattr").arg("+i").arg(file).stderr(Stdio::null()).status();
+        made.is_ok_and(|s| s.success()).then_some(Immutable(below))
+    }
+}
+
+impl Drop for Immutable<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-R").arg("-i").arg(self.0).status();
+    }
+}
+
+#[test]
+fn a_dead_context_whose_removal_stops_part_way_is_finished_later_and_frees_its_run_id() {
+    let b = base();
+    let run = run_id("stuck");
+    killed_creators_context(b.path(), &run);
+    let dir = b.path().join(&run);
+    // A file that cannot be removed, listed after the meta page: a removal (which goes in
+    // listing order) removes the meta page, then stops there.
+    for i in 0..16 {
+        std::fs::write(dir.join(format!("stuck-{i}")), b"planted").unwrap();
+    }
+    let listed: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let after_meta = listed.iter().skip_while(|n| *n != "meta").find(|n| n.starts_with("stuck-")).cloned();
+    for name in listed.iter().filter(|n| n.starts_with("stuck-") && Some(*n) != after_meta.as_ref()) {
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
+    let Some(stuck) = after_meta.and_then(|name| Immutable::new(b.path(), &dir.join(name))) else {
+        println!("SKIPPED: cannot make a file immutable here (needs root, chattr and ext4 or the like)");
+        return;
+    };
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert!(shm_segments(&run).is_empty(), "{:?}", shm_segments(&run));
+    // What is left is not taken for a foreign directory: the run id is free, and once the
+    // file can go, a sweep finishes the removal.
+    let ctx = builder(b.path()).run_id(&run).create().unwrap();
+    ctx.save("k", "v").unwrap();
+    let leftovers = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(b.path()).unwrap().map(|e| e.unwrap().path()).filter(|p| *p != ctx.dir()).collect()
+    };
+    let left = leftovers();
+    assert_eq!(left.len(), 1, "{left:?}");
+    drop(stuck);
+    let two_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+    std::fs::File::open(&left[0]).unwrap().set_modified(two_minutes_ago).unwrap();
+    let report = workflow_context::collect_orphans(b.path()).unwrap();
+    assert_eq!((report.contexts_removed, report.live_contexts), (1, 1), "{report:?}");
+    assert!(leftovers().is_empty(), "{:?}", leftovers());
+    assert_eq!(ctx.load::<String>("k").unwrap(), "v");
+}
+
 #[test]
 fn a_context_whose_liveness_cannot_be_told_is_left_alone_and_reported() {
     let b = base();
