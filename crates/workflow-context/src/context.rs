@@ -339,8 +339,9 @@ impl ContextBuilder {
     /// being shut down, [`Error::InvalidRunId`] if no valid run id was given;
     /// [`Error::Config`] for a bad configuration file (it is read for `CONTEXTS_DIR_NAME`)
     /// or a tier name used twice; [`Error::Corrupt`] if the context's meta page, journal or
-    /// key table is damaged; [`Error::Io`] if a symlink or a file is where the context's
-    /// directory should be, or its files cannot be opened.
+    /// key table is damaged; [`Error::Io`] if the contexts directory is refused (a symlink,
+    /// a file, another user's, or writable by others), a symlink or a file is where the
+    /// context's directory should be, or its files cannot be opened.
     pub fn open(self) -> Result<WorkflowContext> {
         let file = self.file_config()?;
         let run_id = self
@@ -770,6 +771,12 @@ impl WorkflowContext {
     fn open_in(base: &Path, run_id: String, setup: Setup) -> Result<Self> {
         let dir = base.join(&run_id);
         let not_found = || Error::ContextNotFound { run_id: run_id.clone(), dir: base.to_owned() };
+        // A contexts directory is refused as `create` refuses it: a context found through a
+        // symlink, or in a directory that others may write to, may be anyone's.
+        match fs::symlink_metadata(base) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+            _ => fsutil::check_private_dir(base)?,
+        }
         match fs::symlink_metadata(&dir) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {

@@ -96,6 +96,19 @@ fn a_contexts_dir_owned_by_another_user_is_refused() {
             other => panic!("{other:?}"),
         }
         assert!(matches!(workflow_context::collect_orphans(&dir), Err(Error::Io { .. })));
+        // Nor is a context found there attached to.
+        std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
+        let ctx = builder(&dir).create().unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        match builder(&dir).run_id(ctx.run_id()).open() {
+            Err(Error::Io { path, source, .. }) => {
+                assert_eq!(path, dir);
+                assert!(source.to_string().contains("another user"), "{source}");
+            }
+            other => panic!("{other:?}"),
+        }
+        std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
+        drop(ctx);
     } else {
         println!("SKIPPED: not root, cannot give a directory to another user");
     }

@@ -641,6 +641,32 @@ fn an_unsafe_contexts_dir_is_refused() {
     let link = b.path().join("link");
     std::os::unix::fs::symlink(b.path(), &link).unwrap();
     assert!(matches!(builder(&link).create(), Err(Error::Io { .. })));
+    // Opening a context there is refused too: a context found in a directory others may
+    // write to, or through a link, may be anyone's.
+    let planted = b.path().join("planted");
+    fs::create_dir(&planted).unwrap();
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o700)).unwrap();
+    let ctx = builder(&planted).create().unwrap();
+    ctx.save("k", "planted").unwrap();
+    let link = b.path().join("link-to-planted");
+    std::os::unix::fs::symlink(&planted, &link).unwrap();
+    match builder(&link).run_id(ctx.run_id()).open() {
+        Err(Error::Io { path, .. }) => assert_eq!(path, link),
+        other => panic!("{other:?}"),
+    }
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o777)).unwrap();
+    match builder(&planted).run_id(ctx.run_id()).open() {
+        Err(Error::Io { path, source, .. }) => {
+            assert_eq!(path, planted);
+            assert!(source.to_string().contains("writable by group or others"), "{source}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A missing contexts directory holds no context.
+    let missing = builder(&b.path().join("missing")).run_id(ctx.run_id()).open();
+    assert!(matches!(missing, Err(Error::ContextNotFound { .. })), "{missing:?}");
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(builder(&planted).run_id(ctx.run_id()).open().unwrap().load::<String>("k").unwrap(), "planted");
 }
 
 #[test]
