@@ -180,12 +180,31 @@ pub fn delete_reports_existence(tier: &dyn StorageTier) {
     finish(tier);
 }
 
+/// Checks that the objects `kept` still read back as their bytes after `what`.
+fn assert_kept(tier: &dyn StorageTier, kept: &[(ObjectRef, Vec<u8>)], what: &str) {
+    for (r, bytes) in kept {
+        assert!(
+            get(tier, r).as_deref() == Some(&bytes[..]),
+            "{}: {what} took object {} ({} bytes) too, or changed it",
+            tier.name(),
+            r.id,
+            r.len
+        );
+    }
+}
+
 /// Delete finds an object by id alone when the slot is unknown, whether or not the length
-/// is known (a context that cleans up after a writer that died may know only the id).
+/// is known (a context that cleans up after a writer that died may know only the id), and
+/// takes that object only: not one of the same length, nor the one put last.
 pub fn delete_with_unknown_slot(tier: &dyn StorageTier) {
     for (i, &len) in SIZES.iter().enumerate() {
         for (j, known_len) in [(0, true), (1, false)] {
-            let r = put_parts(tier, 400 + 2 * i as u64 + j, &pattern(i as u64, len));
+            let id = 400 + 4 * i as u64 + 2 * j;
+            let before = pattern(id + 10_000, len);
+            let mut kept = vec![(put_parts(tier, id, &before), before)];
+            let r = put_parts(tier, id + 1, &pattern(i as u64, len));
+            let after = pattern(id + 20_000, len);
+            kept.push((put_parts(tier, 2000 + id, &after), after));
             let lost =
                 ObjectRef { slot: ObjectRef::UNKNOWN_SLOT, held: 0, len: if known_len { r.len } else { 0 }, ..r };
             assert!(
@@ -194,6 +213,11 @@ pub fn delete_with_unknown_slot(tier: &dyn StorageTier) {
                 tier.name()
             );
             assert!(get(tier, &r).is_none(), "{}: object still readable after delete by id", tier.name());
+            let what = format!("a delete by id of object {} (length known: {known_len})", r.id);
+            assert_kept(tier, &kept, &what);
+            for (k, _) in &kept {
+                assert!(tier.delete(k).unwrap(), "{}: delete of a present object said it was missing", tier.name());
+            }
         }
     }
     finish(tier);
@@ -213,8 +237,11 @@ pub fn payload_outlives_delete(tier: &dyn StorageTier) {
     finish(tier);
 }
 
-/// A writer that fails leaves no object and no usage behind.
+/// A writer that fails leaves no object and no usage behind, and deleting what it might
+/// have left (by id) takes no other object.
 pub fn failed_fill_leaves_nothing(tier: &dyn StorageTier) {
+    let bytes = pattern(650, 4096);
+    let kept = [(put_parts(tier, 650, &bytes), bytes)];
     let before = usage(tier);
     for (i, &len) in SIZES.iter().enumerate() {
         let mut write = |out: &mut dyn std::io::Write| {
@@ -226,6 +253,7 @@ pub fn failed_fill_leaves_nothing(tier: &dyn StorageTier) {
         assert!(result.is_err(), "{}: a failing writer was reported as {result:?}", tier.name());
         let r = ObjectRef { id, len: len as u64, slot: ObjectRef::UNKNOWN_SLOT, held: 0 };
         assert!(!tier.delete(&r).unwrap(), "{}: a failed put of {len} bytes left an object", tier.name());
+        assert_kept(tier, &kept, &format!("a failed put of {len} bytes, then a delete of it by id,"));
     }
     assert_eq!(usage(tier), before, "{}: a failed put changed usage", tier.name());
     finish(tier);

@@ -32,6 +32,10 @@ pub enum Mode {
     /// The `ObjectData::Write` path answers `held: 0`, while usage counts the bytes.
     WritePathHeldZero,
     LongName,
+    /// A delete by id alone takes the first object of the same length, whatever its id.
+    UnknownSlotMatchesLen,
+    /// A delete by id alone takes the object put last, whatever its id.
+    UnknownSlotTakesLatest,
 }
 
 #[derive(Default, Debug)]
@@ -69,8 +73,16 @@ impl Mutant {
             }
             return None;
         }
-        if self.mode == Mode::UnknownSlotNotFound {
-            return None;
+        match self.mode {
+            Mode::UnknownSlotNotFound => return None,
+            Mode::UnknownSlotMatchesLen if r.len != 0 => {
+                return inner.slots.iter().position(|o| o.as_ref().is_some_and(|(_, b)| b.len() as u64 == r.len));
+            }
+            Mode::UnknownSlotTakesLatest => {
+                let latest = inner.latest.as_ref()?;
+                return inner.slots.iter().position(|o| o.as_ref().is_some_and(|(_, b)| Arc::ptr_eq(b, latest)));
+            }
+            _ => {}
         }
         inner.slots.iter().position(|o| o.as_ref().is_some_and(|(id, _)| *id == r.id))
     }
@@ -218,7 +230,7 @@ fn caught_by(mode: Mode) -> Vec<&'static str> {
 }
 
 /// Every way `Mutant` can be broken.
-const BROKEN: [Mode; 15] = [
+const BROKEN: [Mode; 17] = [
     Mode::LatestBytes,
     Mode::IgnoreDelete,
     Mode::UsageOffByOne,
@@ -234,6 +246,8 @@ const BROKEN: [Mode; 15] = [
     Mode::WritePathWrongLen,
     Mode::WritePathHeldZero,
     Mode::LongName,
+    Mode::UnknownSlotMatchesLen,
+    Mode::UnknownSlotTakesLatest,
 ];
 
 /// One test, not one a mode: `caught_by` swaps the process's panic hook.
