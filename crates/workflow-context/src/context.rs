@@ -1025,16 +1025,9 @@ impl WorkflowContext {
     }
 
     /// The tiers that may take a record of `len` bytes, best first, after the policy's
-    /// ranking, the save options and the budgets. `own` is a pending object of this save
-    /// whose reservation is about to be replaced (not counted against the budget).
-    fn candidates(&self, pool: Pool<'_>, r: &Replica, len: u64, opts: SaveOptions, own: Option<u64>) -> Choice {
-        let mut used = r.used();
-        if let Some(p) = own.and_then(|o| r.pending.get(&o)) {
-            match p.at.kind {
-                StorageKind::Ram => used.ram -= p.at.footprint,
-                StorageKind::Disk => used.disk -= p.at.footprint,
-            }
-        }
+    /// ranking, the save options and the budgets.
+    fn candidates(&self, pool: Pool<'_>, r: &Replica, len: u64, opts: SaveOptions) -> Choice {
+        let used = r.used();
         let ram = Budget { used: used.ram, capacity: Some(self.meta.ram_capacity()) };
         let disk = Budget { used: used.disk, capacity: self.meta.disk_capacity() };
         let statuses: Vec<TierStatus<'_>> = pool
@@ -1115,7 +1108,7 @@ impl WorkflowContext {
                 Some(guard) => guard,
                 None => g.insert(self.write_lock()?),
             };
-            let choice = self.candidates(pool, &guard.replica, len, opts, Some(id));
+            let choice = self.candidates(pool, &guard.replica, len, opts);
             let next = choice.fitting.iter().copied().find(|i| !tried.contains(i));
             if next.is_none() && !recovered {
                 // Space may be held by writers that died mid-save: reclaim it and look again.
@@ -1125,9 +1118,6 @@ impl WorkflowContext {
                 }
             }
             let Some(choice) = next else {
-                if guard.replica.pending.contains_key(&id) {
-                    guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
-                }
                 return Err(self.no_room(key, len, opts, &choice, refused));
             };
             tried.push(choice);
@@ -1181,10 +1171,13 @@ impl WorkflowContext {
                     let at = Placed { slot: r.slot, footprint: r.held.min(at.footprint), ..at };
                     return self.commit(guard, key, at, pass_by, flags);
                 }
-                // The tier kept nothing of the object.
+                // The tier kept nothing of the object. Its reservation goes now: whatever
+                // happens next (the policy panics, the journal fails) must not leave it counted.
                 Ok(PutOutcome::NoSpace) => {
                     if noted {
                         self.meta.set_in_flight(0);
+                    } else {
+                        guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
                     }
                     match tier.kind() {
                         StorageKind::Ram => refused.ram = true,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use common::{base, builder};
 #[cfg(any(feature = "tier-mmap", feature = "tier-redb"))]
 use workflow_context::core::DiskOnly;
-use workflow_context::core::{Compressed, Prefer, Rule, StorageTier};
+use workflow_context::core::{Compressed, PlacementPolicy, Prefer, Rule, StorageTier};
 use workflow_context::{Error, SaveOptions, StorageKind};
 
 #[cfg(any(feature = "tier-mmap", feature = "tier-redb"))]
@@ -222,4 +222,35 @@ fn a_tier_that_counts_every_value_as_u64_max_overflows_nothing() {
     ctx.remove("b").unwrap();
     let u = ctx.usage().unwrap();
     assert_eq!((u.ram_usage_bytes, u.temp_disk_usage_bytes, u.stored_keys_count), (0, 0, 0));
+}
+
+/// A policy that ranks the tier named "full" first, then every other, and panics every
+/// second time it is asked.
+#[derive(Debug, Default)]
+struct PanicsEverySecondTime {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl PlacementPolicy for PanicsEverySecondTime {
+    fn rank(&self, request: &workflow_context::core::PlacementRequest<'_>) -> Vec<usize> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n.is_multiple_of(2), "the policy panics on purpose");
+        Prefer::first(Rule::named("full")).then(Rule::any()).rank(request)
+    }
+}
+
+#[test]
+fn a_policy_that_panics_after_a_tier_turned_a_value_away_leaves_nothing_counted() {
+    let b = base();
+    // The first tier is full: the save asks the policy again, which panics.
+    let full = Arc::new(Named { name: "full", kind: StorageKind::Disk, unbounded: false });
+    let ctx = builder(b.path()).tier(full).policy(PanicsEverySecondTime::default()).create().unwrap();
+    for len in [100usize, 100_000] {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ctx.save_bytes("k", &vec![1u8; len], SaveOptions::new().use_ram(false))
+        }));
+        assert!(caught.is_err(), "{len} bytes: the policy's panic reaches the caller");
+        let u = ctx.usage().unwrap();
+        assert_eq!((u.ram_usage_bytes, u.temp_disk_usage_bytes, u.stored_keys_count), (0, 0, 0), "{len} bytes");
+    }
 }
