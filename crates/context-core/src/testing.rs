@@ -162,12 +162,23 @@ pub fn fill_and_parts_agree(tier: &dyn StorageTier) {
     finish(tier);
 }
 
-/// Delete answers whether the object existed; afterwards get is `None`, even once a new
-/// object took the deleted one's place (its slot), and deleting it again touches nothing.
+/// Delete answers whether the object existed and takes no other object (not even one of the
+/// same length); afterwards get is `None`, even once a new object took the deleted one's
+/// place (its slot), which reads back its own bytes, and deleting it again touches nothing.
 pub fn delete_reports_existence(tier: &dyn StorageTier) {
     for (i, &len) in SIZES.iter().enumerate() {
-        let r = put_parts(tier, 300 + i as u64, &pattern(i as u64, len));
+        let other = pattern(3000 + i as u64, len);
+        let kept = [(put_parts(tier, 3000 + i as u64, &other), other)];
+        let first = pattern(i as u64, len);
+        let r = put_parts(tier, 300 + i as u64, &first);
+        // Read before the delete: a tier that keeps what it read must not show it again.
+        assert!(
+            get(tier, &r).as_deref() == Some(&first[..]),
+            "{}: object of {len} bytes read back different",
+            tier.name()
+        );
         assert!(tier.delete(&r).unwrap(), "{}: delete of a present object said it was missing", tier.name());
+        assert_kept(tier, &kept, &format!("a delete of object {}", r.id));
         assert!(get(tier, &r).is_none(), "{}: object of {len} bytes still readable after delete", tier.name());
         assert!(!tier.delete(&r).unwrap(), "{}: second delete said the object existed", tier.name());
         // A stale reference (another process deleted the object) after its place was reused.
@@ -175,7 +186,15 @@ pub fn delete_reports_existence(tier: &dyn StorageTier) {
         let next = put_parts(tier, 350 + i as u64, &bytes);
         assert!(get(tier, &r).is_none(), "{}: a deleted object read as the one that took its place", tier.name());
         assert!(!tier.delete(&r).unwrap(), "{}: deleting a deleted object again deleted another", tier.name());
-        assert_eq!(get(tier, &next).as_deref(), Some(&bytes[..]), "{}: stale delete, {len} bytes", tier.name());
+        assert!(
+            get(tier, &next).as_deref() == Some(&bytes[..]),
+            "{}: object {} ({len} bytes), put after object {} was deleted, reads back other bytes (the deleted \
+             object's, or nothing, after a stale delete)",
+            tier.name(),
+            next.id,
+            r.id
+        );
+        assert_kept(tier, &kept, "a second delete of a deleted object");
     }
     finish(tier);
 }
@@ -231,8 +250,17 @@ pub fn payload_outlives_delete(tier: &dyn StorageTier) {
         let r = put_parts(tier, 500 + 2 * i as u64, &bytes);
         let held = get(tier, &r).expect("present");
         assert!(tier.delete(&r).unwrap());
-        let _reuse = put_parts(tier, 501 + 2 * i as u64, &pattern(99, len));
+        let after = pattern(99, len);
+        let reuse = put_parts(tier, 501 + 2 * i as u64, &after);
         assert!(*held == *bytes, "{}: a held {len}-byte payload changed after delete", tier.name());
+        assert!(
+            get(tier, &reuse).as_deref() == Some(&after[..]),
+            "{}: object {} ({len} bytes), put after object {} was deleted, reads back other bytes (the deleted \
+             object's?)",
+            tier.name(),
+            reuse.id,
+            r.id
+        );
     }
     finish(tier);
 }

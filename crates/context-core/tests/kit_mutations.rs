@@ -36,6 +36,11 @@ pub enum Mode {
     UnknownSlotMatchesLen,
     /// A delete by id alone takes the object put last, whatever its id.
     UnknownSlotTakesLatest,
+    /// get keeps the bytes it read of each slot, and answers them again for the object that
+    /// takes the slot next: stale data after an overwrite.
+    CachedBySlot,
+    /// A delete takes every other object of the same length too.
+    DeleteTakesSameLen,
 }
 
 #[derive(Default, Debug)]
@@ -44,6 +49,7 @@ struct Inner {
     free: Vec<usize>,
     latest: Option<Arc<Vec<u8>>>,
     destroyed: bool,
+    cache: std::collections::HashMap<usize, Arc<Vec<u8>>>,
 }
 
 /// A slot tier: objects live in a vector, `ObjectRef::slot` is the index, freed slots reused.
@@ -149,9 +155,12 @@ impl StorageTier for Mutant {
         Ok(PutOutcome::Stored(ObjectRef { id: object.id, len, slot: slot as u64, held }))
     }
     fn get(&self, r: &ObjectRef) -> Result<Option<Payload>> {
-        let inner = self.lock();
+        let mut inner = self.lock();
         let Some(s) = self.find(&inner, r) else { return Ok(None) };
-        let b = Arc::clone(&inner.slots[s].as_ref().unwrap().1);
+        let mut b = Arc::clone(&inner.slots[s].as_ref().unwrap().1);
+        if self.mode == Mode::CachedBySlot {
+            b = Arc::clone(inner.cache.entry(s).or_insert(b));
+        }
         Ok(Some(match self.mode {
             Mode::LatestBytes => Payload::from_vec(inner.latest.as_ref().unwrap().to_vec()),
             Mode::TruncatedGet => Payload::from_vec(b[..b.len() - 1].to_vec()),
@@ -164,8 +173,17 @@ impl StorageTier for Mutant {
         if self.mode == Mode::IgnoreDelete {
             return Ok(true);
         }
-        inner.slots[s] = None;
+        let len = inner.slots[s].take().unwrap().1.len();
         inner.free.push(s);
+        if self.mode == Mode::DeleteTakesSameLen {
+            let inner = &mut *inner;
+            for (i, o) in inner.slots.iter_mut().enumerate() {
+                if o.as_ref().is_some_and(|(_, b)| b.len() == len) {
+                    *o = None;
+                    inner.free.push(i);
+                }
+            }
+        }
         Ok(true)
     }
     fn locate(&self, _r: &ObjectRef) -> Location {
@@ -230,7 +248,7 @@ fn caught_by(mode: Mode) -> Vec<&'static str> {
 }
 
 /// Every way `Mutant` can be broken.
-const BROKEN: [Mode; 17] = [
+const BROKEN: [Mode; 19] = [
     Mode::LatestBytes,
     Mode::IgnoreDelete,
     Mode::UsageOffByOne,
@@ -248,6 +266,8 @@ const BROKEN: [Mode; 17] = [
     Mode::LongName,
     Mode::UnknownSlotMatchesLen,
     Mode::UnknownSlotTakesLatest,
+    Mode::CachedBySlot,
+    Mode::DeleteTakesSameLen,
 ];
 
 /// One test, not one a mode: `caught_by` swaps the process's panic hook.
