@@ -213,9 +213,11 @@ fn assert_kept(tier: &dyn StorageTier, kept: &[(ObjectRef, Vec<u8>)], what: &str
 }
 
 /// Delete finds an object by id alone when the slot is unknown, whether or not the length
-/// is known (a context that cleans up after a writer that died may know only the id), and
-/// takes that object only: not one of the same length, nor the one put last.
+/// is known (a context that cleans up after a writer that died may know only the id),
+/// takes that object only (not one of the same length, nor the one put last), and frees
+/// its space.
 pub fn delete_with_unknown_slot(tier: &dyn StorageTier) {
+    let empty = usage(tier);
     for (i, &len) in SIZES.iter().enumerate() {
         for (j, known_len) in [(0, true), (1, false)] {
             let id = 400 + 4 * i as u64 + 2 * j;
@@ -237,6 +239,13 @@ pub fn delete_with_unknown_slot(tier: &dyn StorageTier) {
             for (k, _) in &kept {
                 assert!(tier.delete(k).unwrap(), "{}: delete of a present object said it was missing", tier.name());
             }
+            assert_eq!(
+                usage(tier),
+                empty,
+                "{}: usage once every object is deleted, one of {len} bytes by id (length known: {known_len}): \
+                 the space of an object deleted by id was not freed",
+                tier.name()
+            );
         }
     }
     finish(tier);

@@ -41,6 +41,8 @@ pub enum Mode {
     CachedBySlot,
     /// A delete takes every other object of the same length too.
     DeleteTakesSameLen,
+    /// A delete by id alone hides the object but keeps its bytes (and counts them).
+    UnknownSlotLeaks,
 }
 
 #[derive(Default, Debug)]
@@ -50,6 +52,7 @@ struct Inner {
     latest: Option<Arc<Vec<u8>>>,
     destroyed: bool,
     cache: std::collections::HashMap<usize, Arc<Vec<u8>>>,
+    leaked: Vec<Arc<Vec<u8>>>,
 }
 
 /// A slot tier: objects live in a vector, `ObjectRef::slot` is the index, freed slots reused.
@@ -173,8 +176,12 @@ impl StorageTier for Mutant {
         if self.mode == Mode::IgnoreDelete {
             return Ok(true);
         }
-        let len = inner.slots[s].take().unwrap().1.len();
+        let bytes = inner.slots[s].take().unwrap().1;
+        let len = bytes.len();
         inner.free.push(s);
+        if self.mode == Mode::UnknownSlotLeaks && r.slot == ObjectRef::UNKNOWN_SLOT {
+            inner.leaked.push(bytes);
+        }
         if self.mode == Mode::DeleteTakesSameLen {
             let inner = &mut *inner;
             for (i, o) in inner.slots.iter_mut().enumerate() {
@@ -194,7 +201,8 @@ impl StorageTier for Mutant {
         if inner.destroyed && self.mode == Mode::DestroyHidesButKeeps {
             return Ok(TierUsage::default());
         }
-        let present: Vec<&Arc<Vec<u8>>> = inner.slots.iter().flatten().map(|(_, b)| b).collect();
+        let present: Vec<&Arc<Vec<u8>>> =
+            inner.slots.iter().flatten().map(|(_, b)| b).chain(inner.leaked.iter()).collect();
         let mut bytes: u64 = present.iter().map(|b| self.footprint(b.len() as u64)).sum();
         if self.mode == Mode::UsageOffByOne {
             bytes += present.len() as u64;
@@ -209,6 +217,7 @@ impl StorageTier for Mutant {
             _ => {
                 inner.slots.clear();
                 inner.free.clear();
+                inner.leaked.clear();
                 inner.latest = None;
             }
         }
@@ -248,7 +257,7 @@ fn caught_by(mode: Mode) -> Vec<&'static str> {
 }
 
 /// Every way `Mutant` can be broken.
-const BROKEN: [Mode; 19] = [
+const BROKEN: [Mode; 20] = [
     Mode::LatestBytes,
     Mode::IgnoreDelete,
     Mode::UsageOffByOne,
@@ -268,6 +277,7 @@ const BROKEN: [Mode; 19] = [
     Mode::UnknownSlotTakesLatest,
     Mode::CachedBySlot,
     Mode::DeleteTakesSameLen,
+    Mode::UnknownSlotLeaks,
 ];
 
 /// One test, not one a mode: `caught_by` swaps the process's panic hook.
