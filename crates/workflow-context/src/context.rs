@@ -1192,6 +1192,8 @@ impl WorkflowContext {
                     if noted {
                         if tier.delete(&at.object_ref()).is_ok() {
                             self.meta.set_in_flight(0);
+                        } else {
+                            self.count_left_behind(guard, &at);
                         }
                     } else {
                         // The put's error is the one to report.
@@ -1206,12 +1208,14 @@ impl WorkflowContext {
     /// Takes back the object `at`, whose put into `tier` panicked: deletes whatever the tier
     /// kept of it and forgets it (its in-flight note if `noted`, else its pending record,
     /// under the lock `held`, or taken again for a large value written outside it). What
-    /// cannot be deleted stays noted: the next writer retries an in-flight object, and this
-    /// handle a pending one at its next write.
+    /// cannot be deleted stays counted, pending, and this handle deletes it at its next
+    /// write.
     fn take_back_unwound(&self, held: Option<&mut WriteGuard<'_>>, tier: &dyn StorageTier, at: &Placed, noted: bool) {
         if noted {
             if tier.delete(&at.object_ref()).is_ok() {
                 self.meta.set_in_flight(0);
+            } else if let Some(guard) = held {
+                self.count_left_behind(guard, at);
             }
             return;
         }
@@ -1227,6 +1231,17 @@ impl WorkflowContext {
                     self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
                 }
             },
+        }
+    }
+
+    /// Records the small object `at`, noted in flight, as pending once a failed put left
+    /// something of it that its tier would not delete: an in-flight note counts against no
+    /// budget, a pending object does. This handle deletes it at its next write, as it does a
+    /// large one. If even the record fails, the note stays for the next holder of the lock.
+    fn count_left_behind(&self, g: &mut WriteGuard<'_>, at: &Placed) {
+        if g.replica.append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }]).is_ok() {
+            self.meta.set_in_flight(0);
+            self.deferred.lock().unwrap_or_else(lock_poisoned).push(at.clone());
         }
     }
 
