@@ -78,7 +78,9 @@ pub struct PlacementRequest<'a> {
 /// `ram_only(true)` values out of disk tiers, and falls through to the next tier when one
 /// has no room. So a policy cannot break a budget or an option, and can be small.
 pub trait PlacementPolicy: Send + Sync + fmt::Debug {
-    /// The indexes into `request.tiers` to try, best first. Tiers left out are not tried.
+    /// The indexes into `request.tiers` to try, best first. Tiers left out are not tried;
+    /// an index given twice counts once, and one out of range is skipped (and named in the
+    /// [`Error::NoPlacement`](crate::Error::NoPlacement) of a save that finds no tier left).
     fn rank(&self, request: &PlacementRequest<'_>) -> Vec<usize>;
 }
 

@@ -558,6 +558,8 @@ struct Choice {
     allowed: Vec<(usize, StorageKind, u64)>,
     /// How many tiers the policy ranked.
     ranked: usize,
+    /// Indexes the policy ranked that name no tier.
+    unknown: Vec<usize>,
     ram: Budget,
     disk: Budget,
 }
@@ -1041,13 +1043,16 @@ impl WorkflowContext {
             })
             .collect();
         let request = PlacementRequest { len, options: opts, tiers: &statuses, ram, disk };
-        let mut choice = Choice { fitting: Vec::new(), allowed: Vec::new(), ranked: 0, ram, disk };
+        let mut choice = Choice { fitting: Vec::new(), allowed: Vec::new(), ranked: 0, unknown: Vec::new(), ram, disk };
         let ranked = match pool {
             Pool::Values => self.policy.rank(&request),
             Pool::Recipes(_) => vec![0],
         };
         for i in ranked {
-            let Some(t) = statuses.get(i) else { continue };
+            let Some(t) = statuses.get(i) else {
+                choice.unknown.push(i);
+                continue;
+            };
             if choice.allowed.iter().any(|&(j, _, _)| j == i) {
                 continue;
             }
@@ -1336,10 +1341,16 @@ impl WorkflowContext {
     fn no_room(&self, key: &str, len: u64, opts: SaveOptions, choice: &Choice, refused: Refused) -> Error {
         let key = key.to_owned();
         if choice.ranked == 0 {
+            let tiers: Vec<&str> = self.tiers.iter().map(|t| t.name()).collect();
+            let unknown = if choice.unknown.is_empty() {
+                String::new()
+            } else {
+                format!(" (it ranked {:?}, which are not indexes of them)", choice.unknown)
+            };
             return Error::NoPlacement {
                 key,
                 reason: format!(
-                    "the placement policy {:?} admits none of this build's tiers for {len} bytes",
+                    "the placement policy {:?} admits none of this build's tiers {tiers:?} for {len} bytes{unknown}",
                     self.policy
                 ),
             };

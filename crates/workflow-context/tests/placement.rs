@@ -254,3 +254,34 @@ fn a_policy_that_panics_after_a_tier_turned_a_value_away_leaves_nothing_counted(
         assert_eq!((u.ram_usage_bytes, u.temp_disk_usage_bytes, u.stored_keys_count), (0, 0, 0), "{len} bytes");
     }
 }
+
+/// A policy that answers the same indexes, whatever it is asked (and does not show them).
+struct Ranks(Vec<usize>);
+
+impl std::fmt::Debug for Ranks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ranks")
+    }
+}
+
+impl PlacementPolicy for Ranks {
+    fn rank(&self, _: &workflow_context::core::PlacementRequest<'_>) -> Vec<usize> {
+        self.0.clone()
+    }
+}
+
+#[test]
+fn a_policy_that_ranks_tiers_that_do_not_exist_is_told_so() {
+    let b = base();
+    let ctx = builder(b.path()).tier(named("full")).policy(Ranks(vec![99, usize::MAX, 99])).create().unwrap();
+    match ctx.save("k", &1u8) {
+        Err(Error::NoPlacement { key, reason }) => {
+            assert_eq!(key, "k");
+            assert!(reason.contains("99") && reason.contains(&usize::MAX.to_string()), "{reason}");
+            assert!(reason.contains("\"full\""), "the tiers there are: {reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!ctx.contains("k").unwrap());
+    assert_eq!(ctx.usage().unwrap().stored_keys_count, 0);
+}
