@@ -4,13 +4,16 @@
 //! `tests/conformance.rs`, with `context-core` as a dev-dependency with the `testing`
 //! feature:
 //!
-//! ```ignore
-//! context_core::tier_conformance_tests!(|| Box::new(MyTier::new(/* a fresh, empty tier */)));
+//! ```
+//! # use context_core::testing::MemoryTier as MyTier;
+//! context_core::tier_conformance_tests!(|| Box::new(MyTier::default(/* a fresh, empty tier */)));
+//! # fn main() {}
 //! ```
 //!
 //! The macro expands to one `#[test]` per check below, each calling the factory for a
 //! fresh, empty tier (a `Box` or an `Arc` of it) and destroying that tier at the end.
-//! The checks are also public functions over `&dyn StorageTier`, to call by hand.
+//! The checks are also public functions over `&dyn StorageTier`, to call by hand, or all
+//! at once with [`run_all`].
 
 use std::collections::BTreeMap;
 
@@ -437,7 +440,13 @@ pub fn prefetch_is_only_a_hint(tier: &dyn StorageTier) {
     finish(tier);
 }
 
-/// Runs every check against tiers made by `make`, each on a fresh tier.
+/// Runs every check against tiers made by `make`, each on a fresh tier; a check that fails
+/// panics with what the tier did wrong.
+///
+/// ```
+/// use context_core::testing::{MemoryTier, run_all};
+/// run_all(|| Box::new(MemoryTier::default()));
+/// ```
 pub fn run_all<T: std::ops::Deref<Target = D>, D: DynTier + ?Sized>(make: impl Fn() -> T) {
     let checks: [fn(&dyn StorageTier); 12] = [
         put_get_round_trip,
