@@ -1162,10 +1162,12 @@ impl WorkflowContext {
                 None => match self.write_lock() {
                     Ok(guard) => g.insert(guard),
                     Err(e) => {
-                        // Shut down meanwhile (or the lock failed): take the object back.
+                        // Shut down meanwhile (or the lock failed): take the object back. Its
+                        // pending record goes at this handle's next write, if there is one.
                         if let Ok(PutOutcome::Stored(r)) = outcome {
                             self.take_back_uncommitted(&*tier, &r);
                         }
+                        self.deferred.lock().unwrap_or_else(lock_poisoned).push(at);
                         return Err(e);
                     }
                 },
@@ -2155,6 +2157,41 @@ mod tests {
         assert!(*ctx.load_bytes("big").unwrap() == big[..]);
         assert!(!ctx.contains("new small").unwrap() && !ctx.contains("new big").unwrap());
         assert_eq!(ctx.usage().unwrap(), usage);
+    }
+
+    #[test]
+    fn a_large_save_that_cannot_take_the_lock_again_gives_its_reservation_back_later() {
+        use context_core::testing::{Call, Fault, FaultyTier, MemoryTier};
+        let base = tempfile::tempdir().unwrap();
+        let faulty = Arc::new(FaultyTier::new("faulty", Arc::new(MemoryTier::default())));
+        let ctx = WorkflowContext::builder()
+            .contexts_dir(base.path())
+            .run_id(format!("relock-fails-{}", std::process::id()))
+            .tier(faulty.clone())
+            .policy(crate::core::Prefer::first(crate::core::Rule::named("faulty")).then(crate::core::Rule::any()))
+            .create()
+            .unwrap();
+        ctx.save_bytes("k", &[1; 100_000], SaveOptions::new()).unwrap();
+        // The old value of an overwrite cannot be deleted: this handle frees it later.
+        faulty.fail(Call::Delete, 1, Fault::Eio);
+        ctx.save_bytes("k", b"new", SaveOptions::new()).unwrap();
+        let before = ctx.usage().unwrap();
+        // A large save: the retry at its first lock fails to delete again, its pending
+        // record commits, and the retry when it takes the lock again deletes the old value
+        // but cannot record it (the journal is full): the save fails there.
+        faulty.fail(Call::Delete, 1, Fault::Eio);
+        ctx.replica.write().unwrap().appends_before_fault = Some(1);
+        let saved = ctx.save_bytes("big", &[2; 100_000], SaveOptions::new());
+        ctx.replica.write().unwrap().appends_before_fault = None;
+        assert!(saved.is_err(), "{saved:?}");
+        assert!(!ctx.contains("big").unwrap());
+        // The next write records the old value gone, and the refused one's reservation too.
+        ctx.save("flush", &1u8).unwrap();
+        ctx.remove("flush").unwrap();
+        let after = ctx.usage().unwrap();
+        assert!(ctx.replica.read().unwrap().pending.is_empty(), "{:?}", ctx.replica.read().unwrap().pending);
+        assert!(after.ram_usage_bytes < before.ram_usage_bytes, "{before:?} then {after:?}");
+        assert_eq!(faulty.usage().unwrap().objects, 1, "only the value of k is left in the tier");
     }
 
     #[test]
