@@ -1183,8 +1183,10 @@ impl WorkflowContext {
                 Ok(PutOutcome::NoSpace) => {
                     if noted {
                         self.meta.set_in_flight(0);
-                    } else {
-                        guard.replica.append(&self.meta, &[Rec::Gone { obj: id }])?;
+                    } else if let Err(e) = guard.replica.append(&self.meta, &[Rec::Gone { obj: id }]) {
+                        // It goes at this handle's next write.
+                        self.deferred.lock().unwrap_or_else(lock_poisoned).push(at);
+                        return Err(e.with_key(key));
                     }
                     match tier.kind() {
                         StorageKind::Ram => refused.ram = true,
@@ -2192,6 +2194,33 @@ mod tests {
         assert!(ctx.replica.read().unwrap().pending.is_empty(), "{:?}", ctx.replica.read().unwrap().pending);
         assert!(after.ram_usage_bytes < before.ram_usage_bytes, "{before:?} then {after:?}");
         assert_eq!(faulty.usage().unwrap().objects, 1, "only the value of k is left in the tier");
+    }
+
+    #[test]
+    fn a_reservation_a_full_tier_refused_goes_though_the_journal_is_full_then() {
+        use context_core::testing::{Call, Fault, FaultyTier, MemoryTier};
+        let base = tempfile::tempdir().unwrap();
+        let faulty = Arc::new(FaultyTier::new("faulty", Arc::new(MemoryTier::default())));
+        let ctx = WorkflowContext::builder()
+            .contexts_dir(base.path())
+            .run_id(format!("refused-journal-full-{}", std::process::id()))
+            .tier(faulty.clone())
+            .policy(crate::core::Prefer::first(crate::core::Rule::named("faulty")).then(crate::core::Rule::any()))
+            .create()
+            .unwrap();
+        let before = ctx.usage().unwrap();
+        // The pending record of the large value commits; the tier is full; recording that
+        // the reservation goes fails (the journal is full), and so does the save.
+        faulty.fail(Call::Put, 1, Fault::NoSpace);
+        ctx.replica.write().unwrap().appends_before_fault = Some(1);
+        let saved = ctx.save_bytes("big", &[2; 100_000], SaveOptions::new());
+        ctx.replica.write().unwrap().appends_before_fault = None;
+        assert!(saved.is_err(), "{saved:?}");
+        // The next write records it gone.
+        ctx.save("flush", &1u8).unwrap();
+        ctx.remove("flush").unwrap();
+        assert!(ctx.replica.read().unwrap().pending.is_empty(), "{:?}", ctx.replica.read().unwrap().pending);
+        assert_eq!(ctx.usage().unwrap(), before);
     }
 
     #[test]
