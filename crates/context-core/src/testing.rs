@@ -53,6 +53,23 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Deterministic bytes for object `seed` of `len` bytes that compress well: a run of one
+/// byte value for an even seed, text repeated for an odd one. A tier that compresses takes
+/// its other path with them.
+///
+/// ```
+/// let run = context_core::testing::compressible(2, 4096);
+/// assert!(run.iter().all(|&b| b == run[0]));
+/// assert_eq!(context_core::testing::compressible(3, 100).len(), 100);
+/// ```
+pub fn compressible(seed: u64, len: usize) -> Vec<u8> {
+    if seed.is_multiple_of(2) {
+        vec![seed as u8; len]
+    } else {
+        b"a lighthouse at dusk, seed 12345, cfg 7.5; ".iter().copied().cycle().take(len).collect()
+    }
+}
+
 /// The value of `field` (`VmFlags`, `ShmemPmdMapped`, ...) in `/proc/self/smaps` for the
 /// mapping of this process that holds address `addr`, trimmed; `None` if there is no such
 /// mapping or field (or no `/proc`). For tests that check how memory is mapped.
@@ -137,7 +154,7 @@ fn finish(tier: &dyn StorageTier) {
 }
 
 /// The tier's name is one the index can record (1 to 16 ASCII bytes), and every size put as
-/// parts reads back exactly.
+/// parts reads back exactly, whether its bytes compress or not.
 pub fn put_get_round_trip(tier: &dyn StorageTier) {
     let name = tier.name();
     assert!(
@@ -145,10 +162,17 @@ pub fn put_get_round_trip(tier: &dyn StorageTier) {
         "the tier's name {name:?} is not 1 to 16 ASCII bytes"
     );
     for (i, &len) in SIZES.iter().enumerate() {
-        let bytes = pattern(i as u64, len);
-        let r = put_parts(tier, 100 + i as u64, &bytes);
-        let got = get(tier, &r).unwrap_or_else(|| panic!("{}: object of {len} bytes missing after put", tier.name()));
-        assert!(*got == *bytes, "{}: object of {len} bytes read back different", tier.name());
+        let objects = [
+            (100, pattern(i as u64, len), ""),
+            (120, compressible(2 * i as u64, len), "compressible (one byte value) "),
+            (140, compressible(2 * i as u64 + 1, len), "compressible (text) "),
+        ];
+        for (id, bytes, what) in objects {
+            let r = put_parts(tier, id + i as u64, &bytes);
+            let got = get(tier, &r)
+                .unwrap_or_else(|| panic!("{}: {what}object of {len} bytes missing after put", tier.name()));
+            assert!(*got == *bytes, "{}: {what}object of {len} bytes read back different", tier.name());
+        }
     }
     finish(tier);
 }
@@ -320,17 +344,22 @@ pub fn wrong_length_is_refused(tier: &dyn StorageTier) {
     finish(tier);
 }
 
-/// Usage counts present objects and the bytes their puts said they hold, exactly.
+/// Usage counts present objects and the bytes their puts said they hold, exactly, whether
+/// their bytes compress or not.
 pub fn usage_counts_objects(tier: &dyn StorageTier) {
     let before = usage(tier);
     // Half of the objects streamed: both ways of putting must answer what they hold.
     let refs: Vec<ObjectRef> = SIZES
         .iter()
         .enumerate()
-        .map(|(i, &len)| {
-            let bytes = pattern(i as u64, len);
-            if i % 2 == 0 { put_parts(tier, 800 + i as u64, &bytes) } else { put_fill(tier, 800 + i as u64, &bytes) }
-        })
+        .flat_map(|(i, &len)| [(800 + i as u64, pattern(i as u64, len)), (850 + i as u64, compressible(i as u64, len))])
+        .enumerate()
+        // Each kind of bytes put both ways, in turn.
+        .map(
+            |(n, (id, bytes))| {
+                if (n + n / 2).is_multiple_of(2) { put_parts(tier, id, &bytes) } else { put_fill(tier, id, &bytes) }
+            },
+        )
         .collect();
     let bytes: u64 = refs.iter().map(|r| r.held).sum();
     let during = usage(tier);

@@ -43,6 +43,13 @@ pub enum Mode {
     DeleteTakesSameLen,
     /// A delete by id alone hides the object but keeps its bytes (and counts them).
     UnknownSlotLeaks,
+    /// Compresses: holds a run of one byte value in 16 bytes, and reads it back a byte short.
+    RunsReadBackShort,
+}
+
+/// Whether `bytes` are a run of one byte value, which `Mode::RunsReadBackShort` compresses.
+fn is_run(bytes: &[u8]) -> bool {
+    bytes.len() > 16 && bytes.iter().all(|&b| b == bytes[0])
 }
 
 #[derive(Default, Debug)]
@@ -105,7 +112,7 @@ impl StorageTier for Mutant {
         StorageKind::Ram
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(false, false)
+        Capabilities::new(false, false).with_compression(self.mode == Mode::RunsReadBackShort)
     }
     fn footprint(&self, len: u64) -> u64 {
         match self.mode {
@@ -155,6 +162,9 @@ impl StorageTier for Mutant {
         if self.mode == Mode::WritePathHeldZero && is_write {
             held = 0;
         }
+        if self.mode == Mode::RunsReadBackShort && is_run(&inner.slots[slot].as_ref().unwrap().1) {
+            held = 16;
+        }
         Ok(PutOutcome::Stored(ObjectRef { id: object.id, len, slot: slot as u64, held }))
     }
     fn get(&self, r: &ObjectRef) -> Result<Option<Payload>> {
@@ -167,6 +177,7 @@ impl StorageTier for Mutant {
         Ok(Some(match self.mode {
             Mode::LatestBytes => Payload::from_vec(inner.latest.as_ref().unwrap().to_vec()),
             Mode::TruncatedGet => Payload::from_vec(b[..b.len() - 1].to_vec()),
+            Mode::RunsReadBackShort if is_run(&b) => Payload::from_vec(b[..b.len() - 1].to_vec()),
             _ => Payload::from_shared(b),
         }))
     }
@@ -203,7 +214,10 @@ impl StorageTier for Mutant {
         }
         let present: Vec<&Arc<Vec<u8>>> =
             inner.slots.iter().flatten().map(|(_, b)| b).chain(inner.leaked.iter()).collect();
-        let mut bytes: u64 = present.iter().map(|b| self.footprint(b.len() as u64)).sum();
+        let held = |b: &Arc<Vec<u8>>| {
+            if self.mode == Mode::RunsReadBackShort && is_run(b) { 16 } else { self.footprint(b.len() as u64) }
+        };
+        let mut bytes: u64 = present.iter().map(|b| held(b)).sum();
         if self.mode == Mode::UsageOffByOne {
             bytes += present.len() as u64;
         }
@@ -257,7 +271,7 @@ fn caught_by(mode: Mode) -> Vec<&'static str> {
 }
 
 /// Every way `Mutant` can be broken.
-const BROKEN: [Mode; 20] = [
+const BROKEN: [Mode; 21] = [
     Mode::LatestBytes,
     Mode::IgnoreDelete,
     Mode::UsageOffByOne,
@@ -278,6 +292,7 @@ const BROKEN: [Mode; 20] = [
     Mode::CachedBySlot,
     Mode::DeleteTakesSameLen,
     Mode::UnknownSlotLeaks,
+    Mode::RunsReadBackShort,
 ];
 
 /// One test, not one a mode: `caught_by` swaps the process's panic hook.
