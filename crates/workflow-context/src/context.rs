@@ -183,11 +183,28 @@ impl ContextBuilder {
     /// Past it a save returns [`Error::OutOfDisk`] and stores nothing. Default: no limit
     /// but the file system's.
     ///
-    /// It bounds what the values take, each counted as its footprint in its tier (a value
-    /// in the redb tier at its uncompressed size), not the size of the files: the key
-    /// table, the journal and the redb database's own pages come on top (a redb file of
+    /// It bounds what the values take, each counted as what its tier holds for it (its
+    /// [`StorageInfo::size`](crate::StorageInfo::size): a value in the redb tier
+    /// compressed), though a save needs room for the value's whole footprint (for redb, its
+    /// uncompressed size) while it is written. It does not bound the size of the files: the
+    /// key table, the journal and the redb database's own pages come on top (a redb file of
     /// many small values is about half as large again as the values). Only the creator's
     /// budgets count: a handle that opens the context ignores its own.
+    ///
+    /// ```
+    /// # fn main() -> workflow_context::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use workflow_context::core::Compressed;
+    /// use workflow_context::{SaveOptions, WorkflowContext};
+    /// let ctx = WorkflowContext::builder().contexts_dir(dir.path()).max_disk_bytes(1 << 20).policy(Compressed).create()?;
+    /// # #[cfg(feature = "tier-redb")] {
+    /// let text = "lorem ipsum ".repeat(50_000); // 600 KB that compress well
+    /// ctx.save_bytes("a", text.as_bytes(), SaveOptions::new())?;
+    /// ctx.save_bytes("b", text.as_bytes(), SaveOptions::new())?; // 1.2 MB: within 1 MiB, compressed
+    /// assert_eq!(ctx.usage()?.temp_disk_usage_bytes, 2 * ctx.storage_info("a")?.unwrap().size);
+    /// # }
+    /// # Ok(()) }
+    /// ```
     pub fn max_disk_bytes(mut self, bytes: u64) -> Self {
         self.max_disk = Some(bytes);
         self
