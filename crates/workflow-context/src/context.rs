@@ -1116,8 +1116,10 @@ impl WorkflowContext {
                 reason: "ram_only(true) and use_ram(false) contradict each other",
             });
         }
+        // Errors of the index (a full journal, say) name the key being saved too.
+        let keyed = |e: Error| e.with_key(key);
         let small = len <= SMALL_RECORD;
-        let mut g = Some(self.write_lock()?);
+        let mut g = Some(self.write_lock().map_err(keyed)?);
         // The commit looks the key up to replace its value: its slot, then its entry and old
         // value, come from memory while this save does its other work.
         g.as_ref().expect("locked").replica.prefetch_slot(key);
@@ -1128,14 +1130,14 @@ impl WorkflowContext {
         loop {
             let guard = match g.as_mut() {
                 Some(guard) => guard,
-                None => g.insert(self.write_lock()?),
+                None => g.insert(self.write_lock().map_err(keyed)?),
             };
             let choice = self.candidates(pool, &guard.replica, len, opts);
             let next = choice.fitting.iter().copied().find(|i| !tried.contains(i));
             if next.is_none() && !recovered {
                 // Space may be held by writers that died mid-save: reclaim it and look again.
                 recovered = true;
-                if self.recover_dead(guard)? > 0 {
+                if self.recover_dead(guard).map_err(keyed)? > 0 {
                     continue;
                 }
             }
@@ -1160,7 +1162,10 @@ impl WorkflowContext {
                 self.meta.set_in_flight(id);
                 guard.replica.prefetch_entry(key, |slot| self.prefetch(slot));
             } else {
-                guard.replica.append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }])?;
+                guard
+                    .replica
+                    .append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }])
+                    .map_err(keyed)?;
                 if !small {
                     g = None; // write large values outside the lock
                 }
@@ -1185,7 +1190,7 @@ impl WorkflowContext {
                             self.take_back_uncommitted(&*tier, &r);
                         }
                         self.deferred.lock().unwrap_or_else(lock_poisoned).push(at);
-                        return Err(e);
+                        return Err(keyed(e));
                     }
                 },
             };
@@ -1630,8 +1635,8 @@ impl WorkflowContext {
     /// Removes a value and frees its storage. Returns whether it existed.
     pub fn remove(&self, key: &str) -> Result<bool> {
         self.check_key(key)?;
-        let mut g = self.write_lock()?;
-        let Some(entry) = g.replica.get_locked(key)? else { return Ok(false) };
+        let mut g = self.write_lock().map_err(|e| e.with_key(key))?;
+        let Some(entry) = g.replica.get_locked(key).map_err(|e| e.with_key(key))? else { return Ok(false) };
         self.remove_entry(&mut g, key, &entry)?;
         Ok(true)
     }
@@ -2202,7 +2207,7 @@ mod tests {
         ctx.replica.write().unwrap().appends_before_fault = Some(1);
         let saved = ctx.save_bytes("big", &[2; 100_000], SaveOptions::new());
         ctx.replica.write().unwrap().appends_before_fault = None;
-        assert!(saved.is_err(), "{saved:?}");
+        assert!(matches!(&saved, Err(Error::Io { key: Some(k), .. }) if k == "big"), "{saved:?}");
         assert!(!ctx.contains("big").unwrap());
         // The next write records the old value gone, and the refused one's reservation too.
         ctx.save("flush", &1u8).unwrap();
@@ -2238,6 +2243,29 @@ mod tests {
         ctx.remove("flush").unwrap();
         assert!(ctx.replica.read().unwrap().pending.is_empty(), "{:?}", ctx.replica.read().unwrap().pending);
         assert_eq!(ctx.usage().unwrap(), before);
+    }
+
+    #[test]
+    fn a_save_or_removal_the_journal_refuses_names_its_key() {
+        let base = tempfile::tempdir().unwrap();
+        let ctx = context(base.path(), "journal-refuses");
+        ctx.save("small", &1u8).unwrap();
+        let key_of = |e: Error| match e {
+            Error::Io { key, .. } | Error::Corrupt { key, .. } => key,
+            other => panic!("{other:?}"),
+        };
+        let refused = |op: &dyn Fn() -> Result<()>| {
+            ctx.replica.write().unwrap().appends_before_fault = Some(0);
+            let result = op();
+            ctx.replica.write().unwrap().appends_before_fault = None;
+            key_of(result.unwrap_err())
+        };
+        // A large value's pending record, a small value's commit, a removal.
+        assert_eq!(refused(&|| ctx.save_bytes("big", &[2; 100_000], SaveOptions::new())).as_deref(), Some("big"));
+        assert_eq!(refused(&|| ctx.save("small", &2u8)).as_deref(), Some("small"));
+        assert_eq!(refused(&|| ctx.remove("small").map(drop)).as_deref(), Some("small"));
+        assert_eq!(ctx.load::<u8>("small").unwrap(), 1);
+        assert!(!ctx.contains("big").unwrap());
     }
 
     #[test]
