@@ -1116,10 +1116,8 @@ impl WorkflowContext {
                 reason: "ram_only(true) and use_ram(false) contradict each other",
             });
         }
-        // Errors of the index (a full journal, say) name the key being saved too.
-        let keyed = |e: Error| e.with_key(key);
         let small = len <= SMALL_RECORD;
-        let mut g = Some(self.write_lock().map_err(keyed)?);
+        let mut g = Some(self.write_lock()?);
         // The commit looks the key up to replace its value: its slot, then its entry and old
         // value, come from memory while this save does its other work.
         g.as_ref().expect("locked").replica.prefetch_slot(key);
@@ -1130,14 +1128,14 @@ impl WorkflowContext {
         loop {
             let guard = match g.as_mut() {
                 Some(guard) => guard,
-                None => g.insert(self.write_lock().map_err(keyed)?),
+                None => g.insert(self.write_lock()?),
             };
             let choice = self.candidates(pool, &guard.replica, len, opts);
             let next = choice.fitting.iter().copied().find(|i| !tried.contains(i));
             if next.is_none() && !recovered {
                 // Space may be held by writers that died mid-save: reclaim it and look again.
                 recovered = true;
-                if self.recover_dead(guard).map_err(keyed)? > 0 {
+                if self.recover_dead(guard)? > 0 {
                     continue;
                 }
             }
@@ -1162,10 +1160,7 @@ impl WorkflowContext {
                 self.meta.set_in_flight(id);
                 guard.replica.prefetch_entry(key, |slot| self.prefetch(slot));
             } else {
-                guard
-                    .replica
-                    .append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }])
-                    .map_err(keyed)?;
+                guard.replica.append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }])?;
                 if !small {
                     g = None; // write large values outside the lock
                 }
@@ -1190,7 +1185,7 @@ impl WorkflowContext {
                             self.take_back_uncommitted(&*tier, &r);
                         }
                         self.deferred.lock().unwrap_or_else(lock_poisoned).push(at);
-                        return Err(keyed(e));
+                        return Err(e);
                     }
                 },
             };
@@ -2243,29 +2238,6 @@ mod tests {
         ctx.remove("flush").unwrap();
         assert!(ctx.replica.read().unwrap().pending.is_empty(), "{:?}", ctx.replica.read().unwrap().pending);
         assert_eq!(ctx.usage().unwrap(), before);
-    }
-
-    #[test]
-    fn a_save_or_removal_the_journal_refuses_names_its_key() {
-        let base = tempfile::tempdir().unwrap();
-        let ctx = context(base.path(), "journal-refuses");
-        ctx.save("small", &1u8).unwrap();
-        let key_of = |e: Error| match e {
-            Error::Io { key, .. } | Error::Corrupt { key, .. } => key,
-            other => panic!("{other:?}"),
-        };
-        let refused = |op: &dyn Fn() -> Result<()>| {
-            ctx.replica.write().unwrap().appends_before_fault = Some(0);
-            let result = op();
-            ctx.replica.write().unwrap().appends_before_fault = None;
-            key_of(result.unwrap_err())
-        };
-        // A large value's pending record, a small value's commit, a removal.
-        assert_eq!(refused(&|| ctx.save_bytes("big", &[2; 100_000], SaveOptions::new())).as_deref(), Some("big"));
-        assert_eq!(refused(&|| ctx.save("small", &2u8)).as_deref(), Some("small"));
-        assert_eq!(refused(&|| ctx.remove("small").map(drop)).as_deref(), Some("small"));
-        assert_eq!(ctx.load::<u8>("small").unwrap(), 1);
-        assert!(!ctx.contains("big").unwrap());
     }
 
     #[test]
