@@ -77,6 +77,12 @@ pub struct PlacementRequest<'a> {
 /// whose budget the value would exceed, keeps `use_ram(false)` values out of RAM tiers and
 /// `ram_only(true)` values out of disk tiers, and falls through to the next tier when one
 /// has no room. So a policy cannot break a budget or an option, and can be small.
+///
+/// `rank` is called during a save, with the context's index lock held (the lock every
+/// writer of the run, in every process, takes): it should answer from the request alone and
+/// quickly. It must not call back into the run: from inside `rank`, a save or a `usage()`
+/// through any handle of the run, or a load through the handle that is saving, waits for
+/// ever for the lock that save holds.
 pub trait PlacementPolicy: Send + Sync + fmt::Debug {
     /// The indexes into `request.tiers` to try, best first. Tiers left out are not tried;
     /// an index given twice counts once, and one out of range is skipped (and named in the
