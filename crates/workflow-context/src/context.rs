@@ -1967,6 +1967,21 @@ mod tests {
         WorkflowContext::builder().contexts_dir(base).max_ram_bytes(64 << 20).run_id(run_id).create().unwrap()
     }
 
+    /// A context whose one tier is a [`FaultyTier`](context_core::testing::FaultyTier) over a
+    /// memory tier, for tests that make the tier fail; with a run id of its own.
+    fn faulty_context(base: &Path, run_id: &str) -> (Arc<context_core::testing::FaultyTier>, WorkflowContext) {
+        use context_core::testing::{FaultyTier, MemoryTier};
+        let faulty = Arc::new(FaultyTier::new("faulty", Arc::new(MemoryTier::default())));
+        let ctx = WorkflowContext::builder()
+            .contexts_dir(base)
+            .run_id(format!("{run_id}-{}", std::process::id()))
+            .tier(faulty.clone())
+            .policy(crate::core::Prefer::first(crate::core::Rule::named("faulty")).then(crate::core::Rule::any()))
+            .create()
+            .unwrap();
+        (faulty, ctx)
+    }
+
     #[test]
     fn a_context_taken_for_dead_a_moment_too_early_is_left_whole() {
         // A sweep found the run id's directory dead; before it removes it, a new context of
@@ -2180,16 +2195,9 @@ mod tests {
 
     #[test]
     fn a_large_save_that_cannot_take_the_lock_again_gives_its_reservation_back_later() {
-        use context_core::testing::{Call, Fault, FaultyTier, MemoryTier};
+        use context_core::testing::{Call, Fault};
         let base = tempfile::tempdir().unwrap();
-        let faulty = Arc::new(FaultyTier::new("faulty", Arc::new(MemoryTier::default())));
-        let ctx = WorkflowContext::builder()
-            .contexts_dir(base.path())
-            .run_id(format!("relock-fails-{}", std::process::id()))
-            .tier(faulty.clone())
-            .policy(crate::core::Prefer::first(crate::core::Rule::named("faulty")).then(crate::core::Rule::any()))
-            .create()
-            .unwrap();
+        let (faulty, ctx) = faulty_context(base.path(), "relock-fails");
         ctx.save_bytes("k", &[1; 100_000], SaveOptions::new()).unwrap();
         // The old value of an overwrite cannot be deleted: this handle frees it later.
         faulty.fail(Call::Delete, 1, Fault::Eio);
@@ -2215,16 +2223,9 @@ mod tests {
 
     #[test]
     fn a_reservation_a_full_tier_refused_goes_though_the_journal_is_full_then() {
-        use context_core::testing::{Call, Fault, FaultyTier, MemoryTier};
+        use context_core::testing::{Call, Fault};
         let base = tempfile::tempdir().unwrap();
-        let faulty = Arc::new(FaultyTier::new("faulty", Arc::new(MemoryTier::default())));
-        let ctx = WorkflowContext::builder()
-            .contexts_dir(base.path())
-            .run_id(format!("refused-journal-full-{}", std::process::id()))
-            .tier(faulty.clone())
-            .policy(crate::core::Prefer::first(crate::core::Rule::named("faulty")).then(crate::core::Rule::any()))
-            .create()
-            .unwrap();
+        let (faulty, ctx) = faulty_context(base.path(), "refused-journal-full");
         let before = ctx.usage().unwrap();
         // The pending record of the large value commits; the tier is full; recording that
         // the reservation goes fails (the journal is full), and so does the save.
@@ -2242,16 +2243,9 @@ mod tests {
 
     #[test]
     fn a_note_the_reclaim_could_not_clear_outlives_later_saves() {
-        use context_core::testing::{Call, Fault, FaultyTier, MemoryTier};
+        use context_core::testing::{Call, Fault};
         let base = tempfile::tempdir().unwrap();
-        let faulty = Arc::new(FaultyTier::new("faulty", Arc::new(MemoryTier::default())));
-        let ctx = WorkflowContext::builder()
-            .contexts_dir(base.path())
-            .run_id(format!("stuck-note-{}", std::process::id()))
-            .tier(faulty.clone())
-            .policy(crate::core::Prefer::first(crate::core::Rule::named("faulty")).then(crate::core::Rule::any()))
-            .create()
-            .unwrap();
+        let (faulty, ctx) = faulty_context(base.path(), "stuck-note");
         ctx.save_bytes("k", b"kept", SaveOptions::new()).unwrap();
         let (tier, orphan) = died_mid_small_save(&ctx, "k", "lost", b"never committed", false);
         // The next writer cannot delete the orphan: the note stays.
