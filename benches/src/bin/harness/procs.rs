@@ -60,6 +60,31 @@ fn segment(run_id: &str, key: &str) -> String {
     format!("/{run_id}.{key}")
 }
 
+/// Removes the segments named, when dropped: a child's own, also when it fails midway.
+struct Remove(Vec<String>);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        self.0.iter().for_each(|name| ceiling::shm_remove(name));
+    }
+}
+
+/// Removes, when dropped, every segment of the bare run `run_id` still in `/dev/shm`: a run
+/// whose children fail midway (a full `/dev/shm`) leaves none of them behind.
+struct BareRun(String);
+
+impl Drop for BareRun {
+    fn drop(&mut self) {
+        let prefix = format!("{}.", self.0);
+        let Ok(entries) = std::fs::read_dir("/dev/shm") else { return };
+        for name in entries.flatten().filter_map(|e| e.file_name().into_string().ok()) {
+            if name.starts_with(&prefix) {
+                ceiling::shm_remove(&format!("/{name}"));
+            }
+        }
+    }
+}
+
 /// Maps the segment `name` and copies it into `buf`.
 fn bare_load(name: &str, buf: &mut [u8]) -> Res<()> {
     let fd = shm::open(name, shm::OFlags::RDONLY, Mode::empty())?;
@@ -77,6 +102,8 @@ pub(crate) fn child(job: Job) -> Res<()> {
     let mut buf = vec![1u8; job.len];
     let own: Vec<String> = (0..OWN_KEYS).map(|k| own_key(job.index, k)).collect();
     let shared: Vec<String> = (0..SHARED_KEYS).map(shared_key).collect();
+    let _own_segments =
+        Remove(if job.bare { own.iter().map(|k| segment(&job.run_id, k)).collect() } else { Vec::new() });
     let ctx = if job.bare {
         for k in &own {
             ceiling::shm_create(&segment(&job.run_id, k), &bytes)?;
@@ -93,6 +120,10 @@ pub(crate) fn child(job: Job) -> Res<()> {
     std::io::stdout().flush()?;
     let mut go = String::new();
     std::io::stdin().read_line(&mut go)?;
+    if go.trim() != "go" {
+        // The harness gave up (another child failed) or died: do not run unwatched.
+        return Err("the harness went away before the start".into());
+    }
 
     let mut rng = XorShift::new(job.index as u64);
     let t = Instant::now();
@@ -108,18 +139,14 @@ pub(crate) fn child(job: Job) -> Res<()> {
             (None, true) => {
                 // A new segment, as a save makes; discarded at once, as an overwrite discards the old one.
                 let name = segment(&job.run_id, &format!("w{}.{n}", job.index));
-                ceiling::shm_create(&name, &bytes)?;
+                let created = ceiling::shm_create(&name, &bytes);
                 ceiling::shm_remove(&name);
+                created?;
             }
             (None, false) => bare_load(&segment(&job.run_id, key), &mut buf)?,
         }
     }
     let seconds = t.elapsed().as_secs_f64();
-    if job.bare {
-        for k in &own {
-            ceiling::shm_remove(&segment(&job.run_id, k));
-        }
-    }
     println!("{}", serde_json::to_string(&Done { ops: job.ops, bytes: job.ops * job.len, seconds })?);
     Ok(())
 }
@@ -128,6 +155,17 @@ struct Running {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+}
+
+impl Drop for Running {
+    /// A child still running when the harness gives up (another one failed) is stopped, not
+    /// left to run its workload unwatched.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
 }
 
 impl Running {
@@ -145,6 +183,8 @@ impl Running {
 fn one(run: &Run, procs: usize, len: usize, ops: usize, bare: bool) -> Res<(f64, f64)> {
     let run_id = unique_run_id(if bare { "bare" } else { "procs" });
     let shared_value = value(len, Content::Text, 3);
+    // Dropped after the children (declared before them), on success and failure alike.
+    let _bare_run = bare.then(|| BareRun(run_id.clone()));
     let ctx = if bare {
         for k in 0..SHARED_KEYS {
             ceiling::shm_create(&segment(&run_id, &shared_key(k)), &shared_value)?;
@@ -195,9 +235,8 @@ fn one(run: &Run, procs: usize, len: usize, ops: usize, bare: bool) -> Res<(f64,
             return Err(format!("a child process failed: {status}").into());
         }
     }
-    match ctx {
-        Some(ctx) => ctx.shutdown()?,
-        None => (0..SHARED_KEYS).for_each(|k| ceiling::shm_remove(&segment(&run_id, &shared_key(k)))),
+    if let Some(ctx) = ctx {
+        ctx.shutdown()?;
     }
     Ok((total_ops as f64 / wall, total_bytes as f64 / wall / 1e9))
 }
@@ -263,4 +302,26 @@ pub(crate) fn run(run: &mut Run) -> Res<()> {
     }
     run.sections.push(tbl);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn a_bare_run_leaves_no_segment_behind() {
+        let run_id = unique_run_id("bare-test");
+        let other = unique_run_id("bare-test");
+        for name in [segment(&run_id, "shared-0"), segment(&run_id, "p1-3"), segment(&other, "shared-0")] {
+            ceiling::shm_create(&name, b"bytes").unwrap();
+        }
+        drop(BareRun(run_id.clone()));
+        assert!(!Path::new(&format!("/dev/shm{}", segment(&run_id, "shared-0"))).exists());
+        assert!(!Path::new(&format!("/dev/shm{}", segment(&run_id, "p1-3"))).exists());
+        // Another run's segments are its own.
+        assert!(Path::new(&format!("/dev/shm{}", segment(&other, "shared-0"))).exists());
+        drop(BareRun(other));
+    }
 }
