@@ -36,6 +36,13 @@ fn max_reps(bytes: usize) -> usize {
     ((256 * MIB) / bytes.max(1)).clamp(1, 100_000)
 }
 
+/// Bytes of shared memory the section holds at once, at most: the largest value, held, and
+/// one measurement's saves of it (as many as [`max_reps`] allows; removed after it).
+fn shm_needed(quick: bool) -> u64 {
+    let big = largest(quick).bytes;
+    (big + max_reps(big) * big) as u64
+}
+
 /// Runs `op` `reps` times in one timed batch, keeping what it returns until the batch is
 /// timed; returns seconds per operation.
 fn batch_keep<T>(reps: usize, mut op: impl FnMut(usize) -> T) -> f64 {
@@ -133,6 +140,21 @@ fn ceiling_subjects<'a>(
 
 /// Throughput tables, the plot's series, and the floors on views.
 pub(crate) fn run(run: &mut Run) -> Res<()> {
+    // A save that finds shared memory full inside a measurement can only panic, halfway
+    // through the run: a `/dev/shm` too small for the section is an error before it starts.
+    if let Ok(shm) = rustix::fs::statvfs("/dev/shm") {
+        let free = shm.f_bavail.saturating_mul(shm.f_frsize);
+        let needed = shm_needed(run.quick);
+        if free < needed {
+            return Err(format!(
+                "/dev/shm has {} MiB free; the throughput section holds up to {} MiB there (the largest value, and \
+                 a measurement's saves of it)",
+                free / MIB as u64,
+                needed / MIB as u64
+            )
+            .into());
+        }
+    }
     let ctxs: Vec<(Tier, WorkflowContext)> =
         Tier::ALL.iter().map(|&t| Ok((t, t.context(&run.dir, RAM_BUDGET)?))).collect::<Res<_>>()?;
     let keys = Keys(Cell::new(0));
