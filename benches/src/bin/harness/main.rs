@@ -185,5 +185,11 @@ fn parent(args: &[String]) -> Res<()> {
     print!("{}", report.text());
     report.write(&out)?;
     println!("\nWrote {0}/report.md, {0}/report.json and {0}/throughput.svg", out.display());
+    // A floor without a figure is a failure of the run, not a miss of the store: the smoke
+    // run in CI exists to catch it.
+    let unmeasured: Vec<&str> = report.floors.iter().filter(|f| f.unmeasured()).map(|f| f.figure.as_str()).collect();
+    if !unmeasured.is_empty() {
+        return Err(format!("figures that could not be measured: {}", unmeasured.join("; ")).into());
+    }
     Ok(())
 }

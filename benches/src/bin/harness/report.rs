@@ -145,6 +145,12 @@ impl Floor {
         }
     }
 
+    /// Whether the row has a floor but no number to hold against it: its figure could not be
+    /// measured on this machine (no `VmHWM`, say).
+    pub(crate) fn unmeasured(&self) -> bool {
+        self.checked && !self.value.is_finite()
+    }
+
     fn status(&self) -> &'static str {
         match (self.checked, self.floor_met) {
             (false, _) => "info",
@@ -430,7 +436,9 @@ mod tests {
         let f = Floor::new("r", 0.85, Better::Higher, (0.8, 0.9), |v| format!("{v}x"), "");
         assert!(f.floor_met && !f.goal_met);
         let f = Floor::new("n", f64::NAN, Better::Lower, (1.0, 1.0), |v| format!("{v}"), "");
-        assert!(!f.floor_met);
+        assert!(!f.floor_met && f.unmeasured());
+        assert!(!Floor::new("m", 30.0, Better::Lower, (20.0, 5.0), |v| format!("{v}"), "").unmeasured());
+        assert!(!Floor::info("i", "n/a".into(), f64::NAN, "").unmeasured(), "an info row has no floor to miss");
     }
 
     #[test]
