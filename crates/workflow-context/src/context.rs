@@ -866,10 +866,33 @@ impl WorkflowContext {
 
     fn check_open(&self) -> Result<()> {
         self.check_process()?;
-        if self.closed.load(Ordering::Acquire) || self.meta.state() == STATE_CLOSED {
-            return Err(Error::Closed { run_id: self.run_id.clone() });
+        if self.is_closed() {
+            return Err(self.closed_error());
         }
         Ok(())
+    }
+
+    /// Whether this handle, or another one, has shut the context down.
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.meta.state() == STATE_CLOSED
+    }
+
+    /// [`Error::Closed`], for a call on a context that [`is_closed`](Self::is_closed). A
+    /// handle that finds the context ended by another first lets go of what it holds of it,
+    /// so the caller must hold none of the handle's locks.
+    fn closed_error(&self) -> Error {
+        if !self.closed.load(Ordering::Acquire) {
+            self.let_go_of_values();
+        }
+        Error::Closed { run_id: self.run_id.clone() }
+    }
+
+    /// Drops what this handle holds of the context's values: the values it rebuilt, and its
+    /// views of large ones (mappings that keep a removed value's memory or disk).
+    fn let_go_of_values(&self) {
+        #[cfg(feature = "tier-graph")]
+        self.refs.clear();
+        self.replica.read().unwrap_or_else(lock_poisoned).views.lock().unwrap_or_else(lock_poisoned).clear();
     }
 
     /// Refuses to act in a process forked from the one that opened this handle.
@@ -897,7 +920,10 @@ impl WorkflowContext {
         let replica = self.replica.write().unwrap_or_else(lock_poisoned);
         let mut guard = WriteGuard { replica, meta: &self.meta, token: self.token, _writer: writer };
         // Checked again under the lock: shutdown sets the state while holding it.
-        self.check_open()?;
+        if self.is_closed() {
+            drop(guard);
+            return Err(self.closed_error());
+        }
         guard.replica.catch_up_locked(&self.meta)?;
         // A writer that died between committing and applying left the table behind.
         guard.replica.repair_table(&self.meta)?;
@@ -1788,11 +1814,8 @@ impl WorkflowContext {
         self.check_process()?;
         let first = !self.closed.swap(true, Ordering::AcqRel);
         // Whoever ended the context (this handle, another one, another process), this
-        // handle lets go of what it holds of its values: the values it rebuilt, and its
-        // views of large ones (mappings that keep a removed value's memory or disk).
-        #[cfg(feature = "tier-graph")]
-        self.refs.clear();
-        self.replica.read().unwrap_or_else(lock_poisoned).views.lock().unwrap_or_else(lock_poisoned).clear();
+        // handle lets go of what it holds of its values.
+        self.let_go_of_values();
         if !first {
             return Ok(());
         }

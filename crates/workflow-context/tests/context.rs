@@ -247,6 +247,15 @@ fn deleted_mappings_of(path: &std::path::Path) -> usize {
     fs::read_to_string("/proc/self/maps").unwrap().lines().filter(|l| l.ends_with(&needle)).count()
 }
 
+/// This process's mappings of a deleted file of the context of `run_id` with the name of
+/// `path`: found by name and run id, since a context's directory is renamed before it is
+/// removed (a value file's mapping no longer shows `path` then).
+fn deleted_mappings_in(run_id: &str, path: &std::path::Path) -> Vec<String> {
+    let needle = format!("/{} (deleted)", path.file_name().unwrap().to_string_lossy());
+    let maps = fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().filter(|l| l.contains(run_id) && l.ends_with(&needle)).map(str::to_owned).collect()
+}
+
 #[test]
 fn a_view_of_a_value_replaced_before_a_compaction_is_dropped() {
     let b = base();
@@ -323,7 +332,66 @@ fn shutdown_drops_views_even_when_another_handle_ended_the_context() {
         assert_eq!(&*other.load_bytes("big").unwrap(), &big[..]);
         owner.shutdown().unwrap();
         other.shutdown().unwrap();
-        assert_eq!(deleted_mappings_of(&mapped), 0, "{what}: a shut-down handle still maps {mapped:?}");
+        let left = deleted_mappings_in(owner.run_id(), &mapped);
+        assert!(left.is_empty(), "{what}: a shut-down handle still maps {left:.300?}");
+    }
+}
+
+/// A handle that was never shut down lets go of its views as soon as it finds the context
+/// ended by another: the mappings would keep a removed value's shared memory or disk space
+/// taken for as long as the handle lives.
+#[test]
+fn a_handle_lets_go_of_its_views_once_it_finds_the_context_ended_by_another() {
+    let b = base();
+    for (what, opts) in [("disk", to_disk()), ("RAM", SaveOptions::new())] {
+        if what == "RAM" && !cfg!(feature = "tier-shm") {
+            continue;
+        }
+        let owner = builder(b.path()).create().unwrap();
+        let big = vec![7u8; 1 << 20];
+        owner.save_bytes("big", &big, opts).unwrap();
+        let mapped = mapped_file(&owner, "big");
+        let other = builder(b.path()).run_id(owner.run_id()).open().unwrap();
+        // `other` keeps a checked view of the value.
+        assert_eq!(&*other.load_bytes("big").unwrap(), &big[..]);
+        owner.shutdown().unwrap();
+        // `other` is not shut down: its next call finds the context ended.
+        assert!(matches!(other.load_bytes("big"), Err(Error::Closed { .. })), "{what}");
+        let left = deleted_mappings_in(owner.run_id(), &mapped);
+        assert!(left.is_empty(), "{what}: a handle of an ended context still maps {left:.300?}");
+        drop(other);
+    }
+}
+
+/// Saves through one handle while another shuts the context down: each is `Ok` or
+/// `Closed`, also one that finds the context ended only once it holds the index lock (and
+/// lets go of the handle's views then, without taking a lock it holds).
+#[test]
+fn saves_racing_a_shutdown_by_another_handle_are_ok_or_closed() {
+    let b = base();
+    for _ in 0..100 {
+        let owner = builder(b.path()).create().unwrap();
+        let other = std::sync::Arc::new(builder(b.path()).run_id(owner.run_id()).open().unwrap());
+        let savers: Vec<_> = (0..2)
+            .map(|t| {
+                let other = std::sync::Arc::clone(&other);
+                std::thread::spawn(move || {
+                    for i in 0u64.. {
+                        match other.save(&format!("k{t}-{}", i % 10), &i) {
+                            Ok(()) => {}
+                            Err(Error::Closed { .. }) => return,
+                            Err(e) => panic!("a save racing a shutdown: {e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Saves under way as the context ends (unless a saver failed already).
+        while other.list_keys().is_ok_and(|keys| keys.len() < 4) && !savers.iter().any(|s| s.is_finished()) {}
+        owner.shutdown().unwrap();
+        for saver in savers {
+            saver.join().unwrap();
+        }
     }
 }
 
