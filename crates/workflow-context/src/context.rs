@@ -72,6 +72,9 @@ pub struct WorkflowContext {
     /// Serializes this handle's threads before they take the index lock.
     writer: Mutex<()>,
     tiers: Vec<Arc<dyn StorageTier>>,
+    /// How many of `tiers`, from the first, this handle built for its context (the rest are
+    /// the user's).
+    built_tiers: usize,
     /// The tiers of `tiers` that keep values in RAM: told where a value is about to be read.
     ram_tiers: Vec<Arc<dyn StorageTier>>,
     /// The tier that holds the recipes of values passed by reference, kept out of placement.
@@ -79,6 +82,9 @@ pub struct WorkflowContext {
     policy: Arc<dyn PlacementPolicy>,
     liveness: Mutex<Option<(File, PathBuf)>>,
     closed: AtomicBool,
+    /// Set once this handle has let go of what its RAM tiers keep mapped of a context that
+    /// another handle ended (see [`Self::leave_ended_context`]).
+    left_ended: AtomicBool,
     /// Replaced or removed objects whose tier failed to delete them, to try again.
     deferred: Mutex<Vec<Placed>>,
     /// When this handle may next try to reclaim an in-flight object that a tier failed to
@@ -741,6 +747,7 @@ impl WorkflowContext {
     fn assemble(run_id: String, dir: PathBuf, owner: bool, parts: Attached, setup: Setup) -> Result<Self> {
         let process = crate::fork::this_process();
         let mut tiers = tiers::build(&run_id, Some(parts.meta.instance()), &dir)?;
+        let built_tiers = tiers.len();
         let recipe_tier = tiers::recipes(&dir)?;
         for extra in setup.extra_tiers {
             if extra.name().len() > crate::table::TIER_NAME_MAX || extra.name().is_empty() {
@@ -775,11 +782,13 @@ impl WorkflowContext {
             replica: RwLock::new(parts.replica),
             writer: Mutex::new(()),
             tiers,
+            built_tiers,
             ram_tiers,
             recipe_tier,
             policy: setup.policy,
             liveness: Mutex::new(Some(parts.liveness)),
             closed: AtomicBool::new(false),
+            left_ended: AtomicBool::new(false),
             deferred: Mutex::new(Vec::new()),
             reclaim_after: Mutex::new(None),
             #[cfg(feature = "tier-graph")]
@@ -882,9 +891,24 @@ impl WorkflowContext {
     /// so the caller must hold none of the handle's locks.
     fn closed_error(&self) -> Error {
         if !self.closed.load(Ordering::Acquire) {
-            self.let_go_of_values();
+            self.leave_ended_context();
         }
         Error::Closed { run_id: self.run_id.clone() }
+    }
+
+    /// Lets go of what this handle holds of a context that another handle ended: its values
+    /// are gone, so its views of them and the mappings of its RAM tiers (a shared-memory
+    /// tier's arenas) would only keep their memory or disk space taken. A tier lets go of
+    /// its mappings at `destroy`, which removes nothing more once the context has ended (the
+    /// handle that ended it destroys the same storage), so that is asked, once, of the RAM
+    /// tiers this handle built for the context (a user's tier may hold other storage too).
+    fn leave_ended_context(&self) {
+        self.let_go_of_values();
+        if !self.left_ended.swap(true, Ordering::AcqRel) {
+            for tier in self.tiers[..self.built_tiers].iter().filter(|t| t.kind() == StorageKind::Ram) {
+                let _ = tier.destroy();
+            }
+        }
     }
 
     /// Drops what this handle holds of the context's values: the values it rebuilt, and its
@@ -1820,6 +1844,7 @@ impl WorkflowContext {
             return Ok(());
         }
         if self.meta.state() == STATE_CLOSED {
+            self.leave_ended_context();
             self.release_liveness();
             return Ok(());
         }

@@ -395,6 +395,31 @@ fn saves_racing_a_shutdown_by_another_handle_are_ok_or_closed() {
     }
 }
 
+/// A handle keeps the shared-memory arenas it read small values from mapped; once another
+/// ended the context, it lets go of them (they kept the arenas' memory taken in `/dev/shm`
+/// for as long as the handle lived), whether it then finds the context ended or is shut
+/// down.
+#[cfg(feature = "tier-shm")]
+#[test]
+fn a_handle_lets_go_of_the_shared_memory_of_a_context_another_ended() {
+    let b = base();
+    for shut_down in [false, true] {
+        let owner = builder(b.path()).create().unwrap();
+        owner.save("small", "a small value").unwrap();
+        let arena = mapped_file(&owner, "small");
+        let other = builder(b.path()).run_id(owner.run_id()).open().unwrap();
+        assert_eq!(other.load::<String>("small").unwrap(), "a small value");
+        owner.shutdown().unwrap();
+        if shut_down {
+            other.shutdown().unwrap();
+        } else {
+            assert!(matches!(other.load::<String>("small"), Err(Error::Closed { .. })));
+        }
+        let left = deleted_mappings_in(owner.run_id(), &arena);
+        assert!(left.is_empty(), "shut down: {shut_down}: a handle of an ended context still maps {left:.300?}");
+    }
+}
+
 #[test]
 fn storage_info_and_usage_agree() {
     let b = base();
