@@ -11,9 +11,9 @@
 //!
 //! # What it is for
 //! - Values that do not fit the RAM budget: they go to disk instead of failing the save.
-//! - Large values read without a copy: [`StorageTier::get`] of an object over 64 KiB maps
-//!   the file read-only and hands out a view of the mapping, so a load costs O(1) whatever
-//!   the size, and the pages are read from the page cache only when touched.
+//! - Large values read without a copy: [`StorageTier::get`] of an object of 64 KiB or
+//!   more maps the file read-only and hands out a view of the mapping, so a load costs O(1)
+//!   whatever the size, and the pages are read from the page cache only when touched.
 //!
 //! # What it costs
 //! - A file, an `fallocate(2)` and either a write or a mapping per stored value; an `open`
@@ -85,7 +85,8 @@ const NAME: &str = "mmap";
 const EXTENSION: &str = "val";
 /// The file-system block every footprint is rounded to.
 const BLOCK: u64 = 4096;
-/// Objects up to this size are read into memory; larger ones are mapped.
+/// Objects smaller than this are read into memory; the others are mapped (a context keeps
+/// views of records from this size on, so a copy it would keep is never handed out).
 const READ_LIMIT: u64 = 64 * 1024;
 
 /// The configuration of an [`MmapTier`]: the directory that holds one context's value files.
@@ -305,8 +306,8 @@ impl StorageTier for MmapTier {
         Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0, held: self.footprint(len) }))
     }
 
-    /// Returns the file's bytes at their actual length: read into memory up to 64 KiB,
-    /// mapped read-only above (see the [crate] docs on truncation).
+    /// Returns the file's bytes at their actual length: read into memory below 64 KiB,
+    /// mapped read-only from 64 KiB on (see the [crate] docs on truncation).
     fn get(&self, object: &ObjectRef) -> Result<Option<Payload>> {
         // The path only names the file in errors: a read opens it by name in the directory.
         let path = || self.path_of(object.id);
@@ -319,7 +320,7 @@ impl StorageTier for MmapTier {
         if !meta.is_file() {
             return Err(Error::io("open value file", path(), io::Error::other("not a regular file")));
         }
-        if meta.len() <= READ_LIMIT {
+        if meta.len() < READ_LIMIT {
             let mut bytes = Vec::with_capacity(meta.len() as usize);
             file.read_to_end(&mut bytes).map_err(|e| Error::io("read value file", path(), e))?;
             return Ok(Some(Payload::from_vec(bytes)));

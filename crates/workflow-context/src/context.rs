@@ -1565,8 +1565,9 @@ impl WorkflowContext {
 
     /// Loads a value's bytes: a zero-copy view of the shared memory for a RAM value whose
     /// record (the value and 40 bytes) is over 4 KiB, or of the mapped file for one in the
-    /// mmap tier over 64 KiB, which stays valid even if the value is overwritten or removed
-    /// meanwhile; a copy for smaller values and for values in the redb tier (decompressed).
+    /// mmap tier of 64 KiB or more, which stays valid even if the value is overwritten or
+    /// removed meanwhile; a copy for smaller values and for values in the redb tier
+    /// (decompressed).
     ///
     /// Every load checks the bytes (length and checksum), except that a zero-copy view of a
     /// value whose record is 64 KiB or more is checked only the first time this handle reads

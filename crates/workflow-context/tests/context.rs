@@ -420,6 +420,37 @@ fn a_handle_lets_go_of_the_shared_memory_of_a_context_another_ended() {
     }
 }
 
+/// A disk value whose record is exactly 64 KiB, the first size the handle keeps as a checked
+/// view: the mmap tier maps its file, so what the handle keeps is a view (the tier read files
+/// of up to 64 KiB into memory, and the handle kept that copy in its heap for as long as
+/// the key held the value).
+#[cfg(feature = "tier-mmap")]
+#[test]
+fn a_disk_value_of_exactly_64_kib_is_kept_as_a_view_of_its_file() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let bytes = context_core::testing::pattern(5, (64 << 10) - 40);
+    ctx.save_bytes("edge", &bytes, to_disk()).unwrap();
+    let info = ctx.storage_info("edge").unwrap().unwrap();
+    assert_eq!(info.tier, "mmap");
+    let path = info.path.unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().len(), 64 << 10);
+    for _ in 0..2 {
+        let loaded = ctx.load_bytes("edge").unwrap();
+        assert_eq!(&*loaded, &bytes[..]);
+        let at = loaded.as_ptr() as usize;
+        let maps = fs::read_to_string("/proc/self/maps").unwrap();
+        let mapping = maps.lines().find(|l| {
+            let (from, to) = l.split_once(' ').unwrap().0.split_once('-').unwrap();
+            (usize::from_str_radix(from, 16).unwrap()..usize::from_str_radix(to, 16).unwrap()).contains(&at)
+        });
+        assert!(
+            mapping.is_some_and(|l| l.ends_with(&*path.to_string_lossy())),
+            "the value is not a view of {path:?} but in {mapping:.300?}"
+        );
+    }
+}
+
 #[test]
 fn storage_info_and_usage_agree() {
     let b = base();
