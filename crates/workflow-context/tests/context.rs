@@ -316,50 +316,35 @@ fn a_handle_keeps_no_copy_of_a_large_value_read_from_a_copying_tier() {
     assert_ne!(first.as_ptr(), second.as_ptr(), "the second load handed out the copy the handle kept of the first");
 }
 
+/// A handle lets go of its views of a context another handle ended, whether it is shut
+/// down or finds out at its next call: the mappings would keep a removed value's shared
+/// memory or disk space taken for as long as the handle lives.
 #[test]
-fn shutdown_drops_views_even_when_another_handle_ended_the_context() {
+fn a_handle_lets_go_of_its_views_of_a_context_another_ended() {
     let b = base();
     for (what, opts) in [("disk", to_disk()), ("RAM", SaveOptions::new())] {
         if what == "RAM" && !cfg!(feature = "tier-shm") {
             continue;
         }
-        let owner = builder(b.path()).create().unwrap();
-        let big = vec![7u8; 1 << 20];
-        owner.save_bytes("big", &big, opts).unwrap();
-        let mapped = mapped_file(&owner, "big");
-        let other = builder(b.path()).run_id(owner.run_id()).open().unwrap();
-        // `other` keeps a checked view of the value.
-        assert_eq!(&*other.load_bytes("big").unwrap(), &big[..]);
-        owner.shutdown().unwrap();
-        other.shutdown().unwrap();
-        let left = deleted_mappings_in(owner.run_id(), &mapped);
-        assert!(left.is_empty(), "{what}: a shut-down handle still maps {left:.300?}");
-    }
-}
-
-/// A handle that was never shut down lets go of its views as soon as it finds the context
-/// ended by another: the mappings would keep a removed value's shared memory or disk space
-/// taken for as long as the handle lives.
-#[test]
-fn a_handle_lets_go_of_its_views_once_it_finds_the_context_ended_by_another() {
-    let b = base();
-    for (what, opts) in [("disk", to_disk()), ("RAM", SaveOptions::new())] {
-        if what == "RAM" && !cfg!(feature = "tier-shm") {
-            continue;
+        for shut_down in [true, false] {
+            let owner = builder(b.path()).create().unwrap();
+            let big = vec![7u8; 1 << 20];
+            owner.save_bytes("big", &big, opts).unwrap();
+            let mapped = mapped_file(&owner, "big");
+            let other = builder(b.path()).run_id(owner.run_id()).open().unwrap();
+            // `other` keeps a checked view of the value.
+            assert_eq!(&*other.load_bytes("big").unwrap(), &big[..]);
+            owner.shutdown().unwrap();
+            if shut_down {
+                other.shutdown().unwrap();
+            } else {
+                // Not shut down: its next call finds the context ended.
+                assert!(matches!(other.load_bytes("big"), Err(Error::Closed { .. })), "{what}");
+            }
+            let left = deleted_mappings_in(owner.run_id(), &mapped);
+            assert!(left.is_empty(), "{what}, shut down {shut_down}: the handle still maps {left:.300?}");
+            drop(other);
         }
-        let owner = builder(b.path()).create().unwrap();
-        let big = vec![7u8; 1 << 20];
-        owner.save_bytes("big", &big, opts).unwrap();
-        let mapped = mapped_file(&owner, "big");
-        let other = builder(b.path()).run_id(owner.run_id()).open().unwrap();
-        // `other` keeps a checked view of the value.
-        assert_eq!(&*other.load_bytes("big").unwrap(), &big[..]);
-        owner.shutdown().unwrap();
-        // `other` is not shut down: its next call finds the context ended.
-        assert!(matches!(other.load_bytes("big"), Err(Error::Closed { .. })), "{what}");
-        let left = deleted_mappings_in(owner.run_id(), &mapped);
-        assert!(left.is_empty(), "{what}: a handle of an ended context still maps {left:.300?}");
-        drop(other);
     }
 }
 
