@@ -111,7 +111,7 @@ impl StorageTier for GraphTier {
             let path = self.files.locate(object).path.unwrap_or_default();
             return Err(Error::corrupt(
                 path.display().to_string(),
-                format!("the file is {} bytes, over the graph tier's limit of {MAX_OBJECT_BYTES}", p.len()),
+                format!("the recipe is {} bytes, over the graph tier's limit of {MAX_OBJECT_BYTES}", p.len()),
             ));
         }
         Ok(payload)

@@ -106,13 +106,15 @@ fn oversized_objects_are_refused() {
     let err = tier.put(NewObject { id: ObjectId(1), len, data: ObjectData::Write(&mut write) }).unwrap_err();
     assert!(err.to_string().contains("limit"), "{err}");
     assert_eq!(tier.usage().unwrap(), TierUsage::default());
-    // The largest object is fine: checked without writing 64 MiB, as a sparse file.
+    // The largest object is fine: checked without writing 64 MiB, as a sparse file. (Files
+    // of the mmap tier start an object of 64 KiB or more 4064 bytes in.)
+    const OFFSET: u64 = 4064;
     let max = ObjectRef { id: ObjectId(2), len: (64 << 20) + 4096, slot: 0, held: 0 };
-    fs::File::create(dir.join("0000000000000002.val")).unwrap().set_len(max.len).unwrap();
+    fs::File::create(dir.join("0000000000000002.val")).unwrap().set_len(OFFSET + max.len).unwrap();
     assert_eq!(tier.get(&max).unwrap().unwrap().len() as u64, max.len);
     // A file grown past the limit behind the tier's back reads as corrupt.
     let big = ObjectRef { id: ObjectId(3), len: (64 << 20) + 4097, slot: 0, held: 0 };
-    fs::File::create(dir.join("0000000000000003.val")).unwrap().set_len(big.len).unwrap();
+    fs::File::create(dir.join("0000000000000003.val")).unwrap().set_len(OFFSET + big.len).unwrap();
     let err = tier.get(&big).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
 }

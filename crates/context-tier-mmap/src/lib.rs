@@ -18,8 +18,9 @@
 //! # What it costs
 //! - A file, an `fallocate(2)` and either a write or a mapping per stored value; an `open`
 //!   plus a read (small values) or a mapping (large ones) per load; an `unlink` per delete.
-//! - Each value holds whole file-system blocks: its footprint is its length rounded up to
-//!   4096 bytes.
+//! - Each value holds whole file-system blocks: its footprint is its file's length rounded
+//!   up to 4096 bytes. An object of 64 KiB or more starts 4064 bytes into its file (see
+//!   below), which costs it one block more.
 //! - No `fsync`: the data is ephemeral scratch data of a workflow run, so it is not made
 //!   durable and may be lost (or, after a crash of the machine, left incomplete) on power
 //!   loss. The context checks every record it reads back.
@@ -29,6 +30,18 @@
 //! zero-copy. Do not choose it for many tiny values: each costs at least a 4 KiB block, an
 //! inode and several system calls; the shared-memory tier or a database tier suits them
 //! better.
+//!
+//! # Layout
+//! An object smaller than 64 KiB fills its file from the start. A larger one starts at
+//! offset 4064 (the bytes before it read as zeros and hold nothing), so that the payload of
+//! a context's record, after its 32-byte header ([`context_core::record::HEADER_LEN`]),
+//! starts on a page boundary. Both the save and the load gain:
+//! - The kernel copies a write into the page cache page by page. A payload that starts
+//!   32 bytes into a page has every page's copy split in two and its stores misaligned: on
+//!   the AMD EPYC VM this was measured on, writing 256 MiB at file offset 32 took 137 ms
+//!   against 65 ms at offset 0, with the same 256 KiB writes (`fs::write` of the same bytes:
+//!   68 ms).
+//! - A loaded value's view starts on a page boundary, as tensors and SIMD readers prefer.
 //!
 //! # Space and safety
 //! Space is reserved with `fallocate(2)` before any byte is written, so a full file system
@@ -65,7 +78,7 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
@@ -88,6 +101,19 @@ const BLOCK: u64 = 4096;
 /// Objects smaller than this are read into memory; the others are mapped (a context keeps
 /// views of records from this size on, so a copy it would keep is never handed out).
 const READ_LIMIT: u64 = 64 * 1024;
+/// Where a mapped object (of [`READ_LIMIT`] or more) starts in its file: so that a
+/// context record's payload, after its header, starts on a page (see the [crate] docs).
+const MAPPED_OFFSET: u64 = BLOCK - context_core::record::HEADER_LEN as u64;
+
+/// Where an object of `len` bytes starts in its file.
+fn offset_of(len: u64) -> u64 {
+    if len >= READ_LIMIT { MAPPED_OFFSET } else { 0 }
+}
+
+/// The blocks a file of `size` bytes holds, in bytes.
+fn blocks(size: u64) -> u64 {
+    size.checked_next_multiple_of(BLOCK).unwrap_or(u64::MAX)
+}
 
 /// The configuration of an [`MmapTier`]: the directory that holds one context's value files.
 #[derive(Clone, Debug)]
@@ -230,17 +256,17 @@ impl Drop for NewFile<'_> {
     }
 }
 
-/// Reserves the blocks of a new file before anything is written, so a full disk shows
-/// up here as `ENOSPC`. A file system without `fallocate` gets a sparse file instead, and
-/// a full disk then shows up as `ENOSPC` from the writes.
-fn reserve(file: &File, len: u64) -> io::Result<()> {
-    if len == 0 {
+/// Reserves the blocks of a new file of `size` bytes before anything is written, so a full
+/// disk shows up here as `ENOSPC`. A file system without `fallocate` gets a sparse file
+/// instead, and a full disk then shows up as `ENOSPC` from the writes.
+fn reserve(file: &File, size: u64) -> io::Result<()> {
+    if size == 0 {
         // fallocate refuses a zero length; an empty file needs no blocks.
         return Ok(());
     }
-    match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, len) {
+    match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, size) {
         Ok(()) => Ok(()),
-        Err(Errno::OPNOTSUPP) => file.set_len(len),
+        Err(Errno::OPNOTSUPP) => file.set_len(size),
         Err(e) => Err(e.into()),
     }
 }
@@ -261,15 +287,16 @@ impl StorageTier for MmapTier {
         Capabilities::new(true, true)
     }
 
-    /// The length rounded up to the 4096-byte file-system block.
+    /// The file's length (the object's, plus 4064 bytes from 64 KiB) rounded up to the
+    /// 4096-byte file-system block.
     fn footprint(&self, len: u64) -> u64 {
-        len.checked_next_multiple_of(BLOCK).unwrap_or(u64::MAX)
+        blocks(len.saturating_add(offset_of(len)))
     }
 
     /// Creates `<dir>/<id>.val` (never through a symbolic link, never over an existing
     /// file), reserves its space with `fallocate`, then writes it with `pwrite` (large
-    /// pieces straight from the caller's memory, small ones through a buffer). The data is
-    /// not `fsync`ed.
+    /// pieces straight from the caller's memory, small ones through a buffer), from offset
+    /// 4064 if it is 64 KiB or more (see the [crate] docs). The data is not `fsync`ed.
     fn put(&self, mut object: NewObject<'_>) -> Result<PutOutcome> {
         let id = object.id;
         let len = object.len;
@@ -284,7 +311,8 @@ impl StorageTier for MmapTier {
         };
         let mut new = NewFile { tier: self, name: &name, path: &path, file, keep: false };
 
-        match reserve(&new.file, len) {
+        let offset = offset_of(len);
+        match reserve(&new.file, len.saturating_add(offset)) {
             Ok(()) => {}
             Err(e) if is_no_space(&e) => return new.discard(Ok(PutOutcome::NoSpace)),
             Err(e) => return new.discard(Err(Error::io("reserve space for value file", &path, e))),
@@ -292,7 +320,7 @@ impl StorageTier for MmapTier {
 
         // Sparse (no fallocate on this file system) or not, the bytes go in with pwrite:
         // a full disk then shows as ENOSPC from write(2), never as SIGBUS from a mapping.
-        let mut sink = io::BufWriter::with_capacity(WRITE_BUFFER, FileAt::new(&new.file, 0));
+        let mut sink = io::BufWriter::with_capacity(WRITE_BUFFER, FileAt::new(&new.file, offset));
         let written = object.write_to(&mut sink);
         drop(sink);
         match written {
@@ -306,8 +334,9 @@ impl StorageTier for MmapTier {
         Ok(PutOutcome::Stored(ObjectRef { id, len, slot: 0, held: self.footprint(len) }))
     }
 
-    /// Returns the file's bytes at their actual length: read into memory below 64 KiB,
-    /// mapped read-only from 64 KiB on (see the [crate] docs on truncation).
+    /// Returns the object's bytes as its file holds them, at their actual length (a file cut
+    /// short gives fewer bytes): read into memory below 64 KiB, a view of the file mapped
+    /// read-only from 64 KiB on (see the [crate] docs on truncation).
     fn get(&self, object: &ObjectRef) -> Result<Option<Payload>> {
         // The path only names the file in errors: a read opens it by name in the directory.
         let path = || self.path_of(object.id);
@@ -320,9 +349,14 @@ impl StorageTier for MmapTier {
         if !meta.is_file() {
             return Err(Error::io("open value file", path(), io::Error::other("not a regular file")));
         }
-        if meta.len() < READ_LIMIT {
-            let mut bytes = Vec::with_capacity(meta.len() as usize);
-            file.read_to_end(&mut bytes).map_err(|e| Error::io("read value file", path(), e))?;
+        // Where the object starts follows from its length; a file cut short before that
+        // holds none of it.
+        let offset = offset_of(object.len).min(meta.len());
+        let available = meta.len() - offset;
+        if available < READ_LIMIT {
+            let mut bytes = Vec::with_capacity(available as usize);
+            let read = file.seek(io::SeekFrom::Start(offset)).and_then(|_| file.read_to_end(&mut bytes));
+            read.map_err(|e| Error::io("read value file", path(), e))?;
             return Ok(Some(Payload::from_vec(bytes)));
         }
         // SAFETY: the mapping is read-only and private to this payload. The file is a
@@ -332,7 +366,11 @@ impl StorageTier for MmapTier {
         // mapping is in use (SIGBUS on access past the new end), cannot be excluded by any
         // mapping-based reader and is documented in the crate docs.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("map value file", path(), e))?;
-        Ok(Some(Payload::from_shared(Arc::new(map))))
+        // The mapping covers the file as it is now, which a truncation since the `fstat`
+        // above may have cut shorter still.
+        let end = map.len();
+        let start = (offset as usize).min(end);
+        Ok(Some(Payload::from_shared(Arc::new(map)).slice(start..end)))
     }
 
     /// Unlinks the object's file; the slot is not used.
@@ -371,7 +409,7 @@ impl StorageTier for MmapTier {
             if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
                 continue;
             }
-            usage.bytes = usage.bytes.saturating_add(self.footprint(stat.st_size as u64));
+            usage.bytes = usage.bytes.saturating_add(blocks(stat.st_size as u64));
             usage.objects += 1;
         }
         Ok(usage)

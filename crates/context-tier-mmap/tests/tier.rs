@@ -29,6 +29,8 @@ fn describes_itself() {
     assert!(tier.capabilities().zero_copy && tier.capabilities().shared_across_processes);
     assert_eq!(tier.dir(), value_dir(&scratch));
     assert_eq!([0, 1, 4096, 4097, u64::MAX].map(|n| tier.footprint(n)), [0, 4096, 4096, 8192, u64::MAX]);
+    // From 64 KiB an object starts 4064 bytes into its file: one block more.
+    assert_eq!([65_535, 65_536, 65_537].map(|n| tier.footprint(n)), [65_536, 69_632, 69_632]);
     let r = ObjectRef { id: ObjectId(0xab), len: 3, slot: 0, held: 0 };
     assert_eq!(tier.locate(&r).path, Some(value_dir(&scratch).join("00000000000000ab.val")));
     assert_eq!(tier.locate(&r).shm_name, None);
@@ -126,19 +128,62 @@ fn new_refuses_a_symlinked_directory() {
     assert!(err.to_string().contains("missing"), "{err}");
 }
 
+/// Where an object of 64 KiB or more starts in its file: a context record's 32-byte header
+/// before the page its payload starts on.
+const MAPPED_OFFSET: usize = 4096 - context_core::record::HEADER_LEN;
+
 #[test]
 fn get_returns_a_truncated_file_at_its_real_length() {
     let scratch = tempfile::tempdir().unwrap();
     let tier = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
-    for (id, len, short) in [(1u64, 1000usize, 10usize), (2, 300_000, 100_000), (3, 300_000, 10)] {
+    let cases = [
+        (1u64, 1000usize, 0usize, 10usize),
+        (2, 300_000, MAPPED_OFFSET, 100_000),
+        (3, 300_000, MAPPED_OFFSET, 10),
+        (4, 300_000, MAPPED_OFFSET, 0),
+    ];
+    for (id, len, offset, short) in cases {
         let bytes = context_core::testing::pattern(id, len);
         let r = put(&tier, id, &bytes);
         let file = fs::OpenOptions::new().write(true).open(tier.locate(&r).path.unwrap()).unwrap();
-        file.set_len(short as u64).unwrap();
+        file.set_len((offset + short) as u64).unwrap();
         let got = tier.get(&r).unwrap().unwrap();
         assert_eq!(got.len(), short, "object {id} truncated to {short} bytes");
         assert_eq!(&*got, &bytes[..short]);
     }
+    // Cut short before the object starts: none of it is there.
+    let bytes = context_core::testing::pattern(5, 300_000);
+    let r = put(&tier, 5, &bytes);
+    fs::OpenOptions::new().write(true).open(tier.locate(&r).path.unwrap()).unwrap().set_len(100).unwrap();
+    assert_eq!(tier.get(&r).unwrap().unwrap().len(), 0);
+    tier.destroy().unwrap();
+}
+
+#[test]
+fn a_large_objects_record_payload_starts_on_a_page() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
+    for (id, len) in [(1u64, 64 * 1024 - 1), (2, 64 * 1024), (3, 1 << 20)] {
+        let bytes = context_core::testing::pattern(id, len);
+        let r = put(&tier, id, &bytes);
+        let file = fs::read(tier.locate(&r).path.unwrap()).unwrap();
+        let offset = if len >= 64 * 1024 { MAPPED_OFFSET } else { 0 };
+        assert_eq!(file.len(), offset + len, "object {id}");
+        assert!(file[..offset].iter().all(|&b| b == 0), "object {id}: the bytes before it hold nothing");
+        assert!(file[offset..] == bytes[..], "object {id}");
+        assert_eq!(r.held, tier.footprint(len as u64), "object {id}");
+        assert!(tier.footprint(len as u64) >= (offset + len) as u64);
+
+        let got = tier.get(&r).unwrap().unwrap();
+        assert!(*got == *bytes, "object {id}");
+        if offset > 0 {
+            let payload = got[context_core::record::HEADER_LEN..].as_ptr();
+            assert_eq!(payload as usize % 4096, 0, "object {id}: a record's payload is page aligned in the view");
+        }
+    }
+    let usage = tier.usage().unwrap();
+    assert_eq!(usage.objects, 3);
+    assert_eq!(usage.bytes, [64 * 1024 - 1, 64 * 1024, 1 << 20].map(|n| tier.footprint(n)).iter().sum::<u64>());
     tier.destroy().unwrap();
 }
 

@@ -496,3 +496,35 @@ fn an_arena_passed_as_dead_leaves_no_hole_after_destroy() {
     assert_eq!(seen.objects, 1, "another process's usage misses the object in {at:?}: {:?}", segments(&run));
     assert!(found, "another process's delete by id misses the object in {at:?}");
 }
+
+#[test]
+fn a_large_objects_record_payload_starts_on_a_page() {
+    // From 64 KiB an object starts this far into its segment: a context record's 32-byte
+    // header before the page its payload starts on.
+    const OFFSET: usize = 4096 - context_core::record::HEADER_LEN;
+    let run = unique_run_id();
+    let tier = tier(&run);
+    let lens = [5000usize, 64 * 1024 - 1, 64 * 1024, 1 << 20];
+    for (id, &len) in (1u64..).zip(&lens) {
+        let bytes = pattern(id, len);
+        let r = put(&tier, id, &bytes);
+        let offset = if len >= 64 * 1024 { OFFSET } else { 0 };
+        assert_eq!(tier.footprint(len as u64), ((offset + len) as u64).next_multiple_of(4096), "object {id}");
+        assert_eq!(r.held, tier.footprint(len as u64), "object {id}");
+        let name = format!("{}{:016x}", ShmConfig::new(&run).prefix(), id);
+        let segment = std::fs::read(Path::new("/dev/shm").join(&name)).unwrap();
+        assert_eq!(segment.len(), offset + len, "object {id}");
+        assert!(segment[..offset].iter().all(|&b| b == 0), "object {id}: the bytes before it hold nothing");
+        assert!(segment[offset..] == bytes[..], "object {id}");
+        let got = tier.get(&r).unwrap().unwrap();
+        assert!(*got == *bytes, "object {id}");
+        if offset > 0 {
+            let payload = got[context_core::record::HEADER_LEN..].as_ptr();
+            assert_eq!(payload as usize % 4096, 0, "object {id}: a record's payload is page aligned in the view");
+        }
+    }
+    let usage = tier.usage().unwrap();
+    assert_eq!(usage.objects, lens.len() as u64);
+    assert_eq!(usage.bytes, lens.iter().map(|&n| tier.footprint(n as u64)).sum::<u64>());
+    tier.destroy().unwrap();
+}
