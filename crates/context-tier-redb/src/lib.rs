@@ -192,7 +192,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use context_core::{
@@ -235,6 +235,7 @@ const OPEN_PATIENCE: Duration = Duration::from_secs(1);
 pub struct RedbConfig {
     path: PathBuf,
     zstd_level: i32,
+    lazy: bool,
 }
 
 impl RedbConfig {
@@ -243,7 +244,21 @@ impl RedbConfig {
     /// [`RedbTier::new`] creates the file (mode 0600) if it is missing; its parent directory
     /// must exist. The file belongs to one context: [`StorageTier::destroy`] removes it.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        RedbConfig { path: path.into(), zstd_level: DEFAULT_ZSTD_LEVEL }
+        RedbConfig { path: path.into(), zstd_level: DEFAULT_ZSTD_LEVEL, lazy: false }
+    }
+
+    /// Opens the database at the tier's first operation instead of in [`RedbTier::new`]
+    /// (default: in `new`). Why: opening takes redb's locks, reads its header and allocator
+    /// state and writes its header back (about 70 us on the VM of `docs/benchmarks.md`, a
+    /// quarter of opening a context), and dropping an open handle commits; a process that
+    /// never touches the tier pays neither. The cost: `new` then checks only the zstd level,
+    /// and a file that cannot be opened, or holds no redb database, is reported by the
+    /// first operation (the same [`Error::Io`], naming the file), which creates the file if
+    /// it is missing.
+    #[must_use]
+    pub fn open_lazily(mut self) -> Self {
+        self.lazy = true;
+        self
     }
 
     /// The zstd compression level (default 1: fast, and most of the gain). Any level zstd
@@ -265,11 +280,13 @@ pub struct RedbTier {
     path: PathBuf,
     level: i32,
     /// The device and inode of the file this tier opened, so that it never reopens or
-    /// removes another file put at the same path.
-    identity: (u64, u64),
-    /// The open database. Replaced by a fresh handle when an I/O error (a full disk, say)
-    /// has left it refusing every further operation, as redb handles do.
-    db: RwLock<Arc<Database>>,
+    /// removes another file put at the same path. Set once, when the database is first
+    /// opened.
+    identity: OnceLock<(u64, u64)>,
+    /// The open database, `None` until it is first opened (see
+    /// [`RedbConfig::open_lazily`]). Replaced by a fresh handle when an I/O error (a full
+    /// disk, say) has left it refusing every further operation, as redb handles do.
+    db: RwLock<Option<Arc<Database>>>,
 }
 
 impl fmt::Debug for RedbTier {
@@ -281,15 +298,27 @@ impl fmt::Debug for RedbTier {
 impl RedbTier {
     /// Opens the tier over `config`'s database file, creating the file (mode 0600) and an
     /// empty database in it if either is missing. Any number of processes may do this at
-    /// once on the same file.
+    /// once on the same file. With [`RedbConfig::open_lazily`], the tier's first operation
+    /// does this instead.
     ///
     /// # Errors
     /// - [`Error::Config`] naming `zstd_level` if the level is outside zstd's range.
     /// - [`Error::Io`] naming the file if it cannot be opened or created (its directory is
     ///   missing, it is a symbolic link or not a regular file), or does not hold a redb
-    ///   database.
+    ///   database; with [`RedbConfig::open_lazily`], from every operation until the file
+    ///   opens.
+    ///
+    /// ```
+    /// use context_tier_redb::{RedbConfig, RedbTier};
+    ///
+    /// let scratch = tempfile::tempdir()?;
+    /// let path = scratch.path().join("values.redb");
+    /// let tier = RedbTier::new(RedbConfig::new(&path).open_lazily())?;
+    /// assert!(!path.exists(), "opened at the first operation");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(config: RedbConfig) -> Result<Self> {
-        let RedbConfig { path, zstd_level } = config;
+        let RedbConfig { path, zstd_level, lazy } = config;
         let levels = zstd::compression_level_range();
         if !levels.contains(&zstd_level) {
             return Err(Error::Config {
@@ -302,10 +331,34 @@ impl RedbTier {
                 ),
             });
         }
-        let (db, identity) = open_database(&path, None)?;
-        let tier = RedbTier { path, level: zstd_level, identity, db: RwLock::new(Arc::new(db)) };
-        tier.ensure_tables()?;
+        let tier = RedbTier { path, level: zstd_level, identity: OnceLock::new(), db: RwLock::new(None) };
+        if !lazy {
+            tier.open()?;
+        }
         Ok(tier)
+    }
+
+    /// Opens the database, unless it is open: a tier's every operation starts here.
+    fn open(&self) -> Result<()> {
+        if self.db.read().unwrap_or_else(PoisonError::into_inner).is_some() {
+            return Ok(());
+        }
+        let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_some() {
+            // Another thread opened it meanwhile.
+            return Ok(());
+        }
+        // Once a file has been opened, only that one (see `identity`).
+        let (db, identity) = open_database(&self.path, self.identity.get().copied())?;
+        self.identity.get_or_init(|| identity);
+        *slot = Some(Arc::new(db));
+        drop(slot);
+        if let Err(e) = self.ensure_tables() {
+            // Not usable without its tables: the next operation opens the file again.
+            *self.db.write().unwrap_or_else(PoisonError::into_inner) = None;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Commits the tier's tables into a database that has none yet (a new file). Why: on a
@@ -340,26 +393,34 @@ impl RedbTier {
         &self.path
     }
 
-    fn handle(&self) -> Arc<Database> {
-        Arc::clone(&self.db.read().unwrap_or_else(PoisonError::into_inner))
+    /// The open database; `None` before [`open`](Self::open) succeeded.
+    fn handle(&self) -> Option<Arc<Database>> {
+        self.db.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Replaces `broken` by a fresh handle on the same file, unless another thread already
     /// has; returns the handle to use now.
     fn reopen(&self, broken: &Arc<Database>) -> Result<Arc<Database>> {
         let mut current = self.db.write().unwrap_or_else(PoisonError::into_inner);
-        if Arc::ptr_eq(&current, broken) {
-            let (db, _) = open_database(&self.path, Some(self.identity))?;
-            *current = Arc::new(db);
+        match &*current {
+            Some(db) if !Arc::ptr_eq(db, broken) => return Ok(Arc::clone(db)),
+            _ => {}
         }
-        Ok(Arc::clone(&current))
+        let (db, _) = open_database(&self.path, self.identity.get().copied())?;
+        let db = Arc::new(db);
+        *current = Some(Arc::clone(&db));
+        Ok(db)
     }
 
-    /// Runs `op` on the database. A failure that leaves the handle refusing further work (an
-    /// I/O error, a failed commit) gets a fresh handle for later calls; if the failure was a
-    /// leftover of an earlier one (`PreviousIo`), `op` is run again on the fresh handle.
+    /// Runs `op` on the database, which [`open`](Self::open) must have opened. A failure
+    /// that leaves the handle refusing further work (an I/O error, a failed commit) gets a
+    /// fresh handle for later calls; if the failure was a leftover of an earlier one
+    /// (`PreviousIo`), `op` is run again on the fresh handle.
     fn run<T>(&self, op: impl Fn(&Database) -> Result<T, Failed>) -> Result<T, Failed> {
-        let db = self.handle();
+        let Some(db) = self.handle() else {
+            // Every operation opens the database first; this is a call that did not.
+            return Err(Failed::new(redb::Error::Io(io::Error::other("the redb database is not open"))));
+        };
         let failure = match op(&db) {
             Err(failure) if failure.breaks_handle() => failure,
             done => return done,
@@ -464,12 +525,14 @@ impl RedbTier {
             .custom_flags((OFlags::NOFOLLOW | OFlags::CLOEXEC).bits() as i32)
             .open(&self.path)
             .map_err(|e| Error::io(OP, &self.path, e))?;
-        if check_file(&file).map_err(|e| Error::io(OP, &self.path, e))? != self.identity {
+        if Some(check_file(&file).map_err(|e| Error::io(OP, &self.path, e))?) != self.identity.get().copied() {
             let why = io::Error::other("the file was replaced since the tier opened it");
             return Err(Error::io(OP, &self.path, why));
         }
         file.set_len(0).map_err(|e| Error::io(OP, &self.path, e))?;
-        self.reopen(&self.handle())?;
+        if let Some(db) = self.handle() {
+            self.reopen(&db)?;
+        }
         Ok(())
     }
 
@@ -477,7 +540,7 @@ impl RedbTier {
     fn remove_file(&self) -> Result<()> {
         const OP: &str = "remove redb database";
         match fs::symlink_metadata(&self.path) {
-            Ok(meta) if (meta.dev(), meta.ino()) == self.identity => {}
+            Ok(meta) if Some((meta.dev(), meta.ino())) == self.identity.get().copied() => {}
             // Removed already, perhaps by another process; or another file (a later
             // context's?) is there now, which is not this tier's to remove.
             Ok(_) => return Ok(()),
@@ -749,6 +812,7 @@ impl StorageTier for RedbTier {
     /// file system anywhere in that is [`PutOutcome::NoSpace`]; on that or any error, the
     /// chunks already committed are removed in one more transaction.
     fn put(&self, mut object: NewObject<'_>) -> Result<PutOutcome> {
+        self.open()?;
         if object.len >= blob::CHUNKED_FROM {
             return self.put_chunked(object);
         }
@@ -776,6 +840,7 @@ impl StorageTier for RedbTier {
     /// Reads the blob, or the manifest and every chunk, in one read transaction, and decodes
     /// it (a chunked object on two threads) into an owned payload.
     fn get(&self, object: &ObjectRef) -> Result<Option<Payload>> {
+        self.open()?;
         let id = object.id;
         match self.run(|db| read_object(db, id)) {
             Ok(None) => Ok(None),
@@ -791,6 +856,7 @@ impl StorageTier for RedbTier {
     /// With [`ObjectRef::UNKNOWN_SLOT`] and no object there, removes chunks of the id that no
     /// manifest names, left by a put whose process died part way, and answers `false`.
     fn delete(&self, object: &ObjectRef) -> Result<bool> {
+        self.open()?;
         let orphans = object.slot == ObjectRef::UNKNOWN_SLOT;
         self.run(|db| remove_object(db, object.id, orphans))
             .map_err(|f| self.error("delete from redb database", f.error))
@@ -804,6 +870,7 @@ impl StorageTier for RedbTier {
     /// ones and the manifests; bytes include the chunks of a put in progress, and of one that
     /// died part way until they are deleted (by id, with [`ObjectRef::UNKNOWN_SLOT`]).
     fn usage(&self) -> Result<TierUsage> {
+        self.open()?;
         let counted = self.run(|db| {
             let txn = db.begin_read().map_err(Failed::new)?;
             let mut usage = TierUsage::default();
@@ -838,6 +905,14 @@ impl StorageTier for RedbTier {
     /// disk, where that transaction cannot commit, truncates the file instead: its blocks
     /// come back at once, and every handle on it, after an error, finds an empty database.
     fn destroy(&self) -> Result<()> {
+        // A tier never opened over a file that was never made has nothing to remove (and
+        // opening would make one).
+        if self.handle().is_none()
+            && fs::symlink_metadata(&self.path).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+        {
+            return Ok(());
+        }
+        self.open()?;
         let cleared = match self.run(|db| {
             let txn = db.begin_write().map_err(Failed::new)?;
             txn.delete_table(OBJECTS).map_err(Failed::new)?;

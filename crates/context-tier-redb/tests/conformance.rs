@@ -27,3 +27,17 @@ fn fresh() -> Fresh {
 
 // `Fresh` derefs to the tier, as the macro's `Box` would.
 context_core::tier_conformance_tests!(fresh);
+
+/// The same kit over a tier that opens its database at its first operation.
+mod lazy {
+    use super::*;
+
+    fn fresh_lazy() -> Fresh {
+        let dir =
+            tempfile::Builder::new().prefix("context-tier-redb-").tempdir().expect("create a temporary directory");
+        let config = RedbConfig::new(dir.path().join("context.redb")).open_lazily();
+        Fresh { tier: RedbTier::new(config).expect("build a lazy redb tier"), _dir: dir }
+    }
+
+    context_core::tier_conformance_tests!(fresh_lazy);
+}

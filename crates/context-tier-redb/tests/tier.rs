@@ -642,3 +642,57 @@ fn inner_damaged_blobs_allocate_nothing() {
         assert!(grew_mib < 64, "{what}: a get of a damaged blob of {} KiB took {grew_mib} MiB", blob.len() >> 10);
     }
 }
+
+#[test]
+fn a_lazy_tier_opens_its_database_at_its_first_operation() {
+    let scratch = tempfile::tempdir().unwrap();
+    let path = db_path(&scratch);
+    let lazy = RedbTier::new(RedbConfig::new(&path).open_lazily()).unwrap();
+    assert!(!path.exists(), "nothing is made before the first operation");
+    // Destroying a tier that never opened a file that was never made is a no-op, and
+    // makes none.
+    lazy.destroy().unwrap();
+    assert!(!path.exists());
+
+    let r = put(&lazy, 1, b"first");
+    assert!(path.exists());
+    let eager = open(&path);
+    assert_eq!(get(&eager, &r).as_deref(), Some(&b"first"[..]));
+
+    // A lazy tier over a file another instance made reads it at its first operation.
+    let reader = RedbTier::new(RedbConfig::new(&path).open_lazily()).unwrap();
+    assert_eq!(get(&reader, &r).as_deref(), Some(&b"first"[..]));
+    assert_eq!(reader.usage().unwrap().objects, 1);
+
+    // One never used destroys the file it finds.
+    let destroyer = RedbTier::new(RedbConfig::new(&path).open_lazily()).unwrap();
+    destroyer.destroy().unwrap();
+    assert!(!path.exists());
+    assert_eq!(get(&lazy, &r), None, "every instance finds the objects gone");
+}
+
+#[test]
+fn a_lazy_tier_reports_a_bad_file_at_each_operation_and_leaves_it_alone() {
+    let scratch = tempfile::tempdir().unwrap();
+    let notes = scratch.path().join("notes.txt");
+    fs::write(&notes, b"not a database, just some notes").unwrap();
+    let target = scratch.path().join("victim");
+    fs::write(&target, b"untouched").unwrap();
+    let link = scratch.path().join("link.redb");
+    symlink(&target, &link).unwrap();
+    let r = ObjectRef { id: ObjectId(1), len: 5, slot: 0, held: 5 };
+    for (path, name) in [(&notes, "notes.txt"), (&link, "link.redb")] {
+        let tier = RedbTier::new(RedbConfig::new(path).open_lazily()).unwrap();
+        let parts: [&[u8]; 1] = [b"value"];
+        let put = tier.put(NewObject { id: ObjectId(1), len: 5, data: ObjectData::Parts(&parts) });
+        for result in [put.map(|_| ()), tier.get(&r).map(|_| ()), tier.delete(&r).map(|_| ()), tier.usage().map(|_| ())]
+        {
+            let err = result.unwrap_err();
+            assert!(matches!(err, Error::Io { .. }), "{name}: {err:?}");
+            assert!(err.to_string().contains(name), "{name}: {err}");
+        }
+        assert!(tier.destroy().is_err(), "{name}");
+    }
+    assert_eq!(fs::read(&notes).unwrap(), b"not a database, just some notes");
+    assert_eq!(fs::read(&target).unwrap(), b"untouched");
+}

@@ -43,10 +43,13 @@ pub(crate) fn build_each_kind(
         };
         tiers.push((StorageKind::Ram, context_tier_shm::ShmTier::new(config).map(|t| Arc::new(t) as _)));
     }
+    // The database is opened at the tier's first operation: a handle that never stores or
+    // reads a small disk value (most readers of frames) never pays for opening it, about a
+    // quarter of opening a context, nor for closing it.
     #[cfg(feature = "tier-redb")]
     tiers.push((
         StorageKind::Disk,
-        context_tier_redb::RedbTier::new(context_tier_redb::RedbConfig::new(dir.join(REDB_FILE)))
+        context_tier_redb::RedbTier::new(context_tier_redb::RedbConfig::new(dir.join(REDB_FILE)).open_lazily())
             .map(|t| Arc::new(t) as _),
     ));
     #[cfg(feature = "tier-mmap")]
