@@ -412,8 +412,29 @@ fn register_liveness(dir: &Path, token: u64) -> Result<(File, PathBuf)> {
 /// wait for it that long. The mark says who took the lock: once that process is gone, the
 /// lock is an heir's, and its handle is dead. (The child's copies of its parent's handles
 /// refuse to act: see [`crate::fork`].)
+///
+/// Read from `/proc` once per process (three files: about a tenth of opening a context) and
+/// kept, by pid: a forked child, whose pid differs, reads its own.
 fn own_mark() -> Option<String> {
+    static KEPT: Mutex<Option<(u32, Option<String>)>> = Mutex::new(None);
     let pid = std::process::id();
+    // `try_lock`: in a child forked while another thread held the lock, it stays held for
+    // good; the child then reads its mark each time instead of waiting forever.
+    let mut kept = KEPT.try_lock().ok();
+    if let Some(Some((at, mark))) = kept.as_deref()
+        && *at == pid
+    {
+        return mark.clone();
+    }
+    let mark = read_own_mark(pid);
+    if let Some(kept) = kept.as_deref_mut() {
+        *kept = Some((pid, mark.clone()));
+    }
+    mark
+}
+
+/// [`own_mark`], read from `/proc`.
+fn read_own_mark(pid: u32) -> Option<String> {
     let (dev, ino) = pid_namespace()?;
     Some(format!("{pid} {} {dev}:{ino}\n", start_time(pid).ok()??))
 }

@@ -131,6 +131,16 @@ fn own_handle(base: &Path, run_id: &str) -> Result<(), String> {
     if seen != "the parent's" {
         return Err(format!("its own handle read {seen:?}"));
     }
+    // Its liveness file names the child (`<pid> <start time> <namespace>`), not the parent
+    // whose handles it copied.
+    let pid = std::process::id().to_string();
+    let marks: Vec<String> = std::fs::read_dir(mine.dir().join("procs"))
+        .map_err(|e| format!("list liveness files: {e}"))?
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .collect();
+    if !marks.iter().any(|m| m.split_whitespace().next() == Some(&pid)) {
+        return Err(format!("no liveness file names the child, pid {pid}: {marks:?}"));
+    }
     mine.save("from the child", "hello").map_err(|e| format!("save: {e}"))
 }
 
