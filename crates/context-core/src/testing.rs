@@ -53,6 +53,30 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Checks where a tier put `object`, for tiers that start large objects 32 bytes before a
+/// page, so that a record's payload (after its [`HEADER_LEN`](crate::record::HEADER_LEN)
+/// bytes of header) starts on one: `stored` (the file or segment that holds it, read whole)
+/// is zeros up to `offset`, then the object; `loaded` (what `get` returned) is the object,
+/// and with a non-zero `offset` its bytes from `HEADER_LEN` on start on a page. Panics,
+/// naming `what`, if not.
+///
+/// ```
+/// // A small object, stored from the start of its file and read back into memory.
+/// let object = context_core::testing::pattern(1, 100);
+/// let file = object.clone();
+/// context_core::testing::check_stored_at("object 1", &file, 0, &object, &object);
+/// ```
+pub fn check_stored_at(what: &str, stored: &[u8], offset: usize, object: &[u8], loaded: &[u8]) {
+    assert_eq!(stored.len(), offset + object.len(), "{what}: the length of what holds it");
+    assert!(stored[..offset].iter().all(|&b| b == 0), "{what}: the bytes before it hold nothing");
+    assert!(stored[offset..] == *object, "{what}: stored bytes");
+    assert!(loaded == object, "{what}: loaded bytes");
+    if offset > 0 {
+        let payload = loaded[crate::record::HEADER_LEN..].as_ptr() as usize;
+        assert_eq!(payload % 4096, 0, "{what}: a record's payload is page aligned in the view");
+    }
+}
+
 /// Deterministic bytes for object `seed` of `len` bytes that compress well: a run of one
 /// byte value for an even seed, text repeated for an odd one. A tier that compresses takes
 /// its other path with them.
