@@ -63,8 +63,10 @@ const META_MAGIC: u64 = u64::from_le_bytes(*b"WFCMETA1");
 /// small save notes its object in the meta page's in-flight word instead of a pending
 /// record (an older build taking the lock over from a dead writer would leave the object
 /// behind). Version 7: shared-memory segments are named by the context's instance as well
-/// as its run id (an older build would look for them under the run id alone).
-const META_VERSION: u64 = 7;
+/// as its run id (an older build would look for them under the run id alone). Version 8:
+/// values of 64 KiB or more start 4064 bytes into their shared-memory segment or value file
+/// (an older build would read them from the start, and find them corrupt).
+const META_VERSION: u64 = 8;
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_STATE: usize = 16;
