@@ -16,11 +16,12 @@
 //! | end − 8 | 8 | payload checksum: XXH3-64 of the payload, seeded with the object id |
 //!
 //! The payload starts at offset 32, so a page-aligned object keeps its payload 32-byte
-//! aligned; a tier that stores an object at 32 bytes before a page boundary (as the shm and
+//! aligned; a tier that stores an object 32 bytes before a page boundary (as the shm and
 //! mmap tiers do from 64 KiB) has its payload start on the page, which the kernel copies
-//! writes into fastest. The payload checksum sits in a trailer so that a writer can compute it while
-//! streaming the payload into place, reading the value's bytes from memory once. Seeding
-//! it with the object id means a record copied under another object's name fails its check.
+//! writes into fastest. The payload checksum sits in a trailer so that a writer can compute
+//! it while streaming the payload into place, reading the value's bytes from memory once.
+//! Seeding it with the object id means a record copied under another object's name fails
+//! its check.
 
 use std::io;
 
