@@ -7,6 +7,8 @@
 //!   [`Error`].
 //! - [`record`]: the format of the bytes a tier stores for each value.
 //! - [`cache`]: the prefetch hint tiers use to fetch a value's memory ahead of a read.
+//! - [`space`]: reserving a new file's blocks before writing it, so that a full disk is an
+//!   error and never a `SIGBUS`.
 //! - `testing` (feature `testing`): the conformance kit any tier runs against itself.
 //!
 //! Most users want the `workflow-context` crate, which composes the tiers; this crate is
@@ -17,6 +19,7 @@ mod error;
 mod payload;
 mod policy;
 pub mod record;
+pub mod space;
 mod tier;
 mod types;
 

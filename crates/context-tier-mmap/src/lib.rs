@@ -89,7 +89,7 @@ use context_core::{
     Capabilities, Error, FileAt, Location, NewObject, ObjectId, ObjectRef, Payload, PutOutcome, Result, StorageKind,
     StorageTier, TierUsage, WriteFailure,
 };
-use rustix::fs::{AtFlags, FallocateFlags, FileType, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 /// The tier's name, recorded in the index beside each object.
@@ -260,14 +260,9 @@ impl Drop for NewFile<'_> {
 /// disk shows up here as `ENOSPC`. A file system without `fallocate` gets a sparse file
 /// instead, and a full disk then shows up as `ENOSPC` from the writes.
 fn reserve(file: &File, size: u64) -> io::Result<()> {
-    if size == 0 {
-        // fallocate refuses a zero length; an empty file needs no blocks.
-        return Ok(());
-    }
-    match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, size) {
-        Ok(()) => Ok(()),
-        Err(Errno::OPNOTSUPP) => file.set_len(size),
-        Err(e) => Err(e.into()),
+    match context_core::space::reserve(file, size) {
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => file.set_len(size),
+        reserved => reserved,
     }
 }
 

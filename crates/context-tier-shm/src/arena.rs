@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use context_core::{Error, Result, cache};
 use rustix::fd::OwnedFd;
-use rustix::fs::{FallocateFlags, Mode};
+use rustix::fs::Mode;
 use rustix::io::Errno;
 use rustix::mm::{MapFlags, ProtFlags};
 use rustix::shm;
@@ -180,6 +180,11 @@ pub(crate) fn is_no_space(e: Errno) -> bool {
     e == Errno::NOSPC || e == Errno::DQUOT || e == Errno::NOMEM
 }
 
+/// The error number of an error of a system call, for [`is_no_space`].
+pub(crate) fn errno_of(e: io::Error) -> Errno {
+    Errno::from_io_error(&e).unwrap_or(Errno::IO)
+}
+
 pub(crate) fn io_err(op: &'static str, name: &str, e: impl Into<io::Error>) -> Error {
     Error::io(op, PathBuf::from(name), e.into())
 }
@@ -248,10 +253,10 @@ impl Arena {
     /// Reserves, maps and initialises a segment this process just created: with `layout`,
     /// or small if there is no room for a huge one.
     fn init(name: &str, mut layout: Layout, fd: OwnedFd) -> Result<Created> {
-        let reserve = |l: &Layout| rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, l.total as u64);
+        let reserve = |l: &Layout| context_core::space::reserve(&fd, l.total as u64).map_err(errno_of);
         let mut reserved = reserve(&layout);
         if reserved.is_err_and(is_no_space) && layout.is_huge() {
-            // Use what is left (a failed fallocate leaves the size as it was: zero).
+            // Use what is left (a failed reserve leaves the segment empty).
             layout = Layout::small(layout.slot_size);
             reserved = reserve(&layout);
         }

@@ -88,11 +88,11 @@ use context_core::{
     StorageTier, TierUsage, WriteFailure,
 };
 use memmap2::Mmap;
-use rustix::fs::{FallocateFlags, Mode};
+use rustix::fs::Mode;
 use rustix::io::Errno;
 use rustix::shm;
 
-use crate::arena::{Arena, Created, Opened, io_err, is_no_space};
+use crate::arena::{Arena, Created, Opened, errno_of, io_err, is_no_space};
 
 /// Page size used for the footprint of large objects.
 const PAGE: u64 = 4096;
@@ -429,7 +429,7 @@ impl ShmTier {
         // Reserve every page before writing, so a full /dev/shm is an answer here and never
         // a SIGBUS later.
         let offset = offset_of(len);
-        if let Err(e) = rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, len.saturating_add(offset)) {
+        if let Err(e) = context_core::space::reserve(&fd, len.saturating_add(offset)).map_err(errno_of) {
             let _ = shm::unlink(&name);
             if is_no_space(e) {
                 return Ok(PutOutcome::NoSpace);

@@ -90,9 +90,8 @@ pub(crate) fn check_private_dir(path: &Path) -> Result<()> {
 /// through a mapping of it cannot fail for want of space. Uses `fallocate`, or writes zeros
 /// where the file system has no `fallocate`.
 pub(crate) fn reserve(file: &fs::File, len: u64) -> io::Result<()> {
-    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::OPNOTSUPP) => {
+    match context_core::space::reserve(file, len) {
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => {
             use std::os::unix::fs::FileExt;
             let zeros = vec![0u8; 1 << 20];
             let mut at = 0;
@@ -103,7 +102,7 @@ pub(crate) fn reserve(file: &fs::File, len: u64) -> io::Result<()> {
             }
             Ok(())
         }
-        Err(e) => Err(e.into()),
+        reserved => reserved,
     }
 }
 
