@@ -53,12 +53,14 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Checks where a tier put `object`, for tiers that start large objects 32 bytes before a
-/// page, so that a record's payload (after its [`HEADER_LEN`](crate::record::HEADER_LEN)
-/// bytes of header) starts on one: `stored` (the file or segment that holds it, read whole)
-/// is zeros up to `offset`, then the object; `loaded` (what `get` returned) is the object,
-/// and with a non-zero `offset` its bytes from `HEADER_LEN` on start on a page. Panics,
-/// naming `what`, if not.
+/// Checks where a tier put `object`, for tiers that start large objects
+/// [`LARGE_RECORD_OFFSET`](crate::record::LARGE_RECORD_OFFSET) bytes into their file, so
+/// that a record's payload (after its [`HEADER_LEN`](crate::record::HEADER_LEN) bytes of
+/// header) starts [`PAYLOAD_IN_PAGE`](crate::record::PAYLOAD_IN_PAGE) bytes into a page:
+/// `stored` (the file or segment that holds it, read whole) is zeros up to `offset`, then
+/// the object; `loaded` (what `get` returned) is the object, and with a non-zero `offset`
+/// its bytes from `HEADER_LEN` on start that far into a page. Panics, naming `what`, if
+/// not.
 ///
 /// ```
 /// // A small object, stored from the start of its file and read back into memory.
@@ -73,7 +75,11 @@ pub fn check_stored_at(what: &str, stored: &[u8], offset: usize, object: &[u8], 
     assert!(loaded == object, "{what}: loaded bytes");
     if offset > 0 {
         let payload = loaded[crate::record::HEADER_LEN..].as_ptr() as usize;
-        assert_eq!(payload % 4096, 0, "{what}: a record's payload is page aligned in the view");
+        assert_eq!(
+            payload % 4096,
+            crate::record::PAYLOAD_IN_PAGE,
+            "{what}: where in its page a record's payload starts in the view"
+        );
     }
 }
 

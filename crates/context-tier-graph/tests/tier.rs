@@ -107,8 +107,8 @@ fn oversized_objects_are_refused() {
     assert!(err.to_string().contains("limit"), "{err}");
     assert_eq!(tier.usage().unwrap(), TierUsage::default());
     // The largest object is fine: checked without writing 64 MiB, as a sparse file. (Files
-    // of the mmap tier start an object of 64 KiB or more 4064 bytes in.)
-    const OFFSET: u64 = 4064;
+    // of the mmap tier start an object of 64 KiB or more 96 bytes in.)
+    const OFFSET: u64 = context_core::record::LARGE_RECORD_OFFSET;
     let max = ObjectRef { id: ObjectId(2), len: (64 << 20) + 4096, slot: 0, held: 0 };
     fs::File::create(dir.join("0000000000000002.val")).unwrap().set_len(OFFSET + max.len).unwrap();
     assert_eq!(tier.get(&max).unwrap().unwrap().len() as u64, max.len);

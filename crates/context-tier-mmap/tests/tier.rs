@@ -29,8 +29,9 @@ fn describes_itself() {
     assert!(tier.capabilities().zero_copy && tier.capabilities().shared_across_processes);
     assert_eq!(tier.dir(), value_dir(&scratch));
     assert_eq!([0, 1, 4096, 4097, u64::MAX].map(|n| tier.footprint(n)), [0, 4096, 4096, 8192, u64::MAX]);
-    // From 64 KiB an object starts 4064 bytes into its file: one block more.
+    // From 64 KiB an object starts 96 bytes into its file.
     assert_eq!([65_535, 65_536, 65_537].map(|n| tier.footprint(n)), [65_536, 69_632, 69_632]);
+    assert_eq!([130_976, 130_977].map(|n| tier.footprint(n)), [131_072, 135_168]);
     let r = ObjectRef { id: ObjectId(0xab), len: 3, slot: 0, held: 0 };
     assert_eq!(tier.locate(&r).path, Some(value_dir(&scratch).join("00000000000000ab.val")));
     assert_eq!(tier.locate(&r).shm_name, None);
@@ -128,9 +129,9 @@ fn new_refuses_a_symlinked_directory() {
     assert!(err.to_string().contains("missing"), "{err}");
 }
 
-/// Where an object of 64 KiB or more starts in its file: a context record's 32-byte header
-/// before the page its payload starts on.
-const MAPPED_OFFSET: usize = 4096 - context_core::record::HEADER_LEN;
+/// Where an object of 64 KiB or more starts in its file: so that a context record's payload,
+/// after its 32-byte header, starts 128 bytes into a page.
+const MAPPED_OFFSET: usize = context_core::record::LARGE_RECORD_OFFSET as usize;
 
 #[test]
 fn get_returns_a_truncated_file_at_its_real_length() {
@@ -154,13 +155,14 @@ fn get_returns_a_truncated_file_at_its_real_length() {
     // Cut short before the object starts: none of it is there.
     let bytes = context_core::testing::pattern(5, 300_000);
     let r = put(&tier, 5, &bytes);
-    fs::OpenOptions::new().write(true).open(tier.locate(&r).path.unwrap()).unwrap().set_len(100).unwrap();
+    let before = (MAPPED_OFFSET - 10) as u64;
+    fs::OpenOptions::new().write(true).open(tier.locate(&r).path.unwrap()).unwrap().set_len(before).unwrap();
     assert_eq!(tier.get(&r).unwrap().unwrap().len(), 0);
     tier.destroy().unwrap();
 }
 
 #[test]
-fn a_large_objects_record_payload_starts_on_a_page() {
+fn a_large_objects_record_payload_starts_128_bytes_into_a_page() {
     let scratch = tempfile::tempdir().unwrap();
     let tier = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
     for (id, len) in [(1u64, 64 * 1024 - 1), (2, 64 * 1024), (3, 1 << 20)] {

@@ -7,11 +7,13 @@
 //! - A large value (more than 4 KiB) takes one shared-memory segment of its own, rounded up
 //!   to whole pages. A read opens and maps the segment: O(1) and zero-copy whatever the size,
 //!   and the returned payload keeps the mapping alive even after the value is deleted.
-//! - From 64 KiB a value starts 4064 bytes into its segment (one page more), so that the
-//!   payload of a context's record, after its 32-byte header
-//!   ([`context_core::record::HEADER_LEN`]), starts on a page boundary: the kernel copies
-//!   the writes into whole pages, which on the AMD EPYC VM of `docs/benchmarks.md` made a
-//!   256 MiB save about a third faster, and a loaded view starts page aligned.
+//! - From 64 KiB a value starts 96 bytes into its segment
+//!   ([`context_core::record::LARGE_RECORD_OFFSET`]), so that the payload of a context's
+//!   record, after its 32-byte header, starts 128 bytes into a page. Copies of the value in
+//!   and out then run at memory speed: on the AMD EPYC VM of `docs/benchmarks.md`, the
+//!   kernel's copy of a 256 MiB save and a `to_vec` of a loaded 256 MiB view each ran at
+//!   half speed or less with the payload at other places in the page (the record module
+//!   says why). A loaded view is 128-byte aligned.
 //! - Small values (up to 4 KiB) share arenas: segments cut into slots of 64 to 4096
 //!   bytes, in steps of a half and a third (64, 96, 128, 192, 256, 384, ...), so that a slot
 //!   is at most a third empty and about a seventh on average (a quarter with powers of
@@ -99,8 +101,8 @@ const PAGE: u64 = 4096;
 /// Objects from this size start [`ALIGNED_OFFSET`] bytes into their segment.
 const ALIGN_FROM: u64 = 64 * 1024;
 /// Where an object of [`ALIGN_FROM`] bytes or more starts in its segment: so that a context
-/// record's payload, after its header, starts on a page (see the [crate] docs).
-const ALIGNED_OFFSET: u64 = PAGE - context_core::record::HEADER_LEN as u64;
+/// record's payload, after its header, starts 128 bytes into a page (see the [crate] docs).
+const ALIGNED_OFFSET: u64 = context_core::record::LARGE_RECORD_OFFSET;
 /// Slot sizes of the arena classes; objects up to the last one are small. Each power of two
 /// has a class half as big again beside it: the RAM budget is charged the slot, so a record
 /// of 91 bytes (a 50-byte string) costs 96 bytes, not 128.

@@ -498,10 +498,10 @@ fn an_arena_passed_as_dead_leaves_no_hole_after_destroy() {
 }
 
 #[test]
-fn a_large_objects_record_payload_starts_on_a_page() {
+fn a_large_objects_record_payload_starts_128_bytes_into_a_page() {
     // From 64 KiB an object starts this far into its segment: a context record's 32-byte
-    // header before the page its payload starts on.
-    const OFFSET: usize = 4096 - context_core::record::HEADER_LEN;
+    // header before the payload, 128 bytes into the page.
+    const OFFSET: usize = context_core::record::LARGE_RECORD_OFFSET as usize;
     let run = unique_run_id();
     let tier = tier(&run);
     let lens = [5000usize, 64 * 1024 - 1, 64 * 1024, 1 << 20];

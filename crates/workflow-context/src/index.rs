@@ -65,8 +65,9 @@ const META_MAGIC: u64 = u64::from_le_bytes(*b"WFCMETA1");
 /// behind). Version 7: shared-memory segments are named by the context's instance as well
 /// as its run id (an older build would look for them under the run id alone). Version 8:
 /// values of 64 KiB or more start 4064 bytes into their shared-memory segment or value file
-/// (an older build would read them from the start, and find them corrupt).
-const META_VERSION: u64 = 8;
+/// (an older build would read them from the start, and find them corrupt). Version 9: they
+/// start 96 bytes in instead (an older build would look for them 4064 bytes in).
+const META_VERSION: u64 = 9;
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_STATE: usize = 16;

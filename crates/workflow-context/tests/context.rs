@@ -199,9 +199,9 @@ fn overwrite_frees_the_old_storage() {
     assert_ne!(first, second);
     assert!(!shm_segments(&run).iter().any(|s| format!("/{s}") == first), "old segment unlinked");
     assert!(held.iter().all(|&x| x == 1), "a held view keeps the old bytes");
-    // The record (40 bytes more than the value) starts 4064 bytes into its segment, so that
-    // the value starts on a page: two pages more than the value.
-    assert_eq!(ctx.usage().unwrap().ram_usage_bytes, (2 << 20) + 8192, "only the new value counts");
+    // The record (40 bytes more than the value) starts 96 bytes into its segment, so that
+    // the value starts 128 bytes into a page: one page more than the value.
+    assert_eq!(ctx.usage().unwrap().ram_usage_bytes, (2 << 20) + 4096, "only the new value counts");
     assert!(ctx.remove("img").unwrap());
     assert_eq!(ctx.usage().unwrap().ram_usage_bytes, 0);
     assert!(common::large_segments(&run).is_empty(), "only small-value arenas remain: {:?}", shm_segments(&run));
@@ -421,8 +421,9 @@ fn a_disk_value_of_exactly_64_kib_is_kept_as_a_view_of_its_file() {
     let info = ctx.storage_info("edge").unwrap().unwrap();
     assert_eq!(info.tier, "mmap");
     let path = info.path.unwrap();
-    // The record starts 4064 bytes into the file, so that the value starts on a page.
-    assert_eq!(fs::metadata(&path).unwrap().len(), (64 << 10) + 4064);
+    // The record starts 96 bytes into the file, so that the value starts 128 bytes into a
+    // page.
+    assert_eq!(fs::metadata(&path).unwrap().len(), (64 << 10) + 96);
     for _ in 0..2 {
         let loaded = ctx.load_bytes("edge").unwrap();
         assert_eq!(&*loaded, &bytes[..]);
