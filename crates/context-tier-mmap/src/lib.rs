@@ -81,10 +81,10 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, File};
-use std::io::{self, Read, Seek};
+use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -228,6 +228,27 @@ fn open_for_read(tier: &MmapTier, name: &str) -> io::Result<File> {
     Ok(File::from(rustix::fs::openat(&tier.fd, name, flags, Mode::empty())?))
 }
 
+/// Reads up to `len` bytes of `file` from `offset`, fewer if the file ends first (cut short
+/// since it was measured): one `pread` for a file as long as it was.
+///
+/// Why not `read_to_end`: for a `File`, std asks the kernel for the file's size and position
+/// first (`statx` and `lseek`) and reads once more to find the end, four system calls more
+/// than this on the path of every small load from this tier.
+fn read_at_most(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut bytes = vec![0; len];
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut bytes[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    bytes.truncate(filled);
+    Ok(bytes)
+}
+
 /// A value file being written: removed on drop unless [`NewFile::keep`] was called, so no
 /// error path (nor a panic in a fill closure) leaves a partial object behind.
 struct NewFile<'a> {
@@ -339,7 +360,7 @@ impl StorageTier for MmapTier {
     fn get(&self, object: &ObjectRef) -> Result<Option<Payload>> {
         // The path only names the file in errors: a read opens it by name in the directory.
         let path = || self.path_of(object.id);
-        let mut file = match open_for_read(self, &file_name(object.id)) {
+        let file = match open_for_read(self, &file_name(object.id)) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("open value file", path(), e)),
@@ -353,11 +374,9 @@ impl StorageTier for MmapTier {
         let offset = offset_of(object.len).min(meta.len());
         let available = meta.len() - offset;
         if available < READ_LIMIT {
-            let mut bytes = Vec::with_capacity(available as usize);
-            // Only a large object's file cut short lands here with an offset: a small one's
-            // read makes no extra system call.
-            let skip = if offset > 0 { file.seek(io::SeekFrom::Start(offset)).map(drop) } else { Ok(()) };
-            skip.and_then(|()| file.read_to_end(&mut bytes)).map_err(|e| Error::io("read value file", path(), e))?;
+            // Only a large object's file cut short lands here with an offset.
+            let bytes =
+                read_at_most(&file, offset, available as usize).map_err(|e| Error::io("read value file", path(), e))?;
             return Ok(Some(Payload::from_vec(bytes)));
         }
         // SAFETY: the mapping is read-only and private to this payload. The file is a
@@ -438,5 +457,26 @@ impl StorageTier for MmapTier {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io("remove value directory", &self.dir, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_at_most_stops_where_the_file_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let bytes: Vec<u8> = (0..100u8).collect();
+        fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(read_at_most(&file, 0, 100).unwrap(), bytes);
+        assert_eq!(read_at_most(&file, 10, 5).unwrap(), &bytes[10..15]);
+        // Asked for more than there is (the file cut short since it was measured).
+        assert_eq!(read_at_most(&file, 0, 150).unwrap(), bytes);
+        assert_eq!(read_at_most(&file, 90, 50).unwrap(), &bytes[90..]);
+        assert!(read_at_most(&file, 200, 10).unwrap().is_empty());
+        assert!(read_at_most(&file, 0, 0).unwrap().is_empty());
     }
 }
