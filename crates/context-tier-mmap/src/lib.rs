@@ -228,24 +228,23 @@ fn open_for_read(tier: &MmapTier, name: &str) -> io::Result<File> {
     Ok(File::from(rustix::fs::openat(&tier.fd, name, flags, Mode::empty())?))
 }
 
-/// Reads up to `len` bytes of `file` from `offset`, fewer if the file ends first (cut short
-/// since it was measured): one `pread` for a file as long as it was.
+/// Reads up to `len` bytes of `file` from `offset` with one `pread`, fewer if the file ends
+/// first (cut short since it was measured, or shorter than asked for).
 ///
-/// Why not `read_to_end`: for a `File`, std asks the kernel for the file's size and position
-/// first (`statx` and `lseek`) and reads once more to find the end, four system calls more
-/// than this on the path of every small load from this tier.
+/// Why one: Linux returns fewer bytes than asked from a regular file only at its end (or to
+/// a process a fatal signal is killing), so a second read to find the end would only repeat
+/// the answer. Nor `read_to_end`: for a `File`, std asks the kernel for the file's size and
+/// position first (`statx` and `lseek`) and reads once more to find the end, four system
+/// calls more than this on the path of every small load from this tier.
 fn read_at_most(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut bytes = vec![0; len];
-    let mut filled = 0;
-    while filled < len {
-        match file.read_at(&mut bytes[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
+    let read = loop {
+        match file.read_at(&mut bytes, offset) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            read => break read?,
         }
-    }
-    bytes.truncate(filled);
+    };
+    bytes.truncate(read);
     Ok(bytes)
 }
 
@@ -355,8 +354,9 @@ impl StorageTier for MmapTier {
     }
 
     /// Returns the object's bytes as its file holds them, at their actual length (a file cut
-    /// short gives fewer bytes): read into memory below 64 KiB, a view of the file mapped
-    /// read-only from 64 KiB on (see the [crate] docs on truncation).
+    /// short gives fewer bytes; a small object's file grown longer, one byte more than the
+    /// object): read into memory below 64 KiB, a view of the file mapped read-only from
+    /// 64 KiB on (see the [crate] docs on truncation).
     fn get(&self, object: &ObjectRef) -> Result<Option<Payload>> {
         // The path only names the file in errors: a read opens it by name in the directory.
         let path = || self.path_of(object.id);
@@ -365,6 +365,17 @@ impl StorageTier for MmapTier {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("open value file", path(), e)),
         };
+        if object.len < READ_LIMIT {
+            // A small object fills its file from the start. Reading one byte more than it
+            // has tells a file of the right length from a longer one (whose record the
+            // context then refuses) without asking for the file's size: a load from this
+            // tier is three system calls. The read is bounded, and the file was opened
+            // without following links and without blocking, so whatever else stands at the
+            // name (a directory, a FIFO) is an error or a short read, never a hang.
+            let bytes =
+                read_at_most(&file, 0, object.len as usize + 1).map_err(|e| Error::io("read value file", path(), e))?;
+            return Ok(Some(Payload::from_vec(bytes)));
+        }
         let meta = file.metadata().map_err(|e| Error::io("inspect value file", path(), e))?;
         if !meta.is_file() {
             return Err(Error::io("open value file", path(), io::Error::other("not a regular file")));
@@ -374,7 +385,7 @@ impl StorageTier for MmapTier {
         let offset = offset_of(object.len).min(meta.len());
         let available = meta.len() - offset;
         if available < READ_LIMIT {
-            // Only a large object's file cut short lands here with an offset.
+            // A large object's file cut short.
             let bytes =
                 read_at_most(&file, offset, available as usize).map_err(|e| Error::io("read value file", path(), e))?;
             return Ok(Some(Payload::from_vec(bytes)));

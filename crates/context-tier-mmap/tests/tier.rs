@@ -134,6 +134,34 @@ fn new_refuses_a_symlinked_directory() {
 const MAPPED_OFFSET: usize = context_core::record::LARGE_RECORD_OFFSET as usize;
 
 #[test]
+fn a_small_objects_file_grown_longer_reads_one_byte_more_and_odd_files_never_hang() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tier = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
+    let bytes = context_core::testing::pattern(1, 1000);
+    let r = put(&tier, 1, &bytes);
+    let path = tier.locate(&r).path.unwrap();
+    let mut grown = bytes.clone();
+    grown.extend_from_slice(&[9; 5000]);
+    fs::write(&path, &grown).unwrap();
+    // Longer than the object: one byte more than it, which no record check passes.
+    assert_eq!(&*tier.get(&r).unwrap().unwrap(), &grown[..1001]);
+    // A directory or a FIFO where a small object's file should be: an error naming the
+    // file, or nothing read; never a hang.
+    let dir = ObjectRef { id: ObjectId(2), len: 10, slot: 0, held: 0 };
+    fs::create_dir(tier.dir().join("0000000000000002.val")).unwrap();
+    let err = tier.get(&dir).unwrap_err();
+    assert!(err.to_string().contains("0000000000000002.val"), "{err}");
+    let fifo = ObjectRef { id: ObjectId(3), len: 10, slot: 0, held: 0 };
+    let at = tier.dir().join("0000000000000003.val");
+    rustix::fs::mknodat(rustix::fs::CWD, &at, rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0)
+        .unwrap();
+    match tier.get(&fifo) {
+        Ok(Some(p)) => assert!(p.is_empty(), "a FIFO read as {} bytes", p.len()),
+        other => assert!(other.is_err(), "{other:?}"),
+    }
+}
+
+#[test]
 fn get_returns_a_truncated_file_at_its_real_length() {
     let scratch = tempfile::tempdir().unwrap();
     let tier = MmapTier::new(MmapConfig::new(value_dir(&scratch))).unwrap();
