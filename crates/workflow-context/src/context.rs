@@ -1224,11 +1224,11 @@ impl WorkflowContext {
                 len,
             };
             // A small value is noted in flight, unless the note holds an object that the
-            // reclaim on taking the lock could not delete (a tier failed): that note must
-            // stay, and this value is recorded pending instead, as a large one is.
-            let noted = small && self.meta.in_flight() == 0;
+            // reclaim on taking the lock could not delete (a tier failed), which must stay,
+            // or its id is too large to note: then it is recorded pending instead, as a
+            // large one is.
+            let noted = small && self.meta.in_flight() == 0 && self.meta.set_in_flight(id);
             if noted {
-                self.meta.set_in_flight(id);
                 guard.replica.prefetch_entry(key, |slot| self.prefetch(slot));
             } else {
                 guard.replica.append(&self.meta, &[Rec::Pending { at: at.clone(), owner: self.token }])?;
@@ -2131,7 +2131,7 @@ mod tests {
         let id = replica.allocate_id();
         let record = record::encode(ObjectId(id), 0, bytes);
         let len = record.len() as u64;
-        ctx.meta.set_in_flight(id);
+        assert!(ctx.meta.set_in_flight(id));
         let PutOutcome::Stored(r) =
             tier.put(NewObject { id: ObjectId(id), len, data: ObjectData::Parts(&[&record]) }).unwrap()
         else {
@@ -2179,6 +2179,30 @@ mod tests {
         assert_eq!(stored, keys, "the tier holds exactly what the keys hold");
         assert!(!ctx.contains("lost").unwrap());
         assert_eq!(&*ctx.load_bytes("k").unwrap(), b"kept");
+    }
+
+    #[test]
+    fn a_damaged_in_flight_word_never_makes_a_writer_delete_a_live_value() {
+        let (_base, ctx) = holding_k("in-flight-damaged");
+        // Overwrite k until the journal compacts: no record of its current generation then
+        // names k's object, so only the table does.
+        let generation = ctx.meta.head().generation;
+        for n in 0.. {
+            if ctx.meta.head().generation != generation {
+                break;
+            }
+            assert!(n < 100_000, "the journal never compacted");
+            ctx.save_bytes("k", b"kept", SaveOptions::new()).unwrap();
+        }
+        let entry = ctx.lookup("k").unwrap().unwrap();
+        let tier = Arc::clone(ctx.tier(&entry.at.tier).unwrap());
+        // Damage left the in-flight word holding the live object's bare id.
+        ctx.meta.set_in_flight_word(entry.at.obj);
+        // The next writer takes the lock, and must not take the word for a note.
+        ctx.save_bytes("k2", b"after the damage", SaveOptions::new()).unwrap();
+        assert_eq!(&*ctx.load_bytes("k").unwrap(), b"kept");
+        let (stored, keys) = held(&ctx, &*tier);
+        assert_eq!(stored, keys, "the tier holds exactly what the keys hold");
     }
 
     #[test]

@@ -66,8 +66,10 @@ const META_MAGIC: u64 = u64::from_le_bytes(*b"WFCMETA1");
 /// as its run id (an older build would look for them under the run id alone). Version 8:
 /// values of 64 KiB or more start 4064 bytes into their shared-memory segment or value file
 /// (an older build would read them from the start, and find them corrupt). Version 9: they
-/// start 96 bytes in instead (an older build would look for them 4064 bytes in).
-const META_VERSION: u64 = 9;
+/// start 96 bytes in instead (an older build would look for them 4064 bytes in). Version
+/// 10: the in-flight word carries a check of the object id it notes (an older build would
+/// take the checked word for an id).
+const META_VERSION: u64 = 10;
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
 const OFF_STATE: usize = 16;
@@ -235,14 +237,30 @@ impl Meta {
     /// and that nothing else names the object unless that `Put` committed, which it would
     /// find in the journal's current generation: no compaction runs between a note and its
     /// clearing, but for one before the `Put`'s own append.
+    ///
+    /// The word holds the id with a 16-bit check of it ([`in_flight_word`]), written in one
+    /// store. A word that fails its check (a damaged meta page) reads as no note: the holder
+    /// that finds it deletes nothing, so damage here can leave an object behind until the
+    /// context is destroyed, but never make a holder delete a live value whose `Put` a
+    /// compaction has taken out of the journal.
     pub(crate) fn in_flight(&self) -> u64 {
-        self.word(OFF_IN_FLIGHT).load(Ordering::Acquire)
+        let word = self.word(OFF_IN_FLIGHT).load(Ordering::Acquire);
+        let obj = word & IN_FLIGHT_ID_MASK;
+        if word != 0 && in_flight_word(obj) == Some(word) { obj } else { 0 }
     }
 
-    /// Notes (or, with 0, clears) the object a small save is writing. Holders of the index
-    /// lock only.
-    pub(crate) fn set_in_flight(&self, obj: u64) {
-        self.word(OFF_IN_FLIGHT).store(obj, Ordering::Release);
+    /// Notes (or, with 0, clears) the object a small save is writing; `false`, noting
+    /// nothing, for an id too large to note with its check (the caller records the object
+    /// pending instead). Holders of the index lock only.
+    pub(crate) fn set_in_flight(&self, obj: u64) -> bool {
+        let word = if obj == 0 { Some(0) } else { in_flight_word(obj) };
+        word.inspect(|&word| self.word(OFF_IN_FLIGHT).store(word, Ordering::Release)).is_some()
+    }
+
+    /// Writes the in-flight word as it stands, checked or not: for tests that damage it.
+    #[cfg(test)]
+    pub(crate) fn set_in_flight_word(&self, word: u64) {
+        self.word(OFF_IN_FLIGHT).store(word, Ordering::Release);
     }
 
     pub(crate) fn set_state(&self, state: u64) {
@@ -329,6 +347,16 @@ pub(crate) struct Pending {
     /// Journal bytes of the record that made this pending object (0 when it came from a
     /// replaced or removed entry: a compacted journal writes it anew).
     rec_bytes: u64,
+}
+
+/// The bits of the in-flight word that hold the object id; its check is above them.
+const IN_FLIGHT_ID_MASK: u64 = (1 << 48) - 1;
+
+/// The in-flight word noting object `obj`: the id with the top 16 bits of its XXH3 above
+/// it; `None` for 0 or an id too large to leave room for the check (2^48 ids and more).
+fn in_flight_word(obj: u64) -> Option<u64> {
+    (obj != 0 && obj <= IN_FLIGHT_ID_MASK)
+        .then(|| xxhash_rust::xxh3::xxh3_64(&obj.to_le_bytes()) & !IN_FLIGHT_ID_MASK | obj)
 }
 
 /// Bytes in use by kind, live and pending together.
@@ -1151,6 +1179,31 @@ mod tests {
     /// The names of the journal files in `dir`, sorted.
     fn journal_files(dir: &tempfile::TempDir) -> Vec<String> {
         fsutil::names_starting(dir.path(), "journal.")
+    }
+
+    #[test]
+    fn the_in_flight_word_notes_an_id_with_its_check_and_a_damaged_one_notes_nothing() {
+        let (dir, meta, _) = new_index();
+        let other = other_process(&dir);
+        for obj in [1, 2, 7, 1 << 20, 0xdead_beef, IN_FLIGHT_ID_MASK] {
+            assert!(meta.set_in_flight(obj));
+            assert_eq!((meta.in_flight(), other.in_flight()), (obj, obj));
+            let word = meta.word(OFF_IN_FLIGHT).load(Ordering::Relaxed);
+            // Any one bit flipped: no note, so nothing is deleted on its account.
+            for bit in 0..64 {
+                meta.set_in_flight_word(word ^ 1 << bit);
+                assert_eq!(meta.in_flight(), 0, "object {obj:#x} with bit {bit} flipped");
+            }
+            // A bare id, as a build without the check wrote it.
+            meta.set_in_flight_word(obj);
+            assert_eq!(meta.in_flight(), 0, "bare object id {obj:#x}");
+        }
+        assert!(meta.set_in_flight(0));
+        assert_eq!(meta.in_flight(), 0);
+        // An id with no room left for its check is not noted (the save records it pending).
+        assert!(meta.set_in_flight(5));
+        assert!(!meta.set_in_flight(IN_FLIGHT_ID_MASK + 1));
+        assert_eq!(meta.in_flight(), 5, "a refused note leaves the word as it was");
     }
 
     #[test]
