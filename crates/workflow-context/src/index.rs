@@ -253,8 +253,15 @@ impl Meta {
     /// nothing, for an id too large to note with its check (the caller records the object
     /// pending instead). Holders of the index lock only.
     pub(crate) fn set_in_flight(&self, obj: u64) -> bool {
-        let word = if obj == 0 { Some(0) } else { in_flight_word(obj) };
-        word.inspect(|&word| self.word(OFF_IN_FLIGHT).store(word, Ordering::Release)).is_some()
+        let word = match obj {
+            0 => 0,
+            _ => match in_flight_word(obj) {
+                Some(word) => word,
+                None => return false,
+            },
+        };
+        self.word(OFF_IN_FLIGHT).store(word, Ordering::Release);
+        true
     }
 
     /// Writes the in-flight word as it stands, checked or not: for tests that damage it.
