@@ -328,6 +328,9 @@ pub trait StorageTier: Send + Sync + fmt::Debug {
     ///   nothing.
     /// - `slot` is untrusted: it may be stale, or a word of another tier. A tier ignores a
     ///   word it cannot use.
+    /// - The composed context keeps a copy of the location word beside each key in its key
+    ///   table, to offer before it reads the key's entry, only where the word fits in 32
+    ///   bits: a tier that wants the hint names its small objects with such words.
     fn prefetch(&self, slot: u64) {
         let _ = slot;
     }

@@ -79,6 +79,12 @@ struct Layout {
     total: usize,
 }
 
+/// The most slots an arena of `slot_size`-byte slots has.
+#[cfg(test)]
+pub(crate) fn most_slots(slot_size: usize) -> usize {
+    Layout::small(slot_size).slot_count.max(Layout::huge(slot_size).slot_count)
+}
+
 impl Layout {
     /// The layout arena `n` of the class of `slot_size`-byte slots is created with: small
     /// for the first, one huge page for the others. (One that finds too little shared

@@ -111,6 +111,14 @@ const SLOT_SIZES: [usize; 13] = [64, 96, 128, 192, 256, 384, 512, 768, 1024, 153
 const SMALL_MAX: usize = SLOT_SIZES[SLOT_SIZES.len() - 1];
 /// Marks a slot word that names an arena slot.
 const SLOT_TAG: u64 = 1 << 62;
+/// Marks a short slot word: an arena slot named in 32 bits, `[1][class: 4][arena: 12][slot:
+/// 15]`. The composed context keeps a location word of up to 32 bits beside the key in its
+/// key table and hands it to [`StorageTier::prefetch`] before it reads the key's entry, so
+/// an arena slot that can be named in 32 bits is.
+const SHORT_TAG: u64 = 1 << 31;
+const SHORT_CLASS_BITS: u32 = 4;
+const SHORT_ARENA_BITS: u32 = 12;
+const SHORT_SLOT_BITS: u32 = 15;
 /// Arenas per class the slot word can name.
 const MAX_ARENAS: usize = 1 << 24;
 
@@ -254,18 +262,27 @@ fn pages(size: u64) -> u64 {
     size.div_ceil(PAGE).saturating_mul(PAGE)
 }
 
+/// The slot word of slot `slot` of arena `n` of class `class`: short where it fits.
 fn encode_slot(class: usize, n: usize, slot: usize) -> u64 {
-    SLOT_TAG | (class as u64) << 48 | (n as u64) << 24 | slot as u64
+    let (class, n, slot) = (class as u64, n as u64, slot as u64);
+    if class >> SHORT_CLASS_BITS == 0 && n >> SHORT_ARENA_BITS == 0 && slot >> SHORT_SLOT_BITS == 0 {
+        SHORT_TAG | (class << (SHORT_ARENA_BITS + SHORT_SLOT_BITS)) | (n << SHORT_SLOT_BITS) | slot
+    } else {
+        SLOT_TAG | (class << 48) | (n << 24) | slot
+    }
 }
 
-/// `(class, arena, slot)` of a slot word from [`encode_slot`].
+/// `(class, arena, slot)` of a slot word from [`encode_slot`], short or long.
 fn decode_slot(word: u64) -> Option<(usize, usize, usize)> {
-    if word >> 62 != SLOT_TAG >> 62 {
+    let field = |shift: u32, bits: u32| ((word >> shift) & ((1 << bits) - 1)) as usize;
+    let (class, n, slot) = if word >> 31 == 1 {
+        let class = field(SHORT_ARENA_BITS + SHORT_SLOT_BITS, SHORT_CLASS_BITS);
+        (class, field(SHORT_SLOT_BITS, SHORT_ARENA_BITS), field(0, SHORT_SLOT_BITS))
+    } else if word >> 62 == SLOT_TAG >> 62 {
+        (field(48, 14), field(24, 24), field(0, 24))
+    } else {
         return None;
-    }
-    let class = ((word >> 48) & 0x3fff) as usize;
-    let n = ((word >> 24) & 0xff_ffff) as usize;
-    let slot = (word & 0xff_ffff) as usize;
+    };
     (class < SLOT_SIZES.len()).then_some((class, n, slot))
 }
 
@@ -740,13 +757,28 @@ mod tests {
 
     #[test]
     fn slot_words_round_trip() {
-        for (class, n, slot) in [(0, 0, 0), (6, MAX_ARENAS - 1, 63), (3, 17, 4095)] {
+        let last = SLOT_SIZES.len() - 1;
+        for (class, n, slot, short) in [
+            (0, 0, 0, true),
+            (last, 4095, 32767, true),
+            (3, 17, 4095, true),
+            (6, 4096, 63, false),
+            (6, MAX_ARENAS - 1, 63, false),
+            (0, 0, 32768, false),
+            (last, 1, (1 << 24) - 1, false),
+        ] {
             let word = encode_slot(class, n, slot);
             assert_ne!(word, ObjectRef::UNKNOWN_SLOT);
+            assert_eq!(word <= u64::from(u32::MAX), short, "({class}, {n}, {slot}): {word:#x}");
             assert_eq!(decode_slot(word), Some((class, n, slot)));
         }
-        assert_eq!(decode_slot(0), None);
-        assert_eq!(decode_slot(ObjectRef::UNKNOWN_SLOT), None);
+        // Every slot of every arena that a short word can name is named by one.
+        let most = SLOT_SIZES.iter().map(|&size| arena::most_slots(size)).max().unwrap();
+        assert!(most < 1 << SHORT_SLOT_BITS, "{most} slots");
+        assert!(SLOT_SIZES.len() <= 1 << SHORT_CLASS_BITS);
+        for word in [0, 1, SHORT_TAG - 1, 1 << 32, ObjectRef::UNKNOWN_SLOT, u64::from(u32::MAX)] {
+            assert_eq!(decode_slot(word), None, "{word:#x}");
+        }
         assert_eq!(decode_slot(SLOT_TAG | (SLOT_SIZES.len() as u64) << 48), None);
     }
 

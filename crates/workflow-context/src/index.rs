@@ -676,7 +676,8 @@ impl Replica {
     }
 
     /// Looks a key up in the shared table, without a lock. `prefetch` is called with the
-    /// location word of each candidate entry before the entry itself is read (see
+    /// location word of each candidate entry whose word fits in 32 bits, before the entry
+    /// itself is read (see
     /// [`StorageTier::prefetch`](context_core::StorageTier::prefetch)).
     pub(crate) fn lookup(&self, key: &str, prefetch: impl FnMut(u64)) -> Result<Lookup> {
         self.table.lookup(key, prefetch)
@@ -1132,8 +1133,6 @@ impl Replica {
         self.get_locked_with(key, |_| {})
     }
 
-    /// [`get_locked`](Self::get_locked), offering the value's location word to `prefetch`
-    /// as [`lookup`](Self::lookup) does.
     /// See [`Table::prefetch_slot`].
     pub(crate) fn prefetch_slot(&self, key: &str) {
         self.table.prefetch_slot(key);
@@ -1144,6 +1143,8 @@ impl Replica {
         self.table.prefetch_entry(key, value);
     }
 
+    /// [`get_locked`](Self::get_locked), offering the value's location word to `prefetch`
+    /// as [`lookup`](Self::lookup) does.
     pub(crate) fn get_locked_with(&self, key: &str, prefetch: impl FnMut(u64)) -> Result<Option<Entry>> {
         match self.table.lookup(key, prefetch)? {
             Lookup::Found(e) => Ok(Some(e)),

@@ -11,17 +11,23 @@
 //!   table reflects (`applied`), counters (keys, bytes live in RAM and on disk, tombstones,
 //!   heap garbage), the next object id, and a registry of tier names (an entry names its
 //!   tier by index).
-//! - `capacity` slots (a power of two) of two words, probed linearly from the key's hash.
-//!   The first word: `0` is empty, `1` a tombstone, anything else is a 16-bit hash tag over
-//!   the 48-bit heap offset of an entry. The second is a hint: a copy of the entry's `slot`
-//!   field (where its tier keeps the value), so that a reader can ask the tier to start
-//!   fetching the value before it reads the entry, and the two come from memory at once.
-//!   Only a hint: it is written without the entry's lock and never trusted.
+//! - `capacity` slots (a power of two) of one word each, probed linearly from the key's
+//!   hash. `0` is empty, `1` a tombstone; anything else holds, from the top, a 6-bit hash
+//!   tag (never 0), the 26-bit number of the 64-byte heap line where the key's entry starts,
+//!   and a 32-bit location hint: a copy of the entry's `slot` field (where its tier keeps
+//!   the value) if that fits in 32 bits, else 0. With the hint a reader can ask the tier to
+//!   start fetching the value before it reads the entry, and the two come from memory at
+//!   once. Only a hint: it is never trusted.
 //! - The heap of entries, appended to: `[seq][obj][footprint][slot][len][misc][key words]`,
-//!   each on as few 64-byte cache lines as its size allows (one, for a key of up to 16
-//!   bytes): where the next entry would cross a line it need not, it starts at the next.
-//!   A key's bytes never change once its entry is published; its fields change in place
-//!   under the entry's sequence lock (`seq` odd while a writer is in the middle).
+//!   each starting on a 64-byte cache line (an entry with a key of up to 16 bytes is exactly
+//!   one line). A key's bytes never change once its entry is published; its fields change
+//!   in place under the entry's sequence lock (`seq` odd while a writer is in the middle).
+//!   The slot's 26 bits of line number let the heap reach 4 GiB: some 67 million short keys.
+//!
+//! One word a slot, not two (an entry's offset and a whole hint word, as table version 2
+//! had): a lookup reads a slot and then an entry, and at 100,000 keys both are reads from
+//! memory unless they are in the CPU's cache. Half the bytes of slots keep twice as many of
+//! them there.
 //!
 //! Every word is accessed as an atomic: other processes write this memory.
 //!
@@ -52,7 +58,8 @@ use crate::fsutil;
 use crate::index::{Entry, Head, Placed};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"WFCTABL1");
-const VERSION: u64 = 2;
+/// Version 3: one-word slots, entries on line boundaries.
+const VERSION: u64 = 3;
 const HEADER: usize = 4096;
 
 // Header words (byte offsets).
@@ -78,17 +85,25 @@ const MAX_TIERS: usize = (HEADER - H_TIER_NAMES) / TIER_RECORD;
 
 const EMPTY: u64 = 0;
 const TOMBSTONE: u64 = 1;
-const OFFSET_BITS: u32 = 48;
-const OFFSET_MASK: u64 = (1 << OFFSET_BITS) - 1;
+/// A slot word: `[tag: 6 bits][entry line: 26 bits][location hint: 32 bits]`.
+const TAG_SHIFT: u32 = 58;
+const LINE_SHIFT: u32 = 32;
+const LINE_MASK: u64 = (1 << (TAG_SHIFT - LINE_SHIFT)) - 1;
+const HINT_MASK: u64 = u32::MAX as u64;
+/// Entries start on cache lines, numbered in the slot word.
+const LINE: u64 = 64;
+/// The most heap bytes a table can have: as many lines as a slot word can number.
+const MAX_HEAP: u64 = (LINE_MASK + 1) * LINE;
 
 /// Entry words before the key: seq, obj, footprint, slot, len, misc.
 const ENTRY_WORDS: usize = 6;
 const ENTRY_FIXED: usize = ENTRY_WORDS * 8;
-/// The heap's first entry starts here, so no entry has offset 0 or 1 (empty, tombstone).
-const HEAP_FIRST: u64 = 8;
+/// The heap's first entry starts at its second line: a heap end of 0, as a zeroed header
+/// would say, is damage, never an empty heap.
+const HEAP_FIRST: u64 = LINE;
 
-/// Bytes of a slot: the slot word and a location hint.
-const SLOT_BYTES: u64 = 16;
+/// Bytes of a slot.
+const SLOT_BYTES: u64 = 8;
 const MIN_CAPACITY: u64 = 256;
 const MIN_HEAP: u64 = 32 << 10;
 
@@ -162,20 +177,15 @@ fn entry_size(key_len: usize) -> u64 {
     (ENTRY_FIXED + key_words(key_len) * 8) as u64
 }
 
-/// Where the heap's next entry, of a key of `key_len` bytes, goes when the heap ends at
-/// `end`: there, or at the next cache line if that puts the entry on fewer lines.
+/// The heap bytes an entry of a key of `key_len` bytes takes: whole cache lines.
 ///
 /// Why: a lookup reads its entry's fields and key, and at 100,000 keys that is a cache
 /// miss per line. The fixed fields and a key of up to 16 bytes fill exactly one 64-byte
-/// line, but appended one after another from an offset of 8 every such entry crossed into
-/// a second line: twice the misses, and twice the cache an index of short keys takes. The
-/// padding is at most 63 bytes and counts as heap garbage, like a removed entry.
-fn entry_offset(end: u64, key_len: usize) -> u64 {
-    const LINE: u64 = 64;
-    let size = entry_size(key_len);
-    let lines = |off: u64| (off % LINE + size).div_ceil(LINE);
-    let next_line = end.next_multiple_of(LINE);
-    if lines(next_line) < lines(end) { next_line } else { end }
+/// line; an entry that started anywhere else would cross into a second one, twice the
+/// misses and twice the cache an index of short keys takes. The padding (under 64 bytes)
+/// belongs to the entry, and is garbage with it once the entry is removed.
+fn entry_span(key_len: usize) -> u64 {
+    entry_size(key_len).next_multiple_of(LINE)
 }
 
 fn hash(key: &[u8]) -> u64 {
@@ -184,7 +194,24 @@ fn hash(key: &[u8]) -> u64 {
 
 fn tag_of(h: u64) -> u64 {
     // Never 0, so a slot word is never EMPTY or TOMBSTONE.
-    (h >> OFFSET_BITS) | 1
+    (h >> TAG_SHIFT).max(1)
+}
+
+/// The slot word of an entry at heap offset `off` (a multiple of [`LINE`] below
+/// [`MAX_HEAP`]) of a key with hash tag `tag`, whose value's location word is `slot`.
+fn slot_word(tag: u64, off: u64, slot: u64) -> u64 {
+    debug_assert!(off.is_multiple_of(LINE) && off < MAX_HEAP);
+    (tag << TAG_SHIFT) | ((off / LINE) << LINE_SHIFT) | hint_of(slot)
+}
+
+/// The hint a slot keeps of a location word: the word, if it fits, else 0 (none).
+fn hint_of(slot: u64) -> u64 {
+    if slot <= HINT_MASK { slot } else { 0 }
+}
+
+/// The heap offset of the entry a (full) slot word points to.
+fn word_offset(w: u64) -> u64 {
+    ((w >> LINE_SHIFT) & LINE_MASK) * LINE
 }
 
 fn pack_misc(kind: StorageKind, pass_by: PassBy, flags: u8, tier: u8, key_len: usize) -> u64 {
@@ -217,7 +244,7 @@ impl Table {
     /// Creates generation `generation` in `dir` (replacing a leftover of a writer that died
     /// while building it) with room for `capacity` slots and `heap_cap` heap bytes.
     pub(crate) fn create(dir: &Path, generation: u32, capacity: u64, heap_cap: u64) -> Result<Table> {
-        debug_assert!(capacity.is_power_of_two() && heap_cap.is_multiple_of(8));
+        debug_assert!(capacity.is_power_of_two() && heap_cap.is_multiple_of(LINE) && heap_cap <= MAX_HEAP);
         let path = table_path(dir, generation);
         // Nobody reads a generation before the meta page names it.
         let _ = std::fs::remove_file(&path);
@@ -260,18 +287,20 @@ impl Table {
             return Err(corrupt("not a workflow-context key table (bad magic)".to_owned()));
         }
         if version != VERSION {
-            return Err(corrupt(format!("unsupported key table version {version}")));
+            return Err(corrupt(format!(
+                "unsupported key table version {version}: this build of workflow-context reads version {VERSION}"
+            )));
         }
         let capacity = table.get(H_CAPACITY);
         let heap_cap = table.get(H_HEAP_CAP);
         if !capacity.is_power_of_two()
-            || !heap_cap.is_multiple_of(8)
+            || !heap_cap.is_multiple_of(LINE)
             || capacity
                 .checked_mul(SLOT_BYTES)
                 .and_then(|s| s.checked_add(heap_cap))
                 .and_then(|s| s.checked_add(HEADER as u64))
                 != Some(file_len)
-            || heap_cap > OFFSET_MASK
+            || heap_cap > MAX_HEAP
         {
             return Err(corrupt(format!(
                 "the key table's geometry ({capacity} slots, {heap_cap} heap bytes) does not match its \
@@ -324,16 +353,11 @@ impl Table {
         self.word(HEADER + (i as usize) * SLOT_BYTES as usize)
     }
 
-    /// The location hint beside slot `i`: the `slot` field of its entry.
-    fn hint(&self, i: u64) -> &AtomicU64 {
-        self.word(HEADER + (i as usize) * SLOT_BYTES as usize + 8)
-    }
-
     /// The byte offset in the file of heap offset `off`, if an entry with a key of up to
     /// `key_len` bytes fits there.
     fn entry_at(&self, off: u64, key_len: usize) -> Option<usize> {
         let end = off.checked_add(entry_size(key_len))?;
-        (off >= HEAP_FIRST && off.is_multiple_of(8) && end <= self.heap_cap)
+        (off >= HEAP_FIRST && off.is_multiple_of(LINE) && end <= self.heap_cap)
             .then(|| HEADER + (self.capacity * SLOT_BYTES) as usize + off as usize)
     }
 
@@ -525,9 +549,11 @@ impl Table {
                 TOMBSTONE => {
                     free.get_or_insert(i);
                 }
-                _ if w >> OFFSET_BITS == tag => {
-                    candidate(self.hint(i).load(Ordering::Relaxed));
-                    let off = w & OFFSET_MASK;
+                _ if w >> TAG_SHIFT == tag => {
+                    if w & HINT_MASK != 0 {
+                        candidate(w & HINT_MASK);
+                    }
+                    let off = word_offset(w);
                     let at = self
                         .entry_at(off, 0)
                         .ok_or_else(|| self.corrupt(format!("slot {i} points outside the heap ({off})")))?;
@@ -566,12 +592,14 @@ impl Table {
         let i = h & (self.capacity - 1);
         let w = self.slot(i).load(Ordering::Relaxed);
         if w > TOMBSTONE
-            && w >> OFFSET_BITS == tag_of(h)
-            && let Some(at) = self.entry_at(w & OFFSET_MASK, key.len())
+            && w >> TAG_SHIFT == tag_of(h)
+            && let Some(at) = self.entry_at(word_offset(w), key.len())
         {
             context_core::cache::prefetch(self.word(at), false);
             context_core::cache::prefetch(self.word(at + entry_size(key.len()) as usize - 8), false);
-            value(self.hint(i).load(Ordering::Relaxed));
+            if w & HINT_MASK != 0 {
+                value(w & HINT_MASK);
+            }
         }
     }
 
@@ -599,7 +627,7 @@ impl Table {
     /// entry written out of place (or a panic).
     fn heap_end(&self) -> Result<u64> {
         let end = self.get(H_HEAP_END);
-        if end < HEAP_FIRST || !end.is_multiple_of(8) || end > self.heap_cap {
+        if end < HEAP_FIRST || !end.is_multiple_of(LINE) || end > self.heap_cap {
             return Err(self.corrupt(format!("the heap's end ({end}) is outside its {} bytes", self.heap_cap)));
         }
         Ok(end)
@@ -609,7 +637,7 @@ impl Table {
     fn has_room(&self, key_len: usize) -> Result<bool> {
         let used = self.get(H_COUNT).saturating_add(self.get(H_TOMBS)).saturating_add(1);
         let slots_free = used.saturating_mul(4) <= self.capacity * 3;
-        Ok(slots_free && entry_offset(self.heap_end()?, key_len) + entry_size(key_len) <= self.heap_cap)
+        Ok(slots_free && self.heap_end()? + entry_span(key_len) <= self.heap_cap)
     }
 
     /// Points `key` at `at`. Idempotent: applying the same record twice changes nothing.
@@ -626,10 +654,13 @@ impl Table {
                 if old != fields {
                     self.write_fields(pos, fields);
                 }
-                // Written only when it changes: readers in other processes hold this line.
-                let hint = self.hint(slot);
-                if hint.load(Ordering::Relaxed) != fields.slot {
-                    hint.store(fields.slot, Ordering::Relaxed);
+                // The hint follows the value; written only when it changes: readers in other
+                // processes hold this line. Tag and entry stay, so a reader sees either word.
+                let word = self.slot(slot);
+                let w = word.load(Ordering::Relaxed);
+                let moved = (w & !HINT_MASK) | hint_of(fields.slot);
+                if moved != w {
+                    word.store(moved, Ordering::Release);
                 }
                 if old.obj != fields.obj {
                     let old_kind_ram = old.misc & 0xff == 0;
@@ -643,8 +674,7 @@ impl Table {
                 if !self.has_room(key.len())? {
                     return Ok(false);
                 }
-                let end = self.heap_end()?;
-                let off = entry_offset(end, key.len());
+                let off = self.heap_end()?;
                 let pos = self
                     .entry_at(off, key.len())
                     .ok_or_else(|| self.corrupt(format!("no entry fits at the heap's end ({off})")))?;
@@ -659,16 +689,12 @@ impl Table {
                     b[..chunk.len()].copy_from_slice(chunk);
                     self.word(pos + ENTRY_FIXED + w * 8).store(u64::from_le_bytes(b), Ordering::Relaxed);
                 }
-                self.set(H_HEAP_END, off + entry_size(key.len()));
-                if off != end {
-                    self.set(H_GARBAGE, self.get(H_GARBAGE) + (off - end));
-                }
+                self.set(H_HEAP_END, off + entry_span(key.len()));
                 if self.slot(slot).load(Ordering::Relaxed) == TOMBSTONE {
                     self.set(H_TOMBS, self.get(H_TOMBS).saturating_sub(1));
                 }
-                self.hint(slot).store(fields.slot, Ordering::Relaxed);
                 // Published last, with release ordering: readers see the entry complete.
-                self.slot(slot).store(tag_of(hash(key.as_bytes())) << OFFSET_BITS | off, Ordering::Release);
+                self.slot(slot).store(slot_word(tag_of(hash(key.as_bytes())), off, fields.slot), Ordering::Release);
                 c.keys += 1;
                 add_kind(&mut c, at.kind == StorageKind::Ram, at.footprint);
                 self.set_counters(c);
@@ -688,7 +714,7 @@ impl Table {
                 sub_kind(&mut c, f.misc & 0xff == 0, f.footprint);
                 self.set_counters(c);
                 self.set(H_TOMBS, self.get(H_TOMBS) + 1);
-                self.set(H_GARBAGE, self.get(H_GARBAGE) + entry_size(key.len()));
+                self.set(H_GARBAGE, self.get(H_GARBAGE) + entry_span(key.len()));
             }
         }
         Ok(())
@@ -708,7 +734,7 @@ impl Table {
             if w == EMPTY || w == TOMBSTONE {
                 return None;
             }
-            let off = w & OFFSET_MASK;
+            let off = word_offset(w);
             let Some(at) = self.entry_at(off, 0) else {
                 return Some(Err(self.corrupt(format!("slot {i} points outside the heap ({off})"))));
             };
@@ -751,7 +777,7 @@ impl Table {
             let f = self.writer_fields(at)?;
             c.keys += 1;
             add_kind(&mut c, f.misc & 0xff == 0, f.footprint);
-            heap += entry_size(key.len());
+            heap += entry_span(key.len());
         }
         self.set_counters(c);
         self.set(H_TOMBS, tombs);
@@ -763,12 +789,18 @@ impl Table {
     /// more of `key_len` bytes. Writers only; the caller publishes it.
     pub(crate) fn grown(&self, dir: &Path, generation: u32, key_len: usize) -> Result<Table> {
         let keys = self.get(H_COUNT).min(self.capacity) + 1;
-        let capacity = (keys * 2).next_power_of_two().max(MIN_CAPACITY);
         let live_heap = (self.heap_end()? - HEAP_FIRST).saturating_sub(self.get(H_GARBAGE));
-        let heap_cap = ((live_heap + entry_size(key_len)) * 2 + HEAP_FIRST).next_multiple_of(4096).max(MIN_HEAP);
-        if heap_cap > OFFSET_MASK {
-            return Err(self.corrupt("the key table reached its maximum size".to_owned()));
-        }
+        let Some((capacity, heap_cap)) = grown_geometry(keys, live_heap, key_len) else {
+            let full = std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!(
+                    "the key table is full: its {live_heap} bytes of entries and a new key of {key_len} bytes \
+                     pass the {} GiB a table can hold; remove keys or use another run",
+                    MAX_HEAP >> 30
+                ),
+            );
+            return Err(Error::io("grow the key table", &self.path, full));
+        };
         let next = Table::create(dir, generation, capacity, heap_cap)?;
         let count = (self.get(H_TIERS) as usize).min(MAX_TIERS);
         for i in 0..count {
@@ -788,6 +820,16 @@ impl Table {
         next.set(H_APPLIED, self.applied());
         Ok(next)
     }
+}
+
+/// The slots and heap bytes of a table grown for `keys` keys (one of them new, of `key_len`
+/// bytes) and `live_heap` bytes of live entries besides: room for twice as much, but
+/// never past [`MAX_HEAP`]. `None` if even the live entries and the new one pass it.
+fn grown_geometry(keys: u64, live_heap: u64, key_len: usize) -> Option<(u64, u64)> {
+    let capacity = (keys * 2).next_power_of_two().max(MIN_CAPACITY);
+    let needed = live_heap.checked_add(entry_span(key_len) + HEAP_FIRST).filter(|&n| n <= MAX_HEAP)?;
+    let heap_cap = (needed * 2).next_multiple_of(4096).clamp(MIN_HEAP, MAX_HEAP);
+    Some((capacity, heap_cap))
 }
 
 enum Probe {
@@ -954,11 +996,15 @@ mod tests {
         t.put("k", &placed(1, "shm", StorageKind::Ram, 10), PassBy::Val, 0).unwrap();
         let Probe::Occupied { slot, .. } = t.probe(b"k", |_| {}).unwrap() else { panic!() };
         let w = t.slot(slot).load(Ordering::Relaxed);
-        t.slot(slot).store(w | OFFSET_MASK, Ordering::Relaxed);
+        t.slot(slot).store(w | (LINE_MASK << LINE_SHIFT), Ordering::Relaxed);
         assert!(matches!(t.lookup("k", |_| {}), Err(Error::Corrupt { .. })));
         assert!(t.keys().is_err());
         std::fs::write(table_path(dir.path(), 1), b"short").unwrap();
         assert!(matches!(Table::open(dir.path(), 1), Err(Error::Corrupt { .. })));
+        // A table of another version (version 2 had two-word slots) is named as such.
+        t.set(H_VERSION, 2);
+        let err = Table::open(dir.path(), 0).unwrap_err().to_string();
+        assert!(err.contains("version 2") && err.contains("reads version 3"), "{err}");
     }
 
     /// The byte offset in the file of `key`'s entry.
@@ -1001,12 +1047,51 @@ mod tests {
             assert_eq!(found(&t, key).unwrap().at.obj, i as u64 + 1);
         }
         assert!(lines_by_size.len() > 3, "{lines_by_size:?}");
-        // The padding counts as garbage, the same when counted as the heap grows and afresh.
+        // Removed entries are garbage, the same when counted as the heap changes and afresh;
+        // the live ones take whole lines.
         let garbage = t.get(H_GARBAGE);
         t.recount().unwrap();
         assert_eq!(t.get(H_GARBAGE), garbage);
-        let live: u64 = keys.iter().enumerate().filter(|(i, _)| i % 5 != 0).map(|(_, k)| entry_size(k.len())).sum();
+        let live: u64 = keys.iter().enumerate().filter(|(i, _)| i % 5 != 0).map(|(_, k)| entry_span(k.len())).sum();
         assert_eq!(t.get(H_HEAP_END) - HEAP_FIRST - garbage, live);
+    }
+
+    #[test]
+    fn a_slot_is_one_word_and_hints_only_locations_that_fit_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Table::create(dir.path(), 0, MIN_CAPACITY, MIN_HEAP).unwrap();
+        assert_eq!(t.map.len() as u64, HEADER as u64 + MIN_CAPACITY * 8 + MIN_HEAP);
+        let mut far = placed(1, "shm", StorageKind::Ram, 10);
+        far.slot = 1 << 40 | 7;
+        t.put("far", &far, PassBy::Val, 0).unwrap();
+        assert!(offered(&t, "far").is_empty(), "a location of more than 32 bits is no hint");
+        assert_eq!(found(&t, "far").unwrap().at, far, "but the entry keeps it whole");
+        // Moved to a location that fits: hinted; and back: not.
+        let mut near = far.clone();
+        near.slot = u64::from(u32::MAX);
+        t.put("far", &near, PassBy::Val, 0).unwrap();
+        assert_eq!(offered(&t, "far"), [near.slot]);
+        t.put("far", &far, PassBy::Val, 0).unwrap();
+        assert!(offered(&t, "far").is_empty());
+        assert_eq!(found(&t, "far").unwrap().at, far);
+    }
+
+    #[test]
+    fn growth_stops_at_the_most_a_slot_word_can_point_to() {
+        // Room for twice the live entries, within the limit.
+        assert_eq!(grown_geometry(1, 0, 3), Some((MIN_CAPACITY, MIN_HEAP)));
+        assert_eq!(grown_geometry(1_000, 1 << 20, 10), Some((2048, (2 << 20) + 4096)));
+        // Near the limit: as much as there is; past it: none.
+        let key = 16;
+        assert_eq!(grown_geometry(1 << 20, MAX_HEAP / 2, key).map(|g| g.1), Some(MAX_HEAP));
+        assert_eq!(grown_geometry(1 << 20, MAX_HEAP - 2 * LINE, key).map(|g| g.1), Some(MAX_HEAP));
+        assert_eq!(grown_geometry(1 << 20, MAX_HEAP - 2 * LINE + 8, key), None);
+        assert_eq!(grown_geometry(1 << 20, u64::MAX, key), None);
+        // Every line of the largest heap can be numbered.
+        let last = MAX_HEAP - LINE;
+        assert_eq!(word_offset(slot_word(63, last, 5)), last);
+        assert_eq!(slot_word(63, last, 5) >> TAG_SHIFT, 63);
+        assert_eq!(slot_word(1, 0, 5) & HINT_MASK, 5);
     }
 
     #[test]
@@ -1015,7 +1100,7 @@ mod tests {
         let t = Table::create(dir.path(), 0, MIN_CAPACITY, MIN_HEAP).unwrap();
         t.put("k", &placed(1, "shm", StorageKind::Ram, 10), PassBy::Val, 0).unwrap();
         let end = t.get(H_HEAP_END);
-        for lie in [end + 4, 0, 4, MIN_HEAP + 8, u64::MAX - 7] {
+        for lie in [end + 4, end + 8, 0, 4, MIN_HEAP + 64, u64::MAX - 63] {
             t.set(H_HEAP_END, lie);
             // A table already mapped: met at the next new key, or the next count.
             let put = t.put("new", &placed(2, "shm", StorageKind::Ram, 10), PassBy::Val, 0);
