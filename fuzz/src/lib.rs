@@ -53,23 +53,38 @@ pub fn config(data: &[u8]) -> bool {
 /// are 64-bit hashes that libFuzzer cannot forge, so besides taking `rest` as the record
 /// as is, the target can seal it itself to reach the checks behind the hashes:
 ///
-/// - `mode % 3 == 0`: `rest` is the record.
-/// - `mode % 3 == 1`: `rest` is `[flags: u8][payload length: u64 LE][body]`; the record is
-///   the encoded header of those fields (with a correct header check), then `body`.
-/// - `mode % 3 == 2`: as 1, then the correct payload checksum of `body` as the trailer.
+/// - `(mode & 0x7f) % 3 == 0`: `rest` is the record.
+/// - `(mode & 0x7f) % 3 == 1`: `rest` is `[flags: u8][payload length: u64 LE][body]`; the
+///   record is the encoded header of those fields (with a correct header check), then
+///   `body`.
+/// - `(mode & 0x7f) % 3 == 2`: as 1, then the correct payload checksum of `body` as the
+///   trailer.
+/// - With bit 7 of `mode` set, modes 1 and 2 seal a short record instead: `rest` is
+///   `[flags: u8][payload length: u8][body]`, the record is the short header of those
+///   fields, then `body`; in mode 2 the correct checksum of both follows.
 pub fn record(data: &[u8]) -> bool {
     let Some((id, rest)) = data.split_first_chunk::<8>() else { return false };
     let id = ObjectId(u64::from_le_bytes(*id));
     let Some((&mode, rest)) = rest.split_first() else { return false };
-    if mode % 3 == 0 {
+    let sealing = (mode & 0x7f) % 3;
+    if sealing == 0 {
         return check_record(rest, id);
+    }
+    if mode & 0x80 != 0 {
+        let Some(([flags, payload_len], body)) = rest.split_first_chunk::<2>() else { return false };
+        let mut rec = vec![record::SHORT_MARKER, *flags, *payload_len];
+        rec.extend_from_slice(body);
+        if sealing == 2 {
+            rec.extend_from_slice(&record::checksum(id, &rec).to_le_bytes());
+        }
+        return check_record(&rec, id);
     }
     let Some((&flags, rest)) = rest.split_first() else { return false };
     let Some((payload_len, body)) = rest.split_first_chunk::<8>() else { return false };
     let payload_len = u64::from_le_bytes(*payload_len);
     let mut rec = RecordHeader { flags, payload_len, object_id: id }.encode().to_vec();
     rec.extend_from_slice(body);
-    if mode % 3 == 2 {
+    if sealing == 2 {
         rec.extend_from_slice(&record::checksum(id, body).to_le_bytes());
     }
     check_record(&rec, id)
@@ -80,7 +95,11 @@ fn check_record(rec: &[u8], id: ObjectId) -> bool {
     let unverified = record::check(rec, id, false);
     match record::check(rec, id, true) {
         Ok(h) => {
-            assert_eq!(header, Ok(h), "check accepted a record whose header does not decode alike");
+            // A short record has no header of its own to decode.
+            if rec[0] != record::SHORT_MARKER {
+                assert_eq!(header, Ok(h), "check accepted a record whose header does not decode alike");
+            }
+            assert_eq!(record::payload_len(rec.len() as u64), Some(h.payload_len));
             assert_eq!(unverified, Ok(h), "a record that passes the full check passes the quick one");
             assert_eq!(h.object_id, id);
             assert_eq!(record::payload(rec).len() as u64, h.payload_len);

@@ -1,7 +1,30 @@
 //! The value record: the bytes a tier stores for one value.
 //!
-//! Every object a tier holds is a record: a 32-byte header, the payload, and an 8-byte
-//! trailer.
+//! Every object a tier holds is a record, in one of two forms that its first byte tells
+//! apart: a *short* record for a payload of up to [`SHORT_MAX`] (255) bytes, a *full* one
+//! for anything longer. The form follows from the payload's length alone: a full record of
+//! a short payload is refused, so every payload has exactly one record and the record's
+//! length tells the payload's ([`payload_len`]).
+//!
+//! # A short record
+//! | offset | size | field |
+//! |-------:|-----:|-------|
+//! | 0 | 1 | marker `0xC5` |
+//! | 1 | 1 | flags (bit 0: the payload is a postcard-encoded typed value) |
+//! | 2 | 1 | payload length |
+//! | 3 | payload length | the payload |
+//! | end − 8 | 8 | checksum: XXH3-64 of everything before it, seeded with the object id |
+//!
+//! Why: most values a workflow passes between steps are a few dozen bytes (a seed, a
+//! sampler's name, a prompt), and each costs its record in RAM. Eleven bytes instead of
+//! forty put the record of a 50-byte string (51 bytes encoded) in one 64-byte cache line
+//! and one 64-byte slot of the shm tier, where the full form took 91 bytes, a 96-byte slot
+//! and two lines: a third less of the RAM budget, and one line, not two, that a load of
+//! the value reads from memory. A short record does not name its object in clear; the
+//! checksum, seeded with the object id, still refuses it under any other id.
+//!
+//! # A full record
+//! A 32-byte header, the payload, and an 8-byte trailer.
 //!
 //! | offset | size | field |
 //! |-------:|-----:|-------|
@@ -43,12 +66,20 @@ use std::hash::Hasher;
 use twox_hash::XxHash3_64;
 use xxhash_rust::xxh3::xxh3_64;
 
-/// Length of the record header in bytes.
+/// Length of a full record's header in bytes.
 pub const HEADER_LEN: usize = 32;
-/// Length of the record trailer in bytes.
+/// Length of the record trailer in bytes (either form).
 pub const TRAILER_LEN: usize = 8;
-/// Header plus trailer: a record is this much longer than its payload.
+/// Header plus trailer: a full record is this much longer than its payload.
 pub const OVERHEAD: usize = HEADER_LEN + TRAILER_LEN;
+/// The longest payload kept in a short record.
+pub const SHORT_MAX: usize = 255;
+/// The first byte of a short record (a full one starts with [`MAGIC`]).
+pub const SHORT_MARKER: u8 = 0xC5;
+/// Length of a short record's header in bytes: marker, flags, payload length.
+pub const SHORT_HEADER_LEN: usize = 3;
+/// Header plus trailer: a short record is this much longer than its payload.
+pub const SHORT_OVERHEAD: usize = SHORT_HEADER_LEN + TRAILER_LEN;
 /// Where in a page the payload of a large record starts, in a tier that gives each large
 /// record a file or segment of its own (see [Where a large record goes in its
 /// file](self#where-a-large-record-goes-in-its-file)).
@@ -75,7 +106,8 @@ const KNOWN_FLAGS: u8 = FLAG_TYPED;
 /// made no difference).
 const PIECE: usize = 2 << 20;
 
-/// The decoded header of a value record.
+/// The decoded header of a value record (of either form: a short record's object id is the
+/// one [`check`] verified it against).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordHeader {
     /// Flags (see [`FLAG_TYPED`]).
@@ -90,10 +122,10 @@ impl RecordHeader {
     /// Length of the whole record (header, payload and trailer); `u64::MAX` for a header
     /// that claims more than can exist.
     pub fn record_len(&self) -> u64 {
-        self.payload_len.saturating_add(OVERHEAD as u64)
+        record_len(self.payload_len)
     }
 
-    /// Encodes the header.
+    /// Encodes the header of a full record.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&MAGIC);
@@ -106,7 +138,9 @@ impl RecordHeader {
         h
     }
 
-    /// Decodes and checks a header: magic, version, flags, reserved bytes, header check.
+    /// Decodes and checks the header of a full record: magic, version, flags, reserved
+    /// bytes, header check. (A short record has no header of its own to check: [`check`]
+    /// checks it whole.)
     ///
     /// Returns a description of the first failed check.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
@@ -140,9 +174,34 @@ pub fn checksum(id: ObjectId, payload: &[u8]) -> u64 {
     XxHash3_64::oneshot_with_seed(id.0, payload)
 }
 
-/// The length of the record for a payload of `payload_len` bytes.
+/// The length of the record for a payload of `payload_len` bytes; `u64::MAX` for a length
+/// that no record can have.
+///
+/// ```
+/// use context_core::record::{payload_len, record_len};
+/// assert_eq!(record_len(51), 62); // a short record: 11 bytes more
+/// assert_eq!(record_len(4096), 4136); // a full one: 40 bytes more
+/// assert_eq!(payload_len(62), Some(51));
+/// ```
 pub fn record_len(payload_len: u64) -> u64 {
-    payload_len + OVERHEAD as u64
+    if payload_len <= SHORT_MAX as u64 {
+        payload_len + SHORT_OVERHEAD as u64
+    } else {
+        payload_len.saturating_add(OVERHEAD as u64)
+    }
+}
+
+/// The length of the payload of a record of `record_len` bytes: the inverse of
+/// [`record_len`], `None` for a length that no record has.
+pub fn payload_len(record_len: u64) -> Option<u64> {
+    let short = record_len.checked_sub(SHORT_OVERHEAD as u64).filter(|&n| n <= SHORT_MAX as u64);
+    short.or_else(|| record_len.checked_sub(OVERHEAD as u64).filter(|&n| n > SHORT_MAX as u64))
+}
+
+/// The header of the short record of `payload` (at most [`SHORT_MAX`] bytes).
+fn short_header(flags: u8, payload_len: usize) -> [u8; SHORT_HEADER_LEN] {
+    debug_assert!(payload_len <= SHORT_MAX);
+    [SHORT_MARKER, flags, payload_len as u8]
 }
 
 /// Writes the record of `payload` into `out`.
@@ -154,6 +213,16 @@ pub fn record_len(payload_len: u64) -> u64 {
 /// payload beside the writer, 86 ms with one following the writer piece by piece (the two
 /// cores share more than they seem to), and 79 ms in one pass with an AVX2 checksum.
 pub fn write_record(out: &mut dyn io::Write, id: ObjectId, flags: u8, payload: &[u8]) -> io::Result<()> {
+    if payload.len() <= SHORT_MAX {
+        // Built whole and written at once: one write into a tier's slot.
+        let mut rec = [0u8; SHORT_MAX + SHORT_OVERHEAD];
+        let end = SHORT_HEADER_LEN + payload.len();
+        rec[..SHORT_HEADER_LEN].copy_from_slice(&short_header(flags, payload.len()));
+        rec[SHORT_HEADER_LEN..end].copy_from_slice(payload);
+        let sum = checksum(id, &rec[..end]);
+        rec[end..end + TRAILER_LEN].copy_from_slice(&sum.to_le_bytes());
+        return out.write_all(&rec[..end + TRAILER_LEN]);
+    }
     if payload.len() <= PIECE {
         // One piece: checksummed in one call, with no streaming state to allocate (a small
         // save makes this its only record).
@@ -180,8 +249,16 @@ pub struct RecordWriter<'w> {
 impl<'w> RecordWriter<'w> {
     /// Writes the header of a record of `payload_len` bytes and returns the payload writer.
     pub fn new(out: &'w mut dyn io::Write, id: ObjectId, flags: u8, payload_len: u64) -> io::Result<Self> {
-        out.write_all(&RecordHeader { flags, payload_len, object_id: id }.encode())?;
-        Ok(RecordWriter { out, sum: Box::new(XxHash3_64::with_seed(id.0)), remaining: payload_len })
+        let mut sum = Box::new(XxHash3_64::with_seed(id.0));
+        if payload_len <= SHORT_MAX as u64 {
+            // A short record's checksum covers its header too.
+            let header = short_header(flags, payload_len as usize);
+            out.write_all(&header)?;
+            sum.write(&header);
+        } else {
+            out.write_all(&RecordHeader { flags, payload_len, object_id: id }.encode())?;
+        }
+        Ok(RecordWriter { out, sum, remaining: payload_len })
     }
 
     /// Writes the trailer. Fails if the payload written is shorter than announced.
@@ -219,18 +296,40 @@ pub fn encode(id: ObjectId, flags: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Where the payload lies in a record that [`check`] accepted.
+///
+/// # Panics
+/// If `record` is shorter than a record's header and trailer.
+pub fn payload_range(record: &[u8]) -> std::ops::Range<usize> {
+    let start = if record.first() == Some(&SHORT_MARKER) { SHORT_HEADER_LEN } else { HEADER_LEN };
+    start..record.len() - TRAILER_LEN
+}
+
 /// The payload of a record that [`check`] accepted.
+///
+/// # Panics
+/// If `record` is shorter than a record's header and trailer.
 pub fn payload(record: &[u8]) -> &[u8] {
-    &record[HEADER_LEN..record.len() - TRAILER_LEN]
+    &record[payload_range(record)]
 }
 
 /// Checks a whole record read back from a tier against what the index expects.
 ///
 /// Verifies the header, that the record is exactly header, payload and trailer long, that
 /// it belongs to `expected_id` and, when `verify_payload` is set, the payload's checksum.
-/// Returns the header; the payload is [`payload`]`(record)`.
+/// A short record is always checked whole: its checksum is its only check (and covers at
+/// most 266 bytes). Returns the header; the payload is [`payload`]`(record)`.
 pub fn check(record: &[u8], expected_id: ObjectId, verify_payload: bool) -> Result<RecordHeader, String> {
+    if record.first() == Some(&SHORT_MARKER) {
+        return check_short(record, expected_id);
+    }
     let header = RecordHeader::decode(record)?;
+    if header.payload_len <= SHORT_MAX as u64 {
+        return Err(format!(
+            "a full record of a {}-byte payload, which is kept in a short record (damaged or forged)",
+            header.payload_len
+        ));
+    }
     if header.object_id != expected_id {
         return Err(format!("record belongs to object {} instead of {}", header.object_id.0, expected_id.0));
     }
@@ -252,6 +351,34 @@ pub fn check(record: &[u8], expected_id: ObjectId, verify_payload: bool) -> Resu
     Ok(header)
 }
 
+/// [`check`] of a short record.
+fn check_short(record: &[u8], expected_id: ObjectId) -> Result<RecordHeader, String> {
+    let len = record.len();
+    if len < SHORT_OVERHEAD {
+        return Err(format!("short record is {len} bytes, shorter than its header and trailer"));
+    }
+    let payload_len = usize::from(record[2]);
+    if len - SHORT_OVERHEAD != payload_len {
+        return Err(format!(
+            "short record is {len} bytes but its header announces a {payload_len}-byte payload (truncated, \
+             extended or forged)"
+        ));
+    }
+    let stored = u64::from_le_bytes(record[len - TRAILER_LEN..].try_into().expect("8 bytes"));
+    let sum = checksum(expected_id, &record[..len - TRAILER_LEN]);
+    if sum != stored {
+        return Err(format!(
+            "short record checksum {sum:#018x} does not match the stored {stored:#018x} (damaged, or the record \
+             of another object than {})",
+            expected_id.0
+        ));
+    }
+    if record[1] & !KNOWN_FLAGS != 0 {
+        return Err(format!("unknown record flags {:#04x}", record[1]));
+    }
+    Ok(RecordHeader { flags: record[1], payload_len: payload_len as u64, object_id: expected_id })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,30 +386,64 @@ mod tests {
     #[test]
     fn round_trip_and_every_single_byte_flip_is_caught() {
         let id = ObjectId(7);
-        let rec = encode(id, FLAG_TYPED, b"payload bytes");
-        assert_eq!(rec.len(), 13 + OVERHEAD);
-        let h = check(&rec, id, true).unwrap();
-        assert_eq!(h.payload_len, 13);
-        assert_eq!(h.flags, FLAG_TYPED);
-        assert_eq!(payload(&rec), b"payload bytes");
-        for i in 0..rec.len() {
-            let mut bad = rec.clone();
-            bad[i] ^= 0x40;
-            assert!(check(&bad, id, true).is_err(), "flip at byte {i} went unnoticed");
+        let long: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        for (data, overhead) in [(&b"payload bytes"[..], SHORT_OVERHEAD), (&long[..], OVERHEAD)] {
+            let rec = encode(id, FLAG_TYPED, data);
+            assert_eq!(rec.len(), data.len() + overhead);
+            assert_eq!(rec.len() as u64, record_len(data.len() as u64));
+            let h = check(&rec, id, true).unwrap();
+            assert_eq!(h.payload_len, data.len() as u64);
+            assert_eq!(h.flags, FLAG_TYPED);
+            assert_eq!(h.object_id, id);
+            assert_eq!(payload(&rec), data);
+            for i in 0..rec.len() {
+                let mut bad = rec.clone();
+                bad[i] ^= 0x40;
+                assert!(check(&bad, id, true).is_err(), "{} bytes: flip at byte {i} went unnoticed", data.len());
+            }
         }
     }
 
     #[test]
     fn truncation_and_wrong_id_are_caught() {
         let id = ObjectId(1);
-        let rec = encode(id, 0, &[9u8; 100]);
-        for cut in [0, 1, 31, 32, 99, 139] {
-            assert!(check(&rec[..cut], id, false).is_err(), "cut {cut}");
+        for len in [0, 100, SHORT_MAX, SHORT_MAX + 1, 1000] {
+            let rec = encode(id, 0, &vec![9u8; len]);
+            for cut in [0, 1, 2, 3, 10, 31, 32, rec.len() / 2, rec.len() - 1].into_iter().filter(|&c| c < rec.len()) {
+                // Unverified or not: a short record is always checked whole.
+                assert!(check(&rec[..cut], id, false).is_err(), "{len} bytes cut to {cut}");
+            }
+            assert!(check(&rec, ObjectId(2), false).is_err(), "{len} bytes under another id");
+            let mut longer = rec.clone();
+            longer.push(0);
+            assert!(check(&longer, id, false).is_err(), "{len} bytes extended");
         }
-        assert!(check(&rec, ObjectId(2), false).is_err());
-        let mut longer = rec.clone();
-        longer.push(0);
-        assert!(check(&longer, id, false).is_err());
+    }
+
+    #[test]
+    fn the_payload_length_alone_chooses_the_form() {
+        for len in [0, 1, 51, SHORT_MAX - 1, SHORT_MAX, SHORT_MAX + 1, 4096] {
+            let rec = encode(ObjectId(3), 1, &vec![5u8; len]);
+            assert_eq!(rec[0] == SHORT_MARKER, len <= SHORT_MAX, "{len} bytes");
+            assert_eq!(payload_len(rec.len() as u64), Some(len as u64), "{len} bytes");
+            assert_eq!(&rec[payload_range(&rec)], &vec![5u8; len][..]);
+        }
+        // The record of a 50-byte string fits one cache line.
+        assert_eq!(record_len(51), 62);
+        // Lengths between the forms' longest short and shortest full record: none.
+        for len in (SHORT_MAX + SHORT_OVERHEAD) as u64 + 1..(SHORT_MAX + 1 + OVERHEAD) as u64 {
+            assert_eq!(payload_len(len), None, "{len}");
+        }
+        for len in [0, 1, 10] {
+            assert_eq!(payload_len(len), None, "{len}");
+        }
+        assert_eq!(record_len(u64::MAX), u64::MAX);
+        // A full record of a payload that has a short one: refused, however well sealed.
+        let mut full = RecordHeader { flags: 0, payload_len: 5, object_id: ObjectId(3) }.encode().to_vec();
+        full.extend_from_slice(b"hello");
+        full.extend_from_slice(&checksum(ObjectId(3), b"hello").to_le_bytes());
+        let err = check(&full, ObjectId(3), true).unwrap_err();
+        assert!(err.contains("short record"), "{err}");
     }
 
     #[test]
@@ -310,8 +471,8 @@ mod tests {
         }
         w.finish().unwrap();
         assert_eq!(streamed, encode(ObjectId(3), 0, &data));
-        // Up to one piece, `write_record` checksums in one call: the same record.
-        for len in [0, 50, PIECE] {
+        // Up to one piece, `write_record` checksums in one call: the same record, of either form.
+        for len in [0, 50, SHORT_MAX, SHORT_MAX + 1, PIECE] {
             let mut streamed = Vec::new();
             let mut w = RecordWriter::new(&mut streamed, ObjectId(4), 1, len as u64).unwrap();
             io::Write::write_all(&mut w, &data[..len]).unwrap();
@@ -338,6 +499,9 @@ mod tests {
             let mut out = Vec::new();
             write_record(&mut out, ObjectId(99), 0, d).unwrap();
             let trailer = u64::from_le_bytes(out[out.len() - TRAILER_LEN..].try_into().unwrap());
+            // A short record's checksum covers its header as well as the payload.
+            let covered = if len <= SHORT_MAX { &out[..out.len() - TRAILER_LEN] } else { d };
+            let reference = xxhash_rust::xxh3::xxh3_64_with_seed(covered, 99);
             assert_eq!(trailer, reference, "write_record, {len} bytes");
         }
     }

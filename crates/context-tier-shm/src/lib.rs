@@ -105,7 +105,8 @@ const ALIGN_FROM: u64 = 64 * 1024;
 const ALIGNED_OFFSET: u64 = context_core::record::LARGE_RECORD_OFFSET;
 /// Slot sizes of the arena classes; objects up to the last one are small. Each power of two
 /// has a class half as big again beside it: the RAM budget is charged the slot, so a record
-/// of 91 bytes (a 50-byte string) costs 96 bytes, not 128.
+/// of 91 bytes (a 50-byte value) costs 96 bytes, not 128. (The context's record of a
+/// 50-byte string is short, 62 bytes, and takes a 64-byte slot.)
 const SLOT_SIZES: [usize; 13] = [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096];
 /// The largest small object.
 const SMALL_MAX: usize = SLOT_SIZES[SLOT_SIZES.len() - 1];

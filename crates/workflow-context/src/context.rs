@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use context_core::record::{self, FLAG_TYPED, HEADER_LEN, OVERHEAD, TRAILER_LEN};
+use context_core::record::{self, FLAG_TYPED};
 use context_core::{
     Budget, Error, NewObject, ObjectData, ObjectId, PassBy, Payload, PlacementPolicy, PlacementRequest, PutOutcome,
     RamFirst, Result, SaveOptions, StorageInfo, StorageKind, StorageTier, TierStatus, Usage, validate_key,
@@ -1603,7 +1603,7 @@ impl WorkflowContext {
     /// [`Error::TierUnavailable`] if the value is in a tier this handle does not have.
     pub fn load_bytes(&self, key: &str) -> Result<Payload> {
         let (_, record) = self.load_value(key)?;
-        Ok(record.slice(HEADER_LEN..record.len() - TRAILER_LEN))
+        Ok(record.slice(record::payload_range(&record)))
     }
 
     /// The checked record of a value passed by value.
@@ -1722,7 +1722,7 @@ impl WorkflowContext {
     pub fn storage_info(&self, key: &str) -> Result<Option<StorageInfo>> {
         self.check_key(key)?;
         let Some(entry) = self.lookup(key)? else { return Ok(None) };
-        let len = entry.at.len.saturating_sub(OVERHEAD as u64);
+        let len = record::payload_len(entry.at.len).unwrap_or(0);
         let info = StorageInfo::new(entry.at.kind, entry.at.tier.to_string(), entry.at.footprint, len, entry.pass_by);
         Ok(Some(match self.tier(&entry.at.tier) {
             Some(t) => {

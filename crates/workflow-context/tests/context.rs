@@ -52,7 +52,8 @@ fn typed_values_round_trip() {
 fn bytes_round_trip_exactly_at_every_size() {
     let b = base();
     let ctx = builder(b.path()).create().unwrap();
-    for (i, len) in [0usize, 1, 31, 32, 4064, 4065, 65_536, 65_537, 6 << 20].into_iter().enumerate() {
+    // Across the record's forms (short up to 255 bytes) and the tiers' size classes.
+    for (i, len) in [0usize, 1, 31, 32, 255, 256, 4064, 4065, 65_536, 65_537, 6 << 20].into_iter().enumerate() {
         let bytes: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
         for opts in [SaveOptions::new(), to_disk()] {
             let key = format!("v{len}-{}", opts.uses_ram());
@@ -63,6 +64,20 @@ fn bytes_round_trip_exactly_at_every_size() {
             assert!(info.size >= info.len || info.tier == "redb", "{info:?}");
         }
     }
+}
+
+#[test]
+fn a_short_string_takes_one_cache_line_of_ram() {
+    let b = base();
+    let ctx = builder(b.path()).create().unwrap();
+    let prompt = "a lighthouse on a cliff at dusk, oil on canvas, 4k";
+    assert_eq!(prompt.len(), 50);
+    ctx.save("prompt", prompt).unwrap();
+    let info = ctx.storage_info("prompt").unwrap().unwrap();
+    // 51 bytes encoded, 11 of header and checksum: one 64-byte slot of shared memory.
+    assert_eq!((info.storage_type, info.len, info.size), (StorageKind::Ram, 51, 64), "{info:?}");
+    assert_eq!(ctx.usage().unwrap().ram_usage_bytes, 64);
+    assert_eq!(ctx.load::<String>("prompt").unwrap(), prompt);
 }
 
 #[test]

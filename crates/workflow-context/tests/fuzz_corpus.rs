@@ -201,17 +201,21 @@ fn sealed_record_seed(id: u64, mode: u8, flags: u8, payload_len: u64, body: &[u8
     [&id.to_le_bytes()[..], &[mode, flags], &payload_len.to_le_bytes(), body].concat()
 }
 
+/// A short record seed that the target seals (`mode` 1: header; 2: header and checksum).
+fn sealed_short_seed(id: u64, mode: u8, flags: u8, payload_len: u8, body: &[u8]) -> Vec<u8> {
+    [&id.to_le_bytes()[..], &[mode | 0x80, flags, payload_len], body].concat()
+}
+
 fn record_seeds() -> Vec<(String, Vec<u8>)> {
     use workflow_context::core::ObjectId;
-    use workflow_context::core::record::{FLAG_TYPED, encode};
+    use workflow_context::core::record::{FLAG_TYPED, HEADER_LEN, encode};
     let small = encode(ObjectId(7), 0, b"a small payload");
     let typed = encode(ObjectId(42), FLAG_TYPED, &[3, 0xb4, 0x01, 0x02, 0x05, b'e', b'u', b'l', b'e', b'r']);
     let page: Vec<u8> = (0..4096u32).map(|i| (i * 31 % 251) as u8).collect();
     let large = encode(ObjectId(u64::MAX - 1), 0, &page);
     let mut flipped = small.clone();
-    flipped[40] ^= 0x20;
-    let mut bad_flags = small.clone();
-    bad_flags[5] = 0x80;
+    flipped[10] ^= 0x20;
+    let body = &page[..300];
     vec![
         ("ok-empty".into(), record_seed(1, &encode(ObjectId(1), 0, b""))),
         ("ok-small".into(), record_seed(7, &small)),
@@ -221,11 +225,15 @@ fn record_seeds() -> Vec<(String, Vec<u8>)> {
         ("bad-truncated".into(), record_seed(7, &small[..small.len() - 1])),
         ("bad-extended".into(), record_seed(7, &[&small[..], b"!"].concat())),
         ("bad-payload-flip".into(), record_seed(7, &flipped)),
-        ("bad-header-only".into(), record_seed(7, &small[..32])),
-        ("bad-flags".into(), record_seed(7, &bad_flags)),
-        ("ok-sealed".into(), sealed_record_seed(9, 2, FLAG_TYPED, 5, b"typed")),
-        ("ok-sealed-header".into(), sealed_record_seed(9, 1, 0, 3, &encode(ObjectId(9), 0, b"abc")[32..])),
-        ("bad-sealed-length".into(), sealed_record_seed(9, 2, 0, 6, b"short")),
+        ("bad-header-only".into(), record_seed(u64::MAX - 1, &large[..HEADER_LEN])),
+        ("bad-flags".into(), sealed_short_seed(7, 2, 0x80, 5, b"flags")),
+        ("ok-sealed".into(), sealed_record_seed(9, 2, FLAG_TYPED, 300, body)),
+        ("ok-sealed-short".into(), sealed_short_seed(9, 2, FLAG_TYPED, 5, b"typed")),
+        ("ok-sealed-header".into(), sealed_record_seed(9, 1, 0, 300, &encode(ObjectId(9), 0, body)[HEADER_LEN..])),
+        ("bad-sealed-length".into(), sealed_record_seed(9, 2, 0, 301, body)),
+        ("bad-sealed-short-length".into(), sealed_short_seed(9, 2, 0, 6, b"short")),
+        // A full record of a payload that has a short one: two records for one payload.
+        ("bad-full-form-of-a-short-payload".into(), sealed_record_seed(9, 2, FLAG_TYPED, 5, b"typed")),
     ]
 }
 

@@ -281,7 +281,7 @@ fn shutdown_drops_rebuilt_values_even_when_another_handle_shut_the_context_down(
 
 #[test]
 fn a_stored_recipe_that_is_no_valid_graph_is_an_invalid_graph_error() {
-    use context_core::record;
+    use context_core::{ObjectId, record};
     let b = base();
     let ctx = builder(b.path()).create().unwrap();
     ctx.save_ref("sum", &graph(SUM)).unwrap();
@@ -289,7 +289,8 @@ fn a_stored_recipe_that_is_no_valid_graph_is_an_invalid_graph_error() {
     // recipe written by another version of the crate may): node "2" now links to itself.
     let path = ctx.storage_info("sum").unwrap().unwrap().path.unwrap();
     let bytes = std::fs::read(&path).unwrap();
-    let id = record::RecordHeader::decode(&bytes).unwrap().object_id;
+    // A short record names its object only in its checksum: find the id that passes.
+    let id = (1..10_000).map(ObjectId).find(|&id| record::check(&bytes, id, true).is_ok()).expect("the recipe's id");
     let (api_json, output): (String, (String, u32)) = postcard::from_bytes(record::payload(&bytes)).unwrap();
     assert!(api_json.contains(r#""a":["1",0]"#), "{api_json}");
     let api_json = api_json.replace(r#""a":["1",0]"#, r#""a":["2",0]"#);
