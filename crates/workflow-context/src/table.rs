@@ -118,7 +118,7 @@ pub(crate) fn table_path(dir: &Path, generation: u32) -> PathBuf {
 /// Maps a table file, asking the kernel to back it with 2 MiB pages where it can.
 ///
 /// Why: a lookup reads two lines at random places of the table (a slot, then its entry);
-/// at 100,000 keys the table is 16 MiB, more than the 4 KiB pages the CPU's TLB can cover
+/// at 100,000 keys the table is 14 MiB, more than the 4 KiB pages the CPU's TLB can cover
 /// (about 8 MiB here), so each read also walks the page tables. On this benchmark machine a
 /// dependent random read over 16 MiB of a mapped ext4 file costs 167 ns with 4 KiB pages
 /// and 55 ns with 2 MiB ones. File systems with large folios in the page cache (ext4 and
