@@ -67,6 +67,7 @@ fn bytes_round_trip_exactly_at_every_size() {
 }
 
 #[test]
+#[cfg(feature = "tier-shm")]
 fn a_short_string_takes_one_cache_line_of_ram() {
     let b = base();
     let ctx = builder(b.path()).create().unwrap();
