@@ -198,7 +198,8 @@ pub fn payload_len(record_len: u64) -> Option<u64> {
     short.or_else(|| record_len.checked_sub(OVERHEAD as u64).filter(|&n| n > SHORT_MAX as u64))
 }
 
-/// The header of the short record of `payload` (at most [`SHORT_MAX`] bytes).
+/// The header of a short record of a payload of `payload_len` bytes (at most
+/// [`SHORT_MAX`]).
 fn short_header(flags: u8, payload_len: usize) -> [u8; SHORT_HEADER_LEN] {
     debug_assert!(payload_len <= SHORT_MAX);
     [SHORT_MARKER, flags, payload_len as u8]

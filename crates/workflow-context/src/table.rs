@@ -209,6 +209,11 @@ fn hint_of(slot: u64) -> u64 {
     if slot <= HINT_MASK { slot } else { 0 }
 }
 
+/// The location hint a (full) slot word carries, if any.
+fn word_hint(w: u64) -> Option<u64> {
+    Some(w & HINT_MASK).filter(|&hint| hint != 0)
+}
+
 /// The heap offset of the entry a (full) slot word points to.
 fn word_offset(w: u64) -> u64 {
     ((w >> LINE_SHIFT) & LINE_MASK) * LINE
@@ -550,8 +555,8 @@ impl Table {
                     free.get_or_insert(i);
                 }
                 _ if w >> TAG_SHIFT == tag => {
-                    if w & HINT_MASK != 0 {
-                        candidate(w & HINT_MASK);
+                    if let Some(hint) = word_hint(w) {
+                        candidate(hint);
                     }
                     let off = word_offset(w);
                     let at = self
@@ -597,8 +602,8 @@ impl Table {
         {
             context_core::cache::prefetch(self.word(at), false);
             context_core::cache::prefetch(self.word(at + entry_size(key.len()) as usize - 8), false);
-            if w & HINT_MASK != 0 {
-                value(w & HINT_MASK);
+            if let Some(hint) = word_hint(w) {
+                value(hint);
             }
         }
     }
@@ -1091,7 +1096,8 @@ mod tests {
         let last = MAX_HEAP - LINE;
         assert_eq!(word_offset(slot_word(63, last, 5)), last);
         assert_eq!(slot_word(63, last, 5) >> TAG_SHIFT, 63);
-        assert_eq!(slot_word(1, 0, 5) & HINT_MASK, 5);
+        assert_eq!(word_hint(slot_word(1, 0, 5)), Some(5));
+        assert_eq!(word_hint(slot_word(1, 0, 1 << 32)), None);
     }
 
     #[test]
